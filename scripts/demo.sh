@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up the service (no torch) and run the main job: the service on the shipped default
+# ensemble, fed by a replayed synthetic movie. Extra arguments go to `elit-stream demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${ELIT_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e .
+exec "$VENV/bin/elit-stream" demo "$@"

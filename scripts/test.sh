@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up everything (virtualenv, trainer + test extras) and run the test suite.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${ELIT_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# Pinned CPU wheel first, so the `train` extra does not pull several GB of CUDA packages.
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[train,test]"
+exec "$VENV/bin/python" -m pytest "$@"
