@@ -1,0 +1,220 @@
+"""The service configuration: defaults < TOML/JSON file < ELIT_* environment < command line.
+
+Validated once, at start; a bad value raises `ConfigError` naming the key (dotted path) and,
+for environment variables, the variable. Nested keys map to environment variables with a double
+underscore: `delivery.mode` <- `ELIT_DELIVERY__MODE`, `endpoints.ingest` <- `ELIT_ENDPOINTS__INGEST`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal, Optional
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Endpoints(Section):
+    """ZeroMQ endpoints the service binds. Port 0 (or *) picks a free port (printed at start)."""
+
+    ingest: str = "tcp://127.0.0.1:5555"    # PULL: frames in
+    results: str = "tcp://127.0.0.1:5556"   # PUB: results, maps, events
+    control: str = "tcp://127.0.0.1:5557"   # ROUTER: commands
+
+    @field_validator("ingest", "results", "control")
+    @classmethod
+    def _zmq_address(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("tcp", "ipc", "inproc"):
+            raise ValueError(f"{v!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")
+        if scheme == "tcp" and not urlsplit(v).netloc.rpartition(":")[2]:
+            raise ValueError(f"{v!r} has no port")
+        return v
+
+
+class Metrics(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)  # 0: a free port (printed at start)
+
+
+class ModelSection(Section):
+    path: Optional[Path] = None              # artifact folder; None: the shipped default
+    allowed_dirs: list[Path] = [REPO_MODELS_DIR]  # load_model accepts artifacts only under these
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, ge=1, le=256)  # onnxruntime intra-op threads
+    warmup_shape_px: tuple[int, int] = (256, 256)
+
+
+class Delivery(Section):
+    mode: Literal["lossless", "latest"] = "lossless"
+    ingest_hwm: int = Field(4, ge=1, le=100_000)  # frames queued in ZeroMQ before back-pressure
+    max_frame_px: int = Field(4096 * 4096, ge=64)
+
+
+class Postprocess(Section):
+    """Overrides of postprocess.Params; unset keys keep the model side's defaults."""
+
+    threshold: Optional[float] = None
+    min_blob_px: Optional[int] = None
+    max_blob_px: Optional[int] = None
+    detect_threshold: Optional[float] = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Policy(Section):
+    """Overrides of selection.PolicyConfig; unset keys keep the model side's defaults."""
+
+    window: Optional[int] = None
+    drift_factor: Optional[float] = None
+    outlier_z: Optional[float] = None
+    auto_deselect: bool = False
+    min_active: Optional[int] = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Maps(Section):
+    """Mean/std maps per class: published on topic `maps` only when asked."""
+
+    mode: Literal["subscribe", "always", "never"] = "subscribe"  # subscribe: when a SUB asks "maps"
+    downsample: int = Field(1, ge=1, le=64)
+
+
+_FILE_DATA: ContextVar[dict] = ContextVar("_FILE_DATA", default={})
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _FILE_DATA.get()
+
+
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ELIT_", env_nested_delimiter="__",
+                                      extra="forbid", validate_default=True)
+
+    endpoints: Endpoints = Endpoints()
+    metrics: Metrics = Metrics()
+    model: ModelSection = ModelSection()
+    delivery: Delivery = Delivery()
+    postprocess: Postprocess = Postprocess()
+    policy: Policy = Policy()
+    maps: Maps = Maps()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML (.toml) or JSON (.json) file -> dict; ConfigError if unreadable."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {p} does not parse: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> ServiceConfig:
+    """Build and validate the config once. `overrides` (nested dict, e.g. from the CLI) win."""
+    token = _FILE_DATA.set(read_config_file(path) if path else {})
+    try:
+        cfg = ServiceConfig(**_nest(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    finally:
+        _FILE_DATA.reset(token)
+    warn_if_exposed(cfg)
+    return cfg
+
+
+def _nest(flat: dict) -> dict:
+    """{"delivery.mode": "latest"} -> {"delivery": {"mode": "latest"}}; None values dropped."""
+    out: dict = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        env = "ELIT_" + "__".join(str(p) for p in err["loc"]).upper()
+        got = err.get("input")
+        lines.append(f"{key}: {err['msg']} (got {got!r}; environment variable {env})")
+    return "bad configuration:\n  " + "\n  ".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or interface name: assume reachable from outside
+
+
+def exposed_addresses(cfg: ServiceConfig) -> list[str]:
+    """Addresses that bind beyond the loopback interface."""
+    out = []
+    for name, addr in cfg.endpoints.model_dump().items():
+        if addr.startswith("tcp://") and not is_loopback(urlsplit(addr).hostname or "*"):
+            out.append(f"{name} {addr}")
+    if cfg.metrics.enabled and not is_loopback(cfg.metrics.host):
+        out.append(f"metrics http://{cfg.metrics.host}:{cfg.metrics.port}")
+    return out
+
+
+def warn_if_exposed(cfg: ServiceConfig) -> None:
+    for what in exposed_addresses(cfg):
+        log.warning("binding %s beyond loopback: anyone on the network can send frames or "
+                    "commands (no authentication). Use 127.0.0.1 unless you mean it.", what)
+
+
+def dump_config(cfg: ServiceConfig) -> str:
+    """The effective config as TOML-ish text (for `elit-stream config --print`)."""
+    lines = []
+    for section, values in cfg.model_dump(mode="json").items():
+        if not isinstance(values, dict):
+            lines.insert(0, f"{section} = {json.dumps(values)}")
+            continue
+        lines.append(f"\n[{section}]")
+        for k, v in values.items():
+            lines.append(f"# {k} = (model default)" if v is None else f"{k} = {json.dumps(v)}")
+    return "\n".join(lines).lstrip() + "\n"

@@ -1,0 +1,318 @@
+"""The documents of the ELIT-stream wire protocol, as strict pydantic models.
+
+This module owns *what* travels (field names, types, the protocol version and the error
+codes); `wire` owns *how* it travels (multipart order, msgpack, raw buffers). The spec in
+docs/protocol.md is written from these models.
+
+The hot path does not validate through these models: `wire` hand-checks the few fields of
+a frame header and builds result dicts directly. The models are used at the control
+boundary, for events, and in tests that check `wire` against them.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+"""Major protocol version. A peer refuses messages with another major version."""
+
+FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32", "float64")
+"""Pixel dtypes accepted on ingest (always little-endian, C order)."""
+
+RESULT_COLUMNS = (
+    ("x", "float32"),            # input-frame pixels, column; origin at the top-left pixel centre
+    ("y", "float32"),            # input-frame pixels, row
+    ("cls", "uint8"),            # class index (manifest `classes` order)
+    ("prob", "float32"),         # consensus (active-member mean) probability at the atom
+    ("uncertainty", "float32"),  # active-member standard deviation at the atom
+    ("det_frac", "float32"),     # fraction of active members that detect the atom
+)
+"""Per-atom columns of a result, in wire order, with their dtypes."""
+
+# Error codes: frames (ingest) and control share one namespace.
+ERROR_CODES = {
+    "bad_msgpack": "a part that should be msgpack could not be decoded",
+    "bad_header": "the header is not a map or a field has the wrong type or value",
+    "missing_field": "a required header/request field is absent",
+    "unknown_field": "a header/request field is not part of the protocol",
+    "bad_version": "unsupported protocol major version",
+    "bad_parts": "wrong number of message parts",
+    "bad_dtype": "pixel dtype not one of " + ", ".join(FRAME_DTYPES),
+    "bad_shape": "shape is not two positive integers",
+    "size_mismatch": "pixel buffer size does not equal shape x itemsize",
+    "too_large": "frame has more pixels than the service accepts (limits.max_frame_px)",
+    "non_finite": "a float frame contains NaN or Inf",
+    "bad_frame": "the model cannot take this frame (e.g. too small after rescaling)",
+    "unknown_command": "control command not known",
+    "bad_args": "control arguments missing, unknown or of the wrong type",
+    "empty_set": "the request would leave no active member",
+    "unknown_member": "a member id is not in the loaded model",
+    "bad_params": "a post-processing parameter is out of range",
+    "model_error": "the artifact could not be loaded or verified",
+    "busy": "another load_model is still in progress",
+    "internal": "unexpected error inside the service (a bug); the service keeps going",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- ingest
+class FrameHeader(Strict):
+    """Part 0 of an ingest message (msgpack map). Part 1 is the raw pixel buffer."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    protocol: Literal[1]
+    frame_id: Annotated[int, Field(ge=0)]
+    acquisition: str
+    shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]
+    dtype: Literal["uint8", "uint16", "uint32", "float32", "float64"]
+    pixel_size_pm: Optional[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = None
+    acquired_at: Optional[Annotated[float, Field(allow_inf_nan=False)]] = None  # UNIX seconds at the microscope
+    complete: bool = True                # False for a partial scan
+    meta: Optional[dict[str, Any]] = None  # free-form, not interpreted, not echoed
+
+
+# --------------------------------------------------------------------------- results
+class ModelRef(Strict):
+    name: str
+    sha256: str          # manifest sha256 (hex)
+
+
+class ResultHeader(Strict):
+    """Part 1 of a result message; parts 2.. are the columns named in `columns`."""
+
+    protocol: Literal[1]
+    kind: Literal["result"]
+    frame_id: int
+    acquisition: str
+    complete: bool
+    seq: int                              # processed-frame counter of this run
+    model: ModelRef
+    active: list[int]
+    active_version: int
+    frame_shape: list[int]
+    pixel_size_pm: Optional[float]
+    acquired_at: Optional[float]
+    n_atoms: int
+    columns: list[tuple[str, str]]        # (name, dtype) of each following part
+    classes: list[str]
+    count_per_member: list[int]           # all members, manifest order
+    disagreement_per_member: list[float]  # all members, manifest order
+    mean_uncertainty: float
+    timings_ms: dict[str, float]          # decode, prepare, infer, analyse, total
+
+
+class MapsHeader(Strict):
+    """Part 1 of a `maps` message; parts 2 and 3 are mean and std, float16 [C, h, w]."""
+
+    protocol: Literal[1]
+    kind: Literal["maps"]
+    frame_id: int
+    acquisition: str
+    active_version: int
+    shape: list[int]                      # [C, h, w]
+    dtype: Literal["float16"]
+    classes: list[str]
+    frame_px_per_map_px: float            # multiply map indices by this for frame pixels
+
+
+# --------------------------------------------------------------------------- events
+class EventBase(Strict):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["event"] = "event"
+    run_uid: str
+    seq: int
+    time: float
+
+
+class Counts(Strict):
+    received: int
+    processed: int
+    dropped: int
+    rejected: int
+
+
+class StartEvent(EventBase):
+    event: Literal["start"] = "start"
+    model: ModelRef
+    provider: str
+    delivery: Literal["lossless", "latest"]
+    endpoints: dict[str, str]
+
+
+class StopEvent(EventBase):
+    event: Literal["stop"] = "stop"
+    exit_status: Literal["success", "abort", "fail"]
+    reason: str
+    counts: Counts
+
+
+class ModelLoadedEvent(EventBase):
+    event: Literal["model_loaded"] = "model_loaded"
+    model: ModelRef
+    path: str
+    provider: str
+    members: list[int]
+    classes: list[str]
+    from_frame_seq: int  # first processed-frame seq that uses the model
+
+
+class SubsetChangedEvent(EventBase):
+    event: Literal["subset_changed"] = "subset_changed"
+    active: list[int]
+    active_version: int
+    cause: Literal["command", "policy", "model_loaded"]
+    detail: str = ""
+
+
+class DriftAdvisoryEvent(EventBase):
+    event: Literal["drift_advisory"] = "drift_advisory"
+    advisory: str               # the policy's kind, e.g. "drift" or "outlier"
+    members: list[int]
+    message: str
+    figures: dict[str, Any]
+    frame_id: int
+    acquisition: str
+
+
+class FrameRef(Strict):
+    acquisition: Optional[str]
+    frame_id: Optional[int]
+
+
+class FrameDroppedEvent(EventBase):
+    event: Literal["frame_dropped"] = "frame_dropped"
+    reason: str                 # "stale": a newer frame was waiting (latest mode)
+    frames: list[FrameRef]
+    kept: FrameRef              # the frame processed instead
+
+
+class FrameRejectedEvent(EventBase):
+    event: Literal["frame_rejected"] = "frame_rejected"
+    frame: FrameRef             # fields None when the header was not decodable
+    code: str
+    message: str
+
+
+class FrameGapEvent(EventBase):
+    event: Literal["frame_gap"] = "frame_gap"
+    acquisition: str
+    expected: int
+    got: int
+
+
+class ErrorEvent(EventBase):
+    event: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+class PingEvent(EventBase):
+    event: Literal["ping"] = "ping"
+    token: str
+
+
+class ParamsChangedEvent(EventBase):
+    event: Literal["params_changed"] = "params_changed"
+    params: dict[str, float]
+
+
+# --------------------------------------------------------------------------- control
+class Request(Strict):
+    cmd: str
+    id: Optional[Union[int, str]] = None  # echoed in the reply
+
+
+class PingRequest(Request):
+    cmd: Literal["ping"]
+    token: Optional[str] = None  # if given, also published as a `ping` event (subscriber sync)
+
+
+class StatusRequest(Request):
+    cmd: Literal["status"]
+
+
+class MembersRequest(Request):
+    cmd: Literal["members"]
+
+
+class SetActiveRequest(Request):
+    cmd: Literal["set_active"]
+    members: list[int]
+
+
+class DeselectRequest(Request):
+    cmd: Literal["deselect"]
+    members: list[int]
+
+
+class SelectRequest(Request):
+    cmd: Literal["select"]
+    members: list[int]
+
+
+class ResetRequest(Request):
+    cmd: Literal["reset"]
+
+
+class SetParamsRequest(Request):
+    cmd: Literal["set_params"]
+    threshold: Optional[float] = None
+    min_blob_px: Optional[int] = None
+    max_blob_px: Optional[int] = None
+    detect_threshold: Optional[float] = None
+
+
+class SetMapsRequest(Request):
+    cmd: Literal["set_maps"]
+    mode: Optional[Literal["subscribe", "always", "never"]] = None
+    downsample: Optional[Annotated[int, Field(ge=1, le=64)]] = None
+
+
+class LoadModelRequest(Request):
+    cmd: Literal["load_model"]
+    path: str
+
+
+class ShutdownRequest(Request):
+    cmd: Literal["shutdown"]
+
+
+REQUESTS: dict[str, type[Request]] = {
+    "ping": PingRequest, "status": StatusRequest, "members": MembersRequest,
+    "set_active": SetActiveRequest, "deselect": DeselectRequest, "select": SelectRequest,
+    "reset": ResetRequest, "set_params": SetParamsRequest, "set_maps": SetMapsRequest,
+    "load_model": LoadModelRequest, "shutdown": ShutdownRequest,
+}
+"""Command name -> request model."""
+
+
+class ErrorInfo(Strict):
+    code: str
+    message: str
+
+
+class ErrorReply(Strict):
+    ok: Literal[False] = False
+    cmd: Optional[str] = None
+    id: Optional[Union[int, str]] = None
+    error: ErrorInfo
+
+
+class OkReply(BaseModel):
+    """Successful reply: `ok`, `cmd`, `id` plus the command's own fields (docs/protocol.md)."""
+
+    model_config = ConfigDict(extra="allow")
+    ok: Literal[True] = True
+    cmd: str
+    id: Optional[Union[int, str]] = None
+
+
+def error_reply(code: str, message: str, cmd: str | None = None, id: Any = None) -> dict:
+    """Build the reply dict of a refused request."""
+    if not isinstance(id, (int, str)) or isinstance(id, bool):
+        id = None
+    return ErrorReply(cmd=cmd, id=id, error=ErrorInfo(code=code, message=message)).model_dump()

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the service: one private registry and its HTTP endpoint (/metrics).
+
+The hot path calls a few cheap methods per frame; exposition happens in prometheus-client's
+own HTTP thread, off the hot path.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               start_http_server)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "prepare", "infer", "analyse", "publish", "observe")
+_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_ATOM_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class ServiceMetrics:
+    """All service metrics, in their own registry (so tests can run several services)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.received = Counter("elit_frames_received", "Frames received on ingest", registry=r)
+        self.processed = Counter("elit_frames_processed", "Frames answered with a result",
+                                 registry=r)
+        self.dropped = Counter("elit_frames_dropped", "Frames skipped (latest mode), each "
+                               "reported in a frame_dropped event", registry=r)
+        self.rejected = Counter("elit_frames_rejected", "Frames refused, by error code",
+                                ["reason"], registry=r)
+        self.gaps = Counter("elit_frame_id_gaps", "Frame-id gaps within an acquisition",
+                            registry=r)
+        self.commands = Counter("elit_control_commands", "Control requests, by command and "
+                                "outcome", ["cmd", "ok"], registry=r)
+        self.stage = Histogram("elit_stage_seconds", "Per-stage latency", ["stage"],
+                               buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.end_to_end = Histogram("elit_end_to_end_seconds", "From receipt of a frame to "
+                                    "its result being sent", buckets=_LATENCY_BUCKETS_S,
+                                    registry=r)
+        self.queue_depth = Gauge("elit_queue_depth", "Frames waiting when the last frame was "
+                                 "taken (latest mode: drained batch size - 1)", registry=r)
+        self.active_members = Gauge("elit_active_members", "Members in the active set",
+                                    registry=r)
+        self.active_version = Gauge("elit_active_version", "Version of the active set",
+                                    registry=r)
+        self.atoms = Histogram("elit_atoms_per_frame", "Atoms found per frame",
+                               buckets=_ATOM_BUCKETS, registry=r)
+        self.mean_uncertainty = Gauge("elit_mean_uncertainty", "Mean per-atom uncertainty of "
+                                      "the last frame", registry=r)
+        self.model = Info("elit_model", "Loaded model artifact and provider", registry=r)
+        self._stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
+        for reason in ("bad_msgpack", "bad_header", "size_mismatch", "non_finite", "too_large"):
+            self.rejected.labels(reason=reason)  # show zeros for the common reasons
+        self._server = None
+
+    def observe_frame(self, timings_s: dict[str, float], e2e_s: float, n_atoms: int,
+                      mean_uncertainty: float) -> None:
+        self.processed.inc()
+        for stage, seconds in timings_s.items():
+            child = self._stage_children.get(stage)
+            if child is not None:
+                child.observe(seconds)
+        self.end_to_end.observe(e2e_s)
+        self.atoms.observe(n_atoms)
+        if mean_uncertainty == mean_uncertainty:  # not NaN (no atoms)
+            self.mean_uncertainty.set(mean_uncertainty)
+
+    def set_model(self, name: str, sha256: str, provider: str, n_members: int) -> None:
+        self.model.info({"name": name, "sha256": sha256, "provider": provider,
+                         "members": str(n_members)})
+
+    def set_active(self, n_active: int, version: int) -> None:
+        self.active_members.set(n_active)
+        self.active_version.set(version)
+
+    def serve(self, host: str, port: int) -> Optional[int]:
+        """Start the HTTP endpoint; returns the bound port (port 0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
