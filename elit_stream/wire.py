@@ -183,6 +183,7 @@ def decode_frame(parts: Sequence[Any], max_frame_px: int) -> Frame:
         raise ProtocolError("size_mismatch", f"pixel part is {buf.nbytes} bytes; shape "
                             f"{rows}x{cols} of {dtype.name} needs {n_px * dtype.itemsize}", acq, fid)
     pixels = np.frombuffer(buf, dtype=dtype).reshape(rows, cols)
+    pixels.flags.writeable = False  # a view of the message: never modify in place
     if dtype.kind == "f" and not _all_finite(pixels):
         raise ProtocolError("non_finite", "float frame contains NaN or Inf", acq, fid)
     return Frame(fid, acq, pixels, h.get("pixel_size_pm"), h.get("acquired_at"),
@@ -190,7 +191,8 @@ def decode_frame(parts: Sequence[Any], max_frame_px: int) -> Frame:
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    total = np.add.reduce(a, axis=None, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(a, axis=None, dtype=np.float64)
     return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
 
 
