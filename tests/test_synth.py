@@ -10,7 +10,7 @@ from scipy.spatial import cKDTree
 
 from trainer.lattice import CC_BOND_PM
 from trainer.synth import (Dataset, DatasetFileError, SynthConfig, load_dataset, make_dataset,
-                           make_sample, preview_png, save_dataset)
+                           make_sample, paint_discs, preview_png, save_dataset)
 
 SMALL = SynthConfig(size_px=64)
 # A perfect, undistorted graphene sheet: only the scale is left to vary.
@@ -69,6 +69,32 @@ def test_mask_is_discs_of_the_zoomed_radius_around_atoms(lattice, zoom):
         distance, _ = cKDTree(s.xy).query(pixels)
         assert not np.any(inner[distance > radius + 1]), "mask pixel far from every atom"
         assert np.all(inner[distance < radius - 1] > 0), "pixel near an atom left background"
+
+
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]])
+def test_where_discs_overlap_the_heavier_class_wins(order):
+    xy = np.array([[10.0, 10.0], [12.5, 10.0]])[order]
+    cls = np.array([2, 1], np.uint8)[order]
+    mask = paint_discs(xy, cls, 2.5, 24)
+    assert mask[10, 10] == 2 and mask[10, 11] == 2 and mask[10, 12] == 2
+    assert mask[10, 14] == 1 and mask[10, 15] == 1 and mask[10, 16] == 0
+
+
+@pytest.mark.parametrize("zoom", [1.0, 2.0])
+def test_image_atoms_are_centred_on_their_xy(zoom):
+    cfg = replace(SynthConfig(lattice="perovskite", zoom_range=(zoom, zoom)).without_noise(),
+                  sigma_pm_range=(40.0, 40.0), dopant_fraction_range=(0.0, 0.0))
+    s = make_sample(np.random.default_rng(2), cfg)
+    half = int(round(3 * 40.0 / s.pixel_size_pm))     # 3 sigma; the next column is ~7 sigma away
+    offsets = np.arange(-half, half + 1)
+    for x, y in s.xy:
+        col, row = int(round(x)), int(round(y))
+        if not (half <= col < cfg.size_px - half and half <= row < cfg.size_px - half):
+            continue
+        window = s.image[row - half:row + half + 1, col - half:col + half + 1].astype(np.float64)
+        cx = col + (window.sum(0) @ offsets) / window.sum()
+        cy = row + (window.sum(1) @ offsets) / window.sum()
+        assert abs(cx - x) < 0.15 and abs(cy - y) < 0.15
 
 
 def test_graphene_two_classes_has_heavy_dopants_at_some_rate():

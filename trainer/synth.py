@@ -38,7 +38,7 @@ class SynthConfig:
     z_exponent: float = 1.7          # HAADF intensity ~ Z ** z_exponent
     # graphene
     jitter_pm_range: tuple[float, float] = (5.0, 8.0)     # thermal rms displacement per axis
-    removed_fraction_range: tuple[float, float] = (0.0, 0.95)
+    removed_fraction_range: tuple[float, float] = (0.0, 0.9)
     hole_length_pm_range: tuple[float, float] = (150.0, 600.0)  # correlation length of holes
     dopant_fraction_range: tuple[float, float] = (0.0, 0.04)    # also heavy columns (square)
     dopant_z: tuple[int, ...] = (7, 14, 15, 26)                 # N, Si, P, Fe
@@ -49,14 +49,16 @@ class SynthConfig:
     displacement_pm_range: tuple[float, float] = (0.0, 15.0)  # random column displacements (rms)
     distortion_max: float = 0.02     # affine scan distortion, each matrix entry within ±this
     # acquisition and augmentation
-    dose_range: tuple[float, float] = (2.0, 500.0)  # counts at a light atom's peak, log-uniform
+    dose_range: tuple[float, float] = (1.0, 300.0)  # counts at a light atom's peak, log-uniform
     poisson_prob: float = 0.9
     gauss_noise_range: tuple[float, float] = (0.0, 0.3)   # std relative to a light atom's peak
     scan_noise_range: tuple[float, float] = (0.0, 0.1)    # per-row offset std, same units
     blur_prob: float = 0.5
     blur_px_range: tuple[float, float] = (0.3, 1.2)
     background_range: tuple[float, float] = (0.0, 0.5)    # level, gradient and smooth blobs
-    gamma_range: tuple[float, float] = (0.6, 1.6)         # log-uniform
+    gamma_range: tuple[float, float] = (0.5, 1.4)         # log-uniform
+    saturation_prob: float = 0.5     # clip the clean image (detector, display window) ...
+    saturation_range: tuple[float, float] = (1.5, 4.0)    # ... at this many light-atom peaks
 
     def __post_init__(self) -> None:
         problems = [text for bad, text in _config_checks(self) if bad]
@@ -91,8 +93,8 @@ class SynthConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def without_noise(self) -> SynthConfig:
-        """The same tiles' geometry, rendered clean: no noise, blur, background or gamma."""
-        return replace(self, poisson_prob=0.0, gauss_noise_range=(0.0, 0.0),
+        """The same tiles' geometry, rendered clean: no noise, blur, background, gamma or clipping."""
+        return replace(self, saturation_prob=0.0, poisson_prob=0.0, gauss_noise_range=(0.0, 0.0),
                        scan_noise_range=(0.0, 0.0), blur_prob=0.0, background_range=(0.0, 0.0),
                        gamma_range=(1.0, 1.0))
 
@@ -173,6 +175,8 @@ def paint_discs(xy: np.ndarray, cls: np.ndarray, radius_px: float, size: int) ->
 def _acquire(rng: np.random.Generator, cfg: SynthConfig, clean: np.ndarray) -> np.ndarray:
     """Background, shot and read noise, scan-line noise, blur and contrast; min-max normalised."""
     size = clean.shape[0]
+    if rng.random() < cfg.saturation_prob:
+        clean = np.minimum(clean, rng.uniform(*cfg.saturation_range))
     image = clean + _background(rng, cfg, size)
     if rng.random() < cfg.poisson_prob:
         dose = _log_uniform(rng, cfg.dose_range)
