@@ -1,6 +1,7 @@
 """The synthetic training-data generator: determinism, masks vs. coordinates, scale, file format."""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 
@@ -9,8 +10,17 @@ import pytest
 from scipy.spatial import cKDTree
 
 from trainer.lattice import CC_BOND_PM
-from trainer.synth import (Dataset, DatasetFileError, SynthConfig, load_dataset, make_dataset,
-                           make_sample, paint_discs, preview_png, save_dataset)
+from trainer.synth import (
+    Dataset,
+    DatasetFileError,
+    SynthConfig,
+    load_dataset,
+    make_dataset,
+    make_sample,
+    paint_discs,
+    preview_png,
+    save_dataset,
+)
 
 SMALL = SynthConfig(size_px=64)
 # A perfect, undistorted graphene sheet: only the scale is left to vary.
@@ -85,10 +95,10 @@ def test_image_atoms_are_centred_on_their_xy(zoom):
     cfg = replace(SynthConfig(lattice="perovskite", zoom_range=(zoom, zoom)).without_noise(),
                   sigma_pm_range=(40.0, 40.0), dopant_fraction_range=(0.0, 0.0))
     s = make_sample(np.random.default_rng(2), cfg)
-    half = int(round(3 * 40.0 / s.pixel_size_pm))     # 3 sigma; the next column is ~7 sigma away
+    half = round(3 * 40.0 / s.pixel_size_pm)     # 3 sigma; the next column is ~7 sigma away
     offsets = np.arange(-half, half + 1)
     for x, y in s.xy:
-        col, row = int(round(x)), int(round(y))
+        col, row = round(x), round(y)
         if not (half <= col < cfg.size_px - half and half <= row < cfg.size_px - half):
             continue
         window = s.image[row - half:row + half + 1, col - half:col + half + 1].astype(np.float64)
@@ -167,6 +177,12 @@ def test_save_load_roundtrip(tmp_path):
     assert back.images.shape == (4, 1, 64, 64) and back.pixel_size_pm.dtype == np.float32
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def _write_foreign_npz(path):
     np.savez(path, images=np.zeros((1, 1, 8, 8), np.float32))
 
@@ -184,7 +200,7 @@ def _write_broken_offsets(path):
 @pytest.mark.parametrize("write, says", [
     (None, "no such file"),
     (lambda p: p.write_bytes(b"\x00garbage" * 50), "unreadable"),
-    (lambda p: np.save(open(p, "wb"), np.zeros(3)), ".npy"),
+    (lambda p: p.write_bytes(_npy_bytes(np.zeros(3))), ".npy"),
     (_write_foreign_npz, "not a elit-synth-dataset"),
     (_write_broken_offsets, "offsets"),
 ])

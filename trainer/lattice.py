@@ -8,8 +8,9 @@ around the tile centre, before any pixel grid exists; turning them into images a
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -112,7 +113,7 @@ def lattice_sites(rng: np.random.Generator, cfg: SynthConfig, cell: np.ndarray,
 def remove_clustered(rng: np.random.Generator, cfg: SynthConfig, xy: np.ndarray) -> np.ndarray:
     """Remove a random fraction of the atoms as if one by one: each atom's turn comes from a mix of
     a smooth random field (holes, edges) and white noise (point vacancies), mixed per tile."""
-    n_remove = int(round(rng.uniform(*cfg.removed_fraction_range) * len(xy)))
+    n_remove = round(rng.uniform(*cfg.removed_fraction_range) * len(xy))
     if n_remove == 0:
         return xy
     clustering = rng.random()

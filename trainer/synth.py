@@ -247,15 +247,15 @@ def save_dataset(ds: Dataset, path) -> None:
     """One uncompressed .npz (written to a temporary file, then renamed into place)."""
     path = Path(path)
     counts = np.array([len(c) for c in ds.cls], np.int64)
-    arrays = dict(
-        format=np.array(DATASET_FORMAT), format_version=np.array(DATASET_FORMAT_VERSION),
-        config=np.array(json.dumps(ds.config.to_dict())), seed=np.array(ds.seed, np.int64),
-        images=ds.images, masks=ds.masks, pixel_size_pm=ds.pixel_size_pm,
-        offsets=np.concatenate([[0], np.cumsum(counts)]),
-        xy=np.concatenate(ds.xy).reshape(-1, 2).astype(np.float32) if ds.xy else
+    arrays = {
+        "format": np.array(DATASET_FORMAT), "format_version": np.array(DATASET_FORMAT_VERSION),
+        "config": np.array(json.dumps(ds.config.to_dict())), "seed": np.array(ds.seed, np.int64),
+        "images": ds.images, "masks": ds.masks, "pixel_size_pm": ds.pixel_size_pm,
+        "offsets": np.concatenate([[0], np.cumsum(counts)]),
+        "xy": np.concatenate(ds.xy).reshape(-1, 2).astype(np.float32) if ds.xy else
         np.zeros((0, 2), np.float32),
-        cls=np.concatenate(ds.cls).astype(np.uint8) if ds.cls else np.zeros(0, np.uint8),
-    )
+        "cls": np.concatenate(ds.cls).astype(np.uint8) if ds.cls else np.zeros(0, np.uint8),
+    }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
