@@ -1,0 +1,306 @@
+"""Inference: the only module that imports onnxruntime.
+
+Owns: session creation (providers, CPU threading, CUDA with a logged fallback to CPU), warm-up,
+frame preparation (per-frame min-max normalisation, optional rescale to the artifact's pixel size,
+padding to valid sizes; written straight into the network input buffer), and running all members
+in one pass: `infer(frame) -> (probs [M, C, h, w], Geometry)`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from elit_stream.manifest import Artifact
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+RESCALE_TOLERANCE = 0.01          # rescale only when pixel sizes differ by more than 1 %
+
+
+class EngineError(Exception):
+    """A frame cannot be prepared or a session cannot be created or run."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the network grid maps to the input frame.
+
+    The frame occupies `valid_shape` at the top-left of the `net_shape` grid; `scale` is network
+    pixels per frame pixel. Pixel-centre convention: x_frame = (x_net + 0.5) / scale - 0.5.
+    """
+
+    frame_shape: tuple[int, int]
+    net_shape: tuple[int, int]
+    valid_shape: tuple[int, int]
+    scale: float
+
+    def to_frame_xy(self, x_net: np.ndarray, y_net: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.scale == 1.0:
+            return x_net, y_net
+        inv = np.float32(1.0 / self.scale)
+        return ((x_net + np.float32(0.5)) * inv - np.float32(0.5),
+                (y_net + np.float32(0.5)) * inv - np.float32(0.5))
+
+    def to_net_xy(self, x_frame: np.ndarray, y_frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.scale == 1.0:
+            return x_frame, y_frame
+        s = np.float32(self.scale)
+        return (x_frame + np.float32(0.5)) * s - np.float32(0.5), \
+            (y_frame + np.float32(0.5)) * s - np.float32(0.5)
+
+
+# --- frame preparation (pure numpy) -------------------------------------------------------------
+
+def _check_frame(frame: np.ndarray) -> tuple[float, float]:
+    """Validate dtype/ndim and return (min, max); refuses NaN/Inf."""
+    if not isinstance(frame, np.ndarray) or frame.ndim != 2:
+        raise EngineError(f"frame must be a 2-D array, got {getattr(frame, 'shape', type(frame))}")
+    if frame.dtype.kind not in "uif":
+        raise EngineError(f"frame dtype {frame.dtype} not supported (integer or float only)")
+    if frame.size == 0:
+        raise EngineError("frame is empty")
+    lo, hi = frame.min(), frame.max()
+    if frame.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise EngineError("frame contains NaN or Inf")
+    return float(lo), float(hi)
+
+
+def _affine_inplace(view: np.ndarray, lo: float, hi: float) -> None:
+    """view <- (view - lo) / (hi - lo); a constant frame becomes zeros."""
+    if hi > lo:
+        view -= np.float32(lo)
+        view *= np.float32(1.0 / (hi - lo))
+    else:
+        view.fill(0.0)
+
+
+def _normalise_into(frame: np.ndarray, out: np.ndarray, lo: float, hi: float) -> None:
+    """out[:] = minmax(frame) in float32, one subtraction pass + one scaling pass."""
+    if hi > lo:
+        np.subtract(frame, lo if frame.dtype.itemsize > 2 else np.float32(lo), out=out,
+                    casting="unsafe")
+        out *= np.float32(1.0 / (hi - lo))
+    else:
+        out.fill(0.0)
+
+
+def normalise(raw: np.ndarray) -> np.ndarray:
+    """Reference per-frame min-max normalisation (docs/artifact.md), float32 [H, W]."""
+    lo, hi = _check_frame(raw)
+    out = np.empty(raw.shape, np.float32)
+    _normalise_into(raw, out, lo, hi)
+    return out
+
+
+def _bilinear_taps(n_out: int, n_in: int, scale: float):
+    """Source indices and weights for output pixel centres (pixel-centre convention)."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
+    np.clip(src, 0, n_in - 1, out=src)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, w1
+
+
+def _rescale_into(frame: np.ndarray, out: np.ndarray, scale: float) -> None:
+    """Separable bilinear resampling of `frame` into `out` (float32, shape sets the size)."""
+    h, w = out.shape
+    y0, y1, wy = _bilinear_taps(h, frame.shape[0], scale)
+    x0, x1, wx = _bilinear_taps(w, frame.shape[1], scale)
+    rows = frame[y0].astype(np.float32)               # [h, W]
+    rows += (frame[y1] - rows) * wy[:, None]
+    np.multiply(rows[:, x0], 1.0 - wx, out=out)
+    out += rows[:, x1] * wx
+
+
+def _pad_symmetric(buf: np.ndarray, h: int, w: int) -> None:
+    """Fill buf[h:, :] and buf[:, w:] by half-sample mirroring of buf[:h, :w]."""
+    hp, wp = buf.shape
+    if hp > h:
+        buf[h:, :w] = buf[_mirror(np.arange(h, hp), h), :w]
+    if wp > w:
+        buf[:, w:] = buf[:, _mirror(np.arange(w, wp), w)]
+
+
+def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
+    k = idx % (2 * n)
+    return np.where(k < n, k, 2 * n - 1 - k)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+def physical_cores() -> int:
+    """Physical cores available to this process (falls back to logical CPUs)."""
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = set(range(os.cpu_count() or 1))
+    cores, cpu = set(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            phys = None
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "processor":
+                    cpu = int(val)
+                elif key == "physical id":
+                    phys = val.strip()
+                elif key == "core id" and cpu in allowed:
+                    cores.add((phys, val.strip()))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(len(cores) or len(allowed), len(allowed)))
+
+
+def _session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def _create(onnx_path: Path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(onnx_path), opts, providers=providers)
+    except Exception as exc:          # onnxruntime raises several unrelated types
+        raise EngineError(f"{onnx_path.name}: cannot create session: {exc}") from None
+
+
+def run_probe(onnx_path: Path, net_input: np.ndarray) -> np.ndarray:
+    """Run `net_input` through a fresh single-threaded CPU session (artifact verification)."""
+    sess = _create(Path(onnx_path), _session_options(1, False), [CPU])
+    try:
+        return sess.run(None, {sess.get_inputs()[0].name: net_input})[0]
+    except Exception as exc:
+        raise EngineError(f"{Path(onnx_path).name}: probe run failed: {exc}") from None
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+class Engine:
+    """All members of one artifact, one session, one pass per frame."""
+
+    def __init__(self, artifact: Artifact, device: str = "auto", threads: int | None = None,
+                 cpu_fallback: bool = True, *, spin: bool = False):
+        if device not in ("auto", "cpu", "cuda"):
+            raise EngineError(f"device must be auto, cpu or cuda, not {device!r}")
+        self.artifact = artifact
+        self.n_members, self.n_classes = artifact.n_members, artifact.n_classes
+        self.fallback_reason: str | None = None
+        opts = _session_options(threads, spin)
+        self.session = self._open(device, opts, cpu_fallback)
+        self.provider: str = self.session.get_providers()[0]
+        self.threads = opts.intra_op_num_threads
+        self._in_name = self.session.get_inputs()[0].name
+        self._out_name = self.session.get_outputs()[0].name
+        self._check_io()
+        log.info("engine: %s on %s (%d intra-op threads%s)", artifact.name, self.provider,
+                 self.threads, f"; fallback: {self.fallback_reason}" if self.fallback_reason else "")
+
+    def _open(self, device: str, opts, cpu_fallback: bool) -> ort.InferenceSession:
+        path = self.artifact.onnx_path
+        if device == "cpu":
+            return _create(path, opts, [CPU])
+        if CUDA not in ort.get_available_providers():
+            why = "onnxruntime has no CUDAExecutionProvider (install the gpu extra)"
+            return self._fallback(why, device == "cuda", cpu_fallback, path, opts)
+        cuda = (CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})
+        try:
+            sess = _create(path, opts, [cuda, CPU])
+        except EngineError as exc:
+            return self._fallback(str(exc), True, cpu_fallback, path, opts)
+        if sess.get_providers()[0] != CUDA:
+            return self._fallback("CUDA provider failed to initialise (see onnxruntime log)",
+                                  True, cpu_fallback, path, opts)
+        return sess
+
+    def _fallback(self, why: str, wanted: bool, cpu_fallback: bool, path, opts):
+        if wanted and not cpu_fallback:
+            raise EngineError(f"CUDA requested but unavailable: {why}")
+        if wanted:
+            self.fallback_reason = why
+            log.warning("engine: CUDA unavailable (%s); falling back to CPU", why)
+        return _create(path, opts, [CPU])
+
+    def _check_io(self) -> None:
+        model = self.artifact.manifest["model"]
+        names = (self._in_name, self._out_name)
+        want = (model["input"]["name"], model["output"]["name"])
+        if names != want:
+            raise EngineError(f"{self.artifact.onnx_path.name}: graph input/output {names} "
+                              f"do not match manifest {want}")
+
+    # -- frames --
+
+    def net_shape_for(self, frame_shape: tuple[int, int], pixel_size_pm: float | None = None):
+        """(valid_shape, net_shape, scale) for a frame of this shape and pixel size."""
+        scale = 1.0
+        if pixel_size_pm is not None:
+            if not (pixel_size_pm > 0 and np.isfinite(pixel_size_pm)):
+                raise EngineError(f"pixel_size_pm must be > 0, got {pixel_size_pm}")
+            ratio = pixel_size_pm / self.artifact.pixel_size_pm
+            if abs(ratio - 1.0) > RESCALE_TOLERANCE:
+                scale = ratio
+        valid = tuple(int(round(n * scale)) if scale != 1.0 else int(n) for n in frame_shape)
+        net = tuple(_round_up(n, self.artifact.multiple_of) for n in valid)
+        art = self.artifact
+        if min(valid) < art.min_px or max(net) > art.max_px:
+            raise EngineError(f"frame {frame_shape[0]}x{frame_shape[1]} px becomes "
+                              f"{valid[0]}x{valid[1]} at scale {scale:.3f}; the model takes "
+                              f"{art.min_px}..{art.max_px} px per side")
+        return valid, net, scale
+
+    def prepare(self, frame: np.ndarray, pixel_size_pm: float | None = None
+                ) -> tuple[np.ndarray, Geometry]:
+        """frame [H, W] -> normalised, rescaled, padded float32 [1, 1, h, w] and its Geometry."""
+        lo, hi = _check_frame(frame)
+        valid, net, scale = self.net_shape_for(frame.shape, pixel_size_pm)
+        buf = np.empty((1, 1, *net), np.float32)
+        plane = buf[0, 0]
+        view = plane[: valid[0], : valid[1]]
+        if scale == 1.0:
+            _normalise_into(frame, view, lo, hi)
+        else:
+            _rescale_into(frame, view, scale)
+            _affine_inplace(view, lo, hi)
+        _pad_symmetric(plane, *valid)
+        return buf, Geometry(tuple(frame.shape), net, valid, scale)
+
+    def run(self, net_input: np.ndarray) -> np.ndarray:
+        """[1, 1, h, w] float32 -> probs [M, C, h, w] float32, written by ORT into a new buffer."""
+        out = np.empty((self.n_members, self.n_classes, *net_input.shape[2:]), np.float32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self._in_name, np.ascontiguousarray(net_input))
+        binding.bind_output(self._out_name, "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise EngineError(f"inference failed: {exc}") from None
+        return out
+
+    def infer(self, frame: np.ndarray, pixel_size_pm: float | None = None
+              ) -> tuple[np.ndarray, Geometry]:
+        net_input, geometry = self.prepare(frame, pixel_size_pm)
+        return self.run(net_input), geometry
+
+    def warm_up(self, shape: tuple[int, int] = (512, 512)) -> None:
+        """Run a synthetic frame twice so the first real frame does not pay for set-up."""
+        frame = np.random.default_rng(0).random(shape, dtype=np.float32)
+        for _ in range(2):
+            self.infer(frame)
