@@ -1,0 +1,262 @@
+"""Per-frame reduction of ensemble maps to atoms (pure numpy + scipy.ndimage; no I/O).
+
+Input: `probs` [M, C, H, W] from the engine and the indices of the ACTIVE members.
+Definitions (all in network-grid pixels of the valid region; x = column, y = row, origin at the
+top-left pixel centre):
+
+- member atom map  a_m = sum_c probs[m, c];  consensus atom map  a = mean over active m of a_m.
+- atoms: connected components (4-connectivity) of a > threshold with min_blob_px <= size <=
+  max_blob_px. Centre = centroid of the component weighted by (a - threshold) (the excess
+  probability: rim pixels weigh ~0, so the cut-off at the threshold biases the centre less); `prob` = max of a in it; `cls` =
+  argmax_c of (sum over the component of the active-mean class map c).
+- peak window: the 3x3 pixels centred on the component's maximum of a (clipped at the border).
+- `uncertainty` = mean over the peak window of the std over ACTIVE members of a_m (population
+  std, ddof=0: 0 with one active member).
+- `det_frac` = fraction of ACTIVE members with max of a_m over the peak window >= detect_threshold.
+- `count_per_member[m]` (ALL members) = atoms (above) that m detects in the same sense, plus m's
+  "extra" blobs: connected regions of (any member's a_m > threshold) that touch no consensus pixel,
+  counted for m when m has min_blob_px..max_blob_px pixels above threshold in the region (two of
+  m's blobs inside one such region count once). One labelling for all members, not M labellings.
+- `disagreement_per_member[m]` (ALL members) = 1 - IoU(a_m > threshold, a > threshold) over the
+  valid region (0 when both masks are empty).
+- `mean_uncertainty` = mean of `uncertainty` over the frame's atoms (0 when there are none).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace as dc_replace
+
+import numpy as np
+from scipy import ndimage
+
+_WINDOW = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.intp)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Post-processing parameters; `replace` validates and returns a new instance."""
+
+    threshold: float = 0.5
+    min_blob_px: int = 3
+    max_blob_px: int = 400
+    detect_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "detect_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+                raise ValueError(f"{name}: must be a number, got {value!r}")
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name}: must be in (0, 1), got {value!r}")
+        for name in ("min_blob_px", "max_blob_px"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name}: must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value!r}")
+        if self.max_blob_px < self.min_blob_px:
+            raise ValueError(f"max_blob_px: {self.max_blob_px} < min_blob_px {self.min_blob_px}")
+
+    def replace(self, **changes) -> "Params":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown parameter (known: {sorted(known)})")
+        return dc_replace(self, **changes)
+
+
+@dataclass
+class FrameAnalysis:
+    """Atoms (columnar) and frame-level figures of one frame; see the module docstring."""
+
+    x: np.ndarray
+    y: np.ndarray
+    cls: np.ndarray
+    prob: np.ndarray
+    uncertainty: np.ndarray
+    det_frac: np.ndarray
+    count_per_member: np.ndarray
+    disagreement_per_member: np.ndarray
+    mean_uncertainty: float
+    mean_map: np.ndarray | None = None
+    std_map: np.ndarray | None = None
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.x.shape[0])
+
+
+def check_active(active, n_members: int) -> np.ndarray:
+    """Active member indices as a sorted intp array; ValueError if empty/unknown/repeated."""
+    idx = np.asarray(active)
+    if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
+        raise ValueError(f"active: need a non-empty 1-D integer array, got {active!r}")
+    idx = idx.astype(np.intp)
+    if idx.min() < 0 or idx.max() >= n_members or np.unique(idx).size != idx.size:
+        raise ValueError(f"active: {idx.tolist()} must be distinct indices in 0..{n_members - 1}")
+    return np.sort(idx)
+
+
+def analyse(probs: np.ndarray, active, params: Params,
+            valid_shape: tuple[int, int] | None = None, want_maps: bool = False) -> FrameAnalysis:
+    """Reduce `probs` [M, C, H, W] over the active members and extract atoms."""
+    if probs.ndim != 4:
+        raise ValueError(f"probs: need [M, C, H, W], got shape {probs.shape}")
+    n_m, _, h, w = probs.shape
+    act = check_active(active, n_m)
+    vh, vw = valid_shape if valid_shape is not None else (h, w)
+    if not (0 < vh <= h and 0 < vw <= w):
+        raise ValueError(f"valid_shape {valid_shape} does not fit probs {probs.shape}")
+    atom = _member_atom_maps(probs)                                     # [M, H, W]
+    consensus = _active_mean(atom, act)                                 # [H, W]
+    mask = consensus[:vh, :vw] > params.threshold
+    blobs = _blobs(mask, consensus, params)
+    cls = _classes(probs, act, blobs)
+    win = atom.reshape(n_m, -1)[:, _peak_window(blobs, vh, vw, w)]      # [M, 9, N]
+    detected = win.max(axis=1) >= params.detect_threshold             # [M, N]
+    uncertainty = win[act].std(axis=0).mean(axis=0).astype(np.float32)
+    extra, disagreement = _member_figures(atom[:, :vh, :vw] > params.threshold, mask, params)
+    result = FrameAnalysis(
+        x=blobs.x, y=blobs.y, cls=cls, prob=blobs.peak, uncertainty=uncertainty,
+        det_frac=detected[act].mean(axis=0, dtype=np.float32).astype(np.float32),
+        count_per_member=(detected.sum(axis=1) + extra).astype(np.int32),
+        disagreement_per_member=disagreement,
+        mean_uncertainty=float(uncertainty.mean()) if uncertainty.size else 0.0)
+    if want_maps:
+        result.mean_map, result.std_map = active_maps(probs, act, vh, vw)
+    return result
+
+
+def _member_atom_maps(probs: np.ndarray) -> np.ndarray:
+    """a_m = sum over classes, [M, H, W] float32, one pass over probs."""
+    if probs.shape[1] == 1:
+        return probs[:, 0]
+    atom = np.add(probs[:, 0], probs[:, 1])
+    for c in range(2, probs.shape[1]):
+        atom += probs[:, c]
+    return atom
+
+
+def _active_mean(maps: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """Mean of maps[act] over axis 0 without gathering (no BLAS: predictable on busy CPUs)."""
+    acc = maps[act[0]].copy()
+    for m in act[1:]:
+        acc += maps[m]
+    if act.size > 1:
+        acc *= np.float32(1.0 / act.size)
+    return acc
+
+
+@dataclass
+class _Blobs:
+    lab: np.ndarray      # [n_fg] blob index 0..N-1 per kept foreground pixel
+    flat: np.ndarray     # [n_fg] flat index into the padded H*W grid
+    peak_flat: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    peak: np.ndarray
+    weight: np.ndarray   # [N] sum of the consensus atom map over the blob
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _blobs(mask: np.ndarray, consensus: np.ndarray, params: Params) -> _Blobs:
+    """Label, filter by size, weighted centroids and peaks (no per-atom Python loop)."""
+    labels, n = ndimage.label(mask)
+    fg = np.flatnonzero(mask)
+    lab = labels.ravel()[fg]
+    sizes = np.bincount(lab, minlength=n + 1)
+    keep = (sizes >= params.min_blob_px) & (sizes <= params.max_blob_px)
+    keep[0] = False
+    sel = keep[lab]
+    ys, xs = np.divmod(fg[sel], mask.shape[1])
+    lab = (np.cumsum(keep) - 1)[lab[sel]]
+    n_kept = int(keep.sum())
+    flat = ys * consensus.shape[1] + xs
+    wpx = consensus.ravel()[flat]
+    excess = wpx - np.float32(params.threshold)          # > 0 inside; ~0 at the blob's rim
+    norm = np.bincount(lab, excess, n_kept)
+    x = (np.bincount(lab, excess * xs, n_kept) / norm).astype(np.float32)
+    y = (np.bincount(lab, excess * ys, n_kept) / norm).astype(np.float32)
+    total = np.bincount(lab, wpx, n_kept)
+    peak = np.full(n_kept, -np.inf, np.float32)
+    np.maximum.at(peak, lab, wpx)
+    at_peak = wpx == peak[lab]
+    peak_flat = np.empty(n_kept, np.intp)
+    peak_flat[lab[at_peak]] = flat[at_peak]
+    return _Blobs(lab, flat, peak_flat, x, y, peak, total)
+
+
+def _classes(probs: np.ndarray, act: np.ndarray, blobs: _Blobs) -> np.ndarray:
+    """argmax_c of the blob sum of the active-mean class map.
+
+    The last class's sum is the blob's consensus total minus the others' (classes sum to a).
+    """
+    n_c = probs.shape[1]
+    if n_c == 1 or blobs.n == 0:
+        return np.zeros(blobs.n, np.uint8)
+    per_class = np.empty((n_c, blobs.n))
+    for c in range(n_c - 1):
+        acc = np.take(probs[act[0], c].ravel(), blobs.flat)
+        for m in act[1:]:
+            acc += np.take(probs[m, c].ravel(), blobs.flat)
+        per_class[c] = np.bincount(blobs.lab, acc, blobs.n) / act.size
+    per_class[-1] = blobs.weight - per_class[:-1].sum(axis=0)
+    return per_class.argmax(axis=0).astype(np.uint8)
+
+
+def _peak_window(blobs: _Blobs, vh: int, vw: int, width: int) -> np.ndarray:
+    """[9, N] flat indices of the 3x3 window around each peak, clipped to the valid region."""
+    py, px = np.divmod(blobs.peak_flat, width)
+    yy = np.clip(py[None, :] + _WINDOW[:, :1], 0, vh - 1)
+    xx = np.clip(px[None, :] + _WINDOW[:, 1:], 0, vw - 1)
+    return yy * width + xx
+
+
+def _count_true(masks: np.ndarray) -> np.ndarray:
+    """Number of True per row of a C-contiguous bool [M, ...] array."""
+    flat = masks.reshape(masks.shape[0], -1)
+    if flat.shape[1] % 8 == 0 and flat.flags.c_contiguous:
+        return np.bitwise_count(flat.view(np.uint64)).sum(axis=1, dtype=np.int64)
+    return np.count_nonzero(flat, axis=1)
+
+
+def _member_figures(member_on: np.ndarray, mask: np.ndarray,
+                    params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Per member (all): extra blobs outside the consensus, and 1 - IoU with the consensus.
+
+    member_on: [M, vh, vw] bool, a_m > threshold; mask: [vh, vw] consensus a > threshold.
+    """
+    n_m = member_on.shape[0]
+    inter = _count_true(member_on & mask)
+    either = _count_true(member_on) + np.count_nonzero(mask) - inter
+    disagreement = np.where(either > 0, 1.0 - inter / np.maximum(either, 1), 0.0)
+    union = np.logical_or.reduce(member_on, axis=0)                     # contains `mask`
+    u_labels, n_u = ndimage.label(union)
+    touched = np.zeros(n_u + 1, bool)
+    touched[u_labels[mask]] = True
+    u_idx = np.flatnonzero(union)
+    u_lab = u_labels.ravel()[u_idx]
+    outside = ~touched[u_lab]
+    m_idx, j = np.nonzero(member_on.reshape(n_m, -1)[:, u_idx[outside]])
+    counts = np.bincount(u_lab[outside][j] * n_m + m_idx, minlength=(n_u + 1) * n_m)
+    counts = counts.reshape(n_u + 1, n_m)
+    extra = ((counts >= params.min_blob_px) & (counts <= params.max_blob_px)).sum(axis=0)
+    return extra, disagreement.astype(np.float32)
+
+
+def active_maps(probs: np.ndarray, act: np.ndarray, vh: int, vw: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (ddof=0) over active members, per class, cropped: two [C, vh, vw] float32."""
+    crop = probs[:, :, :vh, :vw]
+    mean = np.zeros(crop.shape[1:], np.float32)
+    sq = np.zeros_like(mean)
+    for m in act:
+        mean += crop[m]
+        sq += np.square(crop[m])
+    mean /= act.size
+    sq /= act.size
+    sq -= np.square(mean)
+    np.maximum(sq, 0.0, out=sq)
+    return mean, np.sqrt(sq, out=sq)

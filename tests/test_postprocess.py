@@ -1,0 +1,190 @@
+"""Unit tests of elit_stream.postprocess on synthetic ensemble maps with known blobs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from elit_stream.postprocess import Params, analyse, check_active
+
+SHAPE = (48, 64)
+
+
+def blob(shape, x0, y0, amp=0.95, sigma=1.5):
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    return (amp * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma ** 2))).astype(np.float32)
+
+
+def probs_with(blobs_per_member, n_classes=2, shape=SHAPE):
+    """blobs_per_member: list (per member) of [(x, y, cls, amp), ...] -> [M, C, H, W]."""
+    out = np.zeros((len(blobs_per_member), n_classes, *shape), np.float32)
+    for m, blobs in enumerate(blobs_per_member):
+        for x, y, c, amp in blobs:
+            out[m, c] += blob(shape, x, y, amp)
+    return out
+
+
+def by_x(result):
+    order = np.argsort(result.x)
+    return {k: getattr(result, k)[order] for k in ("x", "y", "cls", "prob", "uncertainty",
+                                                   "det_frac")}
+
+
+def test_symmetric_blobs_give_exact_centres():
+    atoms = [(10, 12, 0, 0.95), (30.5, 20, 0, 0.9), (50, 35.5, 1, 0.99)]
+    r = analyse(probs_with([atoms] * 3), np.arange(3), Params())
+    got = by_x(r)
+    np.testing.assert_allclose(got["x"], [10, 30.5, 50], atol=1e-4)
+    np.testing.assert_allclose(got["y"], [12, 20, 35.5], atol=1e-4)
+    assert got["cls"].tolist() == [0, 0, 1]
+    np.testing.assert_allclose(got["prob"], [0.95, 0.9 * np.exp(-0.25 / 4.5), 0.99 *
+                                             np.exp(-0.25 / 4.5)], rtol=1e-5)
+    assert got["x"].dtype == np.float32 and got["cls"].dtype == np.uint8
+    np.testing.assert_array_equal(got["det_frac"], 1.0)
+    np.testing.assert_allclose(got["uncertainty"], 0.0, atol=1e-7)
+    assert r.count_per_member.tolist() == [3, 3, 3] and r.count_per_member.dtype == np.int32
+    np.testing.assert_allclose(r.disagreement_per_member, 0.0)
+
+
+def test_subpixel_centres_within_a_tenth_of_a_pixel():
+    rng = np.random.default_rng(1)
+    xs, ys = rng.uniform(6, 58, 6), rng.uniform(6, 42, 6)
+    xs = np.sort(xs + np.arange(6) * 0.0)
+    keep = np.concatenate([[True], np.diff(xs) > 5])
+    atoms = [(x, y, 0, 0.95) for x, y in zip(xs[keep], ys[keep])]
+    got = by_x(analyse(probs_with([atoms]), [0], Params()))
+    np.testing.assert_allclose(got["x"], xs[keep], atol=0.1)
+    np.testing.assert_allclose(got["y"], ys[keep], atol=0.1)
+
+
+def test_class_is_argmax_of_blob_sum_of_mean_class_map():
+    members = [[(20, 20, 1, 0.9)], [(20, 20, 1, 0.9)], [(20, 20, 0, 0.9)]]
+    r = analyse(probs_with(members), np.arange(3), Params())
+    assert r.cls.tolist() == [1]
+    r = analyse(probs_with(members), [2], Params())
+    assert r.cls.tolist() == [0]
+    r3 = analyse(probs_with([[(20, 20, 2, 0.9)]], n_classes=3), [0], Params())
+    assert r3.cls.tolist() == [2]
+
+
+def test_active_subset_changes_consensus_and_spread():
+    common = [(15, 15, 0, 0.95)]
+    members = [common, common, common + [(45, 30, 0, 0.95)]]
+    probs = probs_with(members)
+    everyone = analyse(probs, np.arange(3), Params(), want_maps=True)
+    assert everyone.n_atoms == 1                                 # 0.95/3 < threshold
+    assert everyone.count_per_member.tolist() == [1, 1, 2]       # extra blob of member 2
+    assert everyone.disagreement_per_member[2] > 0.3
+    np.testing.assert_allclose(everyone.disagreement_per_member[:2], 0.0)
+    odd = analyse(probs, [2], Params(), want_maps=True)
+    assert odd.n_atoms == 2
+    np.testing.assert_allclose(everyone.mean_map, probs.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(everyone.std_map, probs.std(axis=0), atol=1e-4)
+    np.testing.assert_allclose(odd.std_map, 0.0, atol=1e-6)
+    pair = analyse(probs, [1, 2], Params(), want_maps=True)
+    np.testing.assert_allclose(pair.mean_map, probs[1:].mean(axis=0), atol=1e-6)
+    assert pair.n_atoms == 1 and pair.count_per_member.tolist() == [1, 1, 2]
+
+
+def test_det_frac_and_uncertainty_count_active_members_only():
+    atom = [(20, 20, 0, 0.95)]
+    members = [atom, atom, atom, []]                            # member 3 sees nothing
+    probs = probs_with(members)
+    r = analyse(probs, np.arange(4), Params())
+    assert r.n_atoms == 1
+    np.testing.assert_allclose(r.det_frac, [0.75])
+    assert r.uncertainty[0] > 0.3                               # std of (p, p, p, 0) around peak
+    assert r.count_per_member.tolist() == [1, 1, 1, 0]
+    np.testing.assert_allclose(r.disagreement_per_member[3], 1.0)
+    agree = analyse(probs, [0, 1, 2], Params())
+    np.testing.assert_allclose(agree.det_frac, [1.0])
+    np.testing.assert_allclose(agree.uncertainty, [0.0], atol=1e-7)
+    assert agree.count_per_member.tolist() == [1, 1, 1, 0]      # all members, always
+    assert agree.mean_uncertainty == pytest.approx(0.0, abs=1e-7)
+    assert r.mean_uncertainty == pytest.approx(float(r.uncertainty[0]))
+
+
+def test_blob_size_filter():
+    probs = np.zeros((1, 1, *SHAPE), np.float32)
+    probs[0, 0, 5, 5] = 0.9                                     # 1 px
+    probs[0, 0, 20:22, 20:22] = 0.9                             # 4 px
+    probs[0, 0, 30:45, 30:60] = 0.9                             # 450 px
+    r = analyse(probs, [0], Params(min_blob_px=3, max_blob_px=400))
+    assert r.n_atoms == 1
+    np.testing.assert_allclose([r.x[0], r.y[0]], [20.5, 20.5])
+    assert analyse(probs, [0], Params(min_blob_px=1, max_blob_px=1000)).n_atoms == 3
+    assert r.count_per_member.tolist() == [1]
+
+
+def test_empty_frame_gives_no_atoms_and_no_nan():
+    probs = np.zeros((3, 2, *SHAPE), np.float32)
+    r = analyse(probs, [0, 2], Params(), want_maps=True)
+    assert r.n_atoms == 0
+    for arr in (r.x, r.y, r.cls, r.prob, r.uncertainty, r.det_frac):
+        assert arr.shape == (0,)
+    assert r.count_per_member.tolist() == [0, 0, 0]
+    np.testing.assert_array_equal(r.disagreement_per_member, 0.0)
+    assert r.mean_uncertainty == 0.0
+    assert not np.isnan(r.std_map).any()
+
+
+def test_valid_shape_ignores_the_padding():
+    probs = probs_with([[(10, 10, 0, 0.95), (60, 44, 0, 0.95)]])
+    r = analyse(probs, [0], Params(), valid_shape=(40, 56), want_maps=True)
+    assert r.n_atoms == 1 and r.x[0] == pytest.approx(10) and r.y[0] == pytest.approx(10)
+    assert r.mean_map.shape == (2, 40, 56)
+    assert r.count_per_member.tolist() == [1]
+
+
+def test_atom_at_the_border():
+    r = analyse(probs_with([[(0, 0, 0, 0.95)]]), [0], Params())
+    assert r.n_atoms == 1 and r.x[0] > 0 and r.y[0] > 0 and r.uncertainty[0] == 0
+
+
+def test_params_replace_validates():
+    p = Params()
+    assert p.replace(threshold=0.3).threshold == 0.3 and p.threshold == 0.5
+    with pytest.raises(ValueError, match="thresh"):
+        p.replace(thresh=0.3)
+    with pytest.raises(ValueError, match="threshold"):
+        p.replace(threshold=1.5)
+    with pytest.raises(ValueError, match="min_blob_px"):
+        p.replace(min_blob_px=2.5)
+    with pytest.raises(ValueError, match="max_blob_px"):
+        p.replace(max_blob_px=2)
+    with pytest.raises(ValueError, match="detect_threshold"):
+        p.replace(detect_threshold="high")
+    with pytest.raises(ValueError, match="min_blob_px"):
+        p.replace(min_blob_px=True)
+
+
+@pytest.mark.parametrize("active", [[], [3], [0, 0], [-1], [[0]], [0.5]])
+def test_bad_active_refused(active):
+    with pytest.raises(ValueError, match="active"):
+        check_active(active, 3)
+    with pytest.raises(ValueError, match="active"):
+        analyse(np.zeros((3, 1, 16, 16), np.float32), active, Params())
+
+
+@settings(max_examples=40, deadline=None)
+@given(probs=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 3),
+                                              st.integers(1, 24), st.integers(1, 24)),
+                        elements=st.floats(0, 1, width=32)),
+       data=st.data())
+def test_arbitrary_maps_never_crash_or_nan(probs, data):
+    n_m, n_c, h, w = probs.shape
+    probs = probs / n_c                                    # classes sum to <= 1
+    active = data.draw(st.lists(st.integers(0, n_m - 1), min_size=1, unique=True))
+    vh, vw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
+    params = Params(threshold=data.draw(st.floats(0.05, 0.95)), min_blob_px=1)
+    r = analyse(probs, active, params, valid_shape=(vh, vw), want_maps=True)
+    n = r.n_atoms
+    for arr in (r.x, r.y, r.prob, r.uncertainty, r.det_frac):
+        assert arr.shape == (n,) and arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert ((r.x >= 0) & (r.x <= vw - 1) & (r.y >= 0) & (r.y <= vh - 1)).all()
+    assert ((r.det_frac >= 0) & (r.det_frac <= 1)).all() and (r.cls < n_c).all()
+    assert (r.prob > params.threshold).all()
+    assert r.count_per_member.shape == (n_m,) and (r.count_per_member >= 0).all()
+    assert np.isfinite(r.disagreement_per_member).all() and np.isfinite(r.mean_uncertainty)
+    assert np.isfinite(r.std_map).all() and r.std_map.shape == (n_c, vh, vw)
