@@ -1,0 +1,165 @@
+"""Engine on the tiny artifact: shapes, preparation, geometry, probe, providers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from elit_stream.engine import Engine, EngineError, Geometry, normalise, physical_cores
+from elit_stream.manifest import load_artifact
+from elit_stream.postprocess import Params, analyse
+from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM
+
+DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    return Engine(load_artifact(tiny_artifact), device="cpu", threads=1)
+
+
+def test_run_shape_and_dtype(engine):
+    frame = np.random.default_rng(0).integers(0, 1000, (40, 64)).astype(np.uint16)
+    probs, geo = engine.infer(frame)
+    assert probs.shape == (3, 2, 40, 64) and probs.dtype == np.float32
+    assert probs.flags.c_contiguous
+    assert geo == Geometry((40, 64), (40, 64), (40, 64), 1.0)
+    assert (probs >= 0).all() and (probs.sum(axis=1) <= 1 + 1e-6).all()
+    assert engine.provider == "CPUExecutionProvider" and engine.fallback_reason is None
+    assert (engine.n_members, engine.n_classes) == (3, 2)
+
+
+def test_prepare_pads_to_multiples_by_mirroring(engine):
+    frame = np.random.default_rng(1).random((50, 37)) * 100
+    x, geo = engine.prepare(frame)
+    assert x.shape == (1, 1, 56, 40) and x.dtype == np.float32 and x.flags.c_contiguous
+    assert geo.valid_shape == (50, 37) and geo.net_shape == (56, 40) and geo.scale == 1.0
+    plane = x[0, 0]
+    np.testing.assert_allclose(plane[:50, :37], normalise(frame), atol=1e-7)
+    np.testing.assert_array_equal(plane[50:, :37], plane[49:43:-1, :37])
+    np.testing.assert_array_equal(plane[:, 37:], plane[:, 36:33:-1])
+    assert plane.min() == 0.0 and plane.max() == 1.0
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "int16", "float32", "float64"])
+def test_all_dtypes_give_the_same_input(engine, dtype):
+    base = np.random.default_rng(2).integers(0, 200, (24, 32))
+    ref, _ = engine.prepare(base.astype(np.float64))
+    got, _ = engine.prepare(base.astype(dtype))
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_constant_frame_becomes_zeros(engine):
+    x, _ = engine.prepare(np.full((16, 16), 7, np.uint16))
+    assert not x.any()
+
+
+@pytest.mark.parametrize("frame, match", [
+    (np.zeros((8, 64), np.uint16), "16..4096"),
+    (np.zeros((4, 4, 3), np.uint8), "2-D"),
+    (np.zeros((16, 16), bool), "dtype"),
+    (np.array([[np.nan] * 16] * 16), "NaN"),
+    (np.full((16, 16), np.inf), "NaN or Inf"),
+])
+def test_bad_frames_refused(engine, frame, match):
+    with pytest.raises(EngineError, match=match):
+        engine.prepare(frame)
+
+
+def test_size_limits_apply_after_rescale(engine):
+    frame = np.zeros((20, 20), np.uint16)
+    with pytest.raises(EngineError, match="becomes 14x14"):
+        engine.prepare(frame, pixel_size_pm=PIXEL_SIZE_PM * 0.7)
+    with pytest.raises(EngineError, match="4096"):
+        engine.net_shape_for((1000, 1000), PIXEL_SIZE_PM * 5)
+    with pytest.raises(EngineError, match="pixel_size_pm"):
+        engine.prepare(frame, pixel_size_pm=-1.0)
+
+
+def test_small_pixel_size_difference_does_not_rescale(engine):
+    _, geo = engine.prepare(np.ones((32, 32)), pixel_size_pm=PIXEL_SIZE_PM * 1.009)
+    assert geo.scale == 1.0
+
+
+@pytest.mark.parametrize("factor", [2.0, 1.37, 0.7])
+def test_rescale_maps_coordinates_back(engine, factor):
+    """A blob at a known frame position lands where Geometry says, in the network grid."""
+    x0, y0 = 31.3, 22.8
+    yy, xx = np.mgrid[0:48, 0:64]
+    frame = 10 + 1000 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 3.0 ** 2))
+    net, geo = engine.prepare(frame.astype(np.uint16), pixel_size_pm=PIXEL_SIZE_PM * factor)
+    assert geo.scale == pytest.approx(factor)
+    assert geo.valid_shape == (round(48 * factor), round(64 * factor))
+    plane = net[0, 0, : geo.valid_shape[0], : geo.valid_shape[1]]
+    w = np.clip(plane - 0.3, 0, None)
+    ny, nx = np.mgrid[0: plane.shape[0], 0: plane.shape[1]]
+    fx, fy = geo.to_frame_xy(np.float32((w * nx).sum() / w.sum()),
+                             np.float32((w * ny).sum() / w.sum()))
+    assert abs(fx - x0) < 0.05 and abs(fy - y0) < 0.05
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(0.25, 4.0), x=st.floats(-0.5, 500), y=st.floats(-0.5, 500))
+def test_geometry_round_trip(scale, x, y):
+    geo = Geometry((512, 512), (520, 520), (512, 512), scale)
+    fx, fy = geo.to_frame_xy(*geo.to_net_xy(np.float32(x), np.float32(y)))
+    assert abs(fx - x) < 1e-3 and abs(fy - y) < 1e-3
+    one = Geometry((8, 8), (8, 8), (8, 8), 1.0)
+    arr = np.array([1.25], np.float32)
+    assert one.to_frame_xy(arr, arr)[0] is arr
+
+
+def test_probe_reproduces(engine, tiny_artifact):
+    with np.load(tiny_artifact / "probe.npz") as z:
+        raw, x, expected = z["raw"], z["input"], z["probs"]
+    np.testing.assert_allclose(engine.prepare(raw)[0][..., :48, :64], x, atol=1e-6)
+    np.testing.assert_allclose(engine.run(x), expected, atol=1e-4)
+
+
+def test_default_artifact_probe_reproduces():
+    if not (DEFAULT / "manifest.json").exists():
+        pytest.skip("models/default not built yet")
+    art = load_artifact(DEFAULT)                     # runs the probe
+    eng = Engine(art, device="cpu")
+    with np.load(art.probe_path) as z:
+        np.testing.assert_allclose(eng.run(z["input"]), z["probs"], atol=art.probe_atol)
+
+
+def test_tiny_model_finds_gaussian_atoms(engine):
+    rng = np.random.default_rng(5)
+    gy, gx = np.mgrid[10:60:16, 10:76:16]
+    xy = np.column_stack([gx.ravel(), gy.ravel()]) + rng.uniform(-2, 2, (gx.size, 2))
+    yy, xx = np.mgrid[0:64, 0:80]
+    frame = 20 + rng.normal(0, 2, (64, 80))
+    for x0, y0 in xy:
+        frame += 200 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 2.0 ** 2))
+    probs, geo = engine.infer(frame.astype(np.float32))
+    r = analyse(probs, np.arange(3), Params(), valid_shape=geo.valid_shape)
+    fx, fy = geo.to_frame_xy(r.x, r.y)
+    d = np.hypot(fx[:, None] - xy[None, :, 0], fy[:, None] - xy[None, :, 1])
+    assert r.n_atoms == len(xy)
+    assert (d.min(axis=0) < 0.5).all() and (d.min(axis=1) < 0.5).all()
+    assert (r.det_frac == 1).all() and (r.cls == 0).all()
+
+
+def test_cuda_request_without_cuda(tiny_artifact):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    art = load_artifact(tiny_artifact, check_probe=False)
+    with pytest.raises(EngineError, match="CUDA requested"):
+        Engine(art, device="cuda", cpu_fallback=False)
+    eng = Engine(art, device="cuda")
+    assert eng.provider == "CPUExecutionProvider" and "CUDA" in eng.fallback_reason
+    auto = Engine(art)                                 # auto: CPU, not a fallback
+    assert auto.provider == "CPUExecutionProvider" and auto.fallback_reason is None
+    with pytest.raises(EngineError, match="device"):
+        Engine(art, device="tpu")
+
+
+def test_warm_up_and_threads(tiny_artifact):
+    eng = Engine(load_artifact(tiny_artifact, check_probe=False), device="cpu", spin=True)
+    assert eng.threads == physical_cores() >= 1
+    eng.warm_up((64, 64))
