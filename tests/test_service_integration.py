@@ -1,0 +1,288 @@
+"""The real service as a subprocess on free ports, driven through real sockets.
+
+Uses the tiny fixture artifact (fast) except the detection-quality test, which needs the shipped
+models/default. No timed assertions: timeouts only keep a broken service from hanging the run.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from elit_stream import wire
+from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.launcher import ServiceProcess
+from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
+
+TIMEOUT_S = 30.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served-models")
+    return {"root": root, "tiny": build_tiny_artifact(root, n_members=3, name="tiny"),
+            "tiny4": build_tiny_artifact(root, n_members=4, seed=1, name="tiny4")}
+
+
+class Session:
+    """A running service with a control client, a live subscriber and a sender."""
+
+    def __init__(self, models, *args, env=None):
+        self.proc = ServiceProcess(["--model", str(models["tiny"]), "--threads", "1",
+                                    "--allowed-dir", str(models["root"]), *args], env=env)
+        ep = self.proc.endpoints
+        self.ctl = ControlClient(ep["control"], timeout_s=TIMEOUT_S)
+        self.sub = ResultSubscriber(ep["results"])
+        self.sub.wait_ready(self.ctl)
+        self.sender = FrameSender(ep["ingest"])
+
+    def send(self, ids, acquisition="acq", shape=(64, 64)):
+        for i in ids:
+            self.sender.send(gaussian_blobs(shape, seed=i % 7)[0], i, acquisition,
+                             timeout_s=TIMEOUT_S)
+
+    def collect(self, until, timeout_s=TIMEOUT_S):
+        """Messages until `until(messages)` is true (or fail after timeout_s of silence)."""
+        msgs = []
+        while not until(msgs):
+            msg = self.sub.recv(timeout_s)
+            assert msg is not None, f"service silent for {timeout_s} s; got {len(msgs)} " \
+                f"messages; log:\n{self.proc.log_tail()}"
+            msgs.append(msg)
+        return msgs
+
+    def results(self, n, **kw):
+        msgs = self.collect(lambda ms: sum(m["topic"] == "result" for m in ms) >= n, **kw)
+        return [m for m in msgs if m["topic"] == "result"], [m for m in msgs
+                                                               if m["topic"] != "result"]
+
+    def close(self):
+        for c in (self.sender, self.sub, self.ctl):
+            c.close()
+        self.proc.close()
+
+
+@pytest.fixture(scope="module")
+def lossless(models):
+    s = Session(models, env={"ELIT_DELIVERY__MAX_FRAME_PX": str(256 * 256)})
+    yield s
+    s.close()
+
+
+def test_lossless_answers_every_frame_once_and_in_order(lossless):
+    lossless.send(range(40), acquisition="order")
+    results, events = lossless.results(40)
+    ids = [r["frame_id"] for r in results]
+    assert ids == list(range(40))
+    assert not [e for e in events if e["event"] in ("frame_dropped", "frame_rejected")]
+    r = results[-1]
+    assert r["atoms"]["x"].dtype == np.float32 and len(r["atoms"]["x"]) == r["n_atoms"] > 0
+    assert set(r["timings_ms"]) >= {"decode", "prepare", "infer", "analyse", "total"}
+
+
+def test_results_locate_the_blobs_in_input_frame_pixels(lossless):
+    img, true_xy = gaussian_blobs((80, 96), n=10, seed=3)
+    lossless.sender.send(img, 0, "geometry")
+    (r,), _ = lossless.results(1)
+    pred = np.column_stack([r["atoms"]["x"], r["atoms"]["y"]])
+    d = np.linalg.norm(pred[:, None] - true_xy[None], axis=2)
+    assert r["frame_shape"] == [80, 96]
+    assert np.median(d.min(axis=0)) < 1.0  # x = column, y = row, pixel-centre origin
+
+
+def test_deselect_mid_stream_applies_from_one_frame_on(lossless):
+    lossless.send(range(10), acquisition="desel")
+    reply = lossless.ctl.call("deselect", members=[1])
+    assert reply["ok"] and reply["active"] == [0, 2]
+    lossless.send(range(10, 20), acquisition="desel")
+    results, events = lossless.results(20)
+    versions = [r["active_version"] for r in results]
+    assert versions == sorted(versions) and len(set(versions)) == 2  # one switch, at a frame
+    for r in results:
+        if r["active_version"] == reply["active_version"]:
+            assert r["active"] == [0, 2]
+        else:
+            assert r["active"] == [0, 1, 2]
+    assert all(r["active_version"] == reply["active_version"] for r in results[10:])
+    assert any(e["event"] == "subset_changed" and e["active"] == [0, 2] for e in events)
+    assert lossless.ctl.call("reset")["active"] == [0, 1, 2]
+
+
+MALFORMED = {  # name: (parts builder, expected code, frame_id named in the event)
+    "bad msgpack": (lambda: [b"\xc1\x00", b""], "bad_msgpack", None),
+    "wrong part count": (lambda: [msgpack.packb({"protocol": 1, "frame_id": 5})], "bad_parts", 5),
+    "wrong shape": (lambda: _frame_parts(6, shape=[8, 8, 8]), "bad_shape", 6),
+    "wrong dtype": (lambda: _frame_parts(7, dtype="int16"), "bad_dtype", 7),
+    "size mismatch": (lambda: [_frame_parts(8)[0], b"\0" * 10], "size_mismatch", 8),
+    "NaN": (lambda: wire.encode_frame(np.full((32, 32), np.nan, np.float32), 9, "bad"),
+            "non_finite", 9),
+    "oversized": (lambda: wire.encode_frame(np.zeros((300, 300), np.uint8), 10, "bad"),
+                  "too_large", 10),
+    "too small for the model": (lambda: wire.encode_frame(np.zeros((4, 4), np.uint8), 11, "bad"),
+                                "bad_frame", 11),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_frame_is_reported_and_the_service_goes_on(lossless, name):
+    build, code, fid = MALFORMED[name]
+    lossless.sender.send_parts(build())
+    lossless.send([100], acquisition="after-" + code)
+    msgs = lossless.collect(lambda ms: any(m["topic"] == "result" for m in ms))
+    rejected = [m for m in msgs if m.get("event") == "frame_rejected"]
+    assert len(rejected) == 1, name
+    assert rejected[0]["code"] == code and rejected[0]["message"]
+    assert rejected[0]["frame"]["frame_id"] == fid
+
+
+def _frame_parts(fid, **kw):
+    h = {"protocol": 1, "frame_id": fid, "acquisition": "bad", "shape": [8, 8],
+         "dtype": "uint8", **kw}
+    return [msgpack.packb(h), b"\0" * 64]
+
+
+@pytest.mark.parametrize("request_,code", [
+    ({"cmd": "fly"}, "unknown_command"),
+    ({"members": [1]}, "missing_field"),
+    ({"cmd": "deselect", "members": "one"}, "bad_args"),
+    ({"cmd": "deselect", "members": [1], "force": True}, "bad_args"),
+    ({"cmd": "deselect", "members": [0, 1, 2]}, "empty_set"),
+    ({"cmd": "set_active", "members": []}, "empty_set"),
+    ({"cmd": "select", "members": [7]}, "unknown_member"),
+    ({"cmd": "set_params", "threshold": 2.0}, "bad_params"),
+    ({"cmd": "set_params", "min_blob_px": 50, "max_blob_px": 10}, "bad_params"),
+    ({"cmd": "load_model", "path": "/etc"}, "model_error"),
+])
+def test_malformed_command_gets_an_error_reply_and_changes_nothing(lossless, request_, code):
+    before = lossless.ctl.call("status")
+    lossless.ctl.socket.send_multipart(wire.encode_request({**request_, "id": 77}))
+    reply = lossless.ctl.recv_raw(TIMEOUT_S)
+    assert reply["ok"] is False and reply["id"] == 77
+    assert reply["error"]["code"] == code and reply["error"]["message"]
+    after = lossless.ctl.call("status")
+    for key in ("active", "active_version", "params", "model"):
+        assert after[key] == before[key]
+
+
+@pytest.mark.parametrize("body", [[b"\xc1"], [msgpack.packb([1, 2])], [b"a", b"b"]])
+def test_undecodable_command_gets_an_error_reply(lossless, body):
+    lossless.ctl.send_raw([b"", *body])
+    reply = lossless.ctl.recv_raw(TIMEOUT_S)
+    assert reply["ok"] is False and reply["error"]["code"] in ("bad_msgpack", "bad_header",
+                                                               "bad_parts")
+    assert lossless.ctl.call("ping")["ok"]
+
+
+def test_load_model_mid_stream_loses_no_frame(lossless, models):
+    n = 60
+    sender = threading.Thread(target=lossless.send, args=(range(n), "swap"))
+    sender.start()
+    reply = lossless.ctl.call("load_model", path=str(models["tiny4"]), timeout_s=120)
+    sender.join(TIMEOUT_S)
+    assert reply["ok"], reply
+    assert reply["model"]["name"] == "tiny4" and reply["members"] == [0, 1, 2, 3]
+    results, events = lossless.results(n)
+    assert [r["frame_id"] for r in results] == list(range(n))
+    names = [r["model"]["name"] for r in results]
+    assert names == sorted(names, key=lambda s: s == "tiny4")  # one switch, at a frame boundary
+    assert all(len(r["count_per_member"]) == (4 if r["model"]["name"] == "tiny4" else 3)
+               for r in results)
+    assert any(e["event"] == "model_loaded" for e in events)
+    back = lossless.ctl.call("load_model", path="tiny", timeout_s=120)  # relative to allowed dir
+    assert back["ok"] and back["model"]["name"] == "tiny"
+
+
+def test_metrics_endpoint_reports_the_counts(lossless):
+    status = lossless.ctl.call("status")
+    text = urllib.request.urlopen(lossless.proc.endpoints["metrics"], timeout=10).read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    c = status["counts"]
+    assert values["elit_frames_received_total"] >= c["received"] > 0
+    assert values["elit_frames_processed_total"] >= c["processed"] > 0
+    assert values['elit_frames_rejected_total{reason="non_finite"}'] >= 1
+    assert values["elit_active_members"] >= 1
+    assert 'elit_stage_seconds_bucket{le="0.5",stage="infer"}' in values
+    assert any(k.startswith("elit_model_info{") for k in values)
+
+
+# ---------------------------------------------------------------- own services
+@pytest.mark.slow
+def test_latest_mode_reports_every_skipped_frame(models):
+    s = Session(models, "--delivery", "latest", env={"ELIT_DELIVERY__INGEST_HWM": "1000"})
+    try:
+        # A large first frame keeps the service busy while the small ones queue up.
+        s.sender.send(gaussian_blobs((1024, 1024), n=200, seed=0)[0], 0, "late")
+        s.send(range(1, 50), acquisition="late")
+        seen: dict[int, str] = {}
+
+        def done(msgs):
+            for m in msgs[done.n:]:
+                if m["topic"] == "result":
+                    assert m["frame_id"] not in seen
+                    seen[m["frame_id"]] = "result"
+                elif m.get("event") == "frame_dropped":
+                    for f in m["frames"]:
+                        assert f["frame_id"] not in seen
+                        seen[f["frame_id"]] = "dropped"
+            done.n = len(msgs)
+            return len(seen) == 50
+        done.n = 0
+        s.collect(done)
+        assert sorted(seen) == list(range(50))  # every frame answered or reported, once
+        assert seen[49] == "result"             # the newest frame is always processed
+        assert "dropped" in seen.values()
+        st = s.ctl.call("status")["counts"]
+        assert st["dropped"] == list(seen.values()).count("dropped")
+        assert st["processed"] + st["dropped"] == st["received"] == 50
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_sigterm_publishes_stop_with_counts_and_exits_zero(models):
+    s = Session(models)
+    try:
+        s.sender.send_parts([b"junk", b""])
+        s.send(range(5), acquisition="term")
+        s.results(5)  # in order: the junk frame was taken first
+        assert s.proc.terminate(TIMEOUT_S) == 0
+        stop = [m for m in s.collect(lambda ms: any(m.get("event") == "stop" for m in ms))
+                if m.get("event") == "stop"][0]
+        assert stop["exit_status"] == "success" and stop["reason"] == "SIGTERM"
+        assert stop["counts"] == {"received": 6, "processed": 5, "dropped": 0, "rejected": 1}
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_shutdown_command_stops_the_service(models):
+    s = Session(models)
+    try:
+        assert s.ctl.call("shutdown")["ok"]
+        assert s.proc.wait(TIMEOUT_S) == 0
+    finally:
+        s.close()
+
+
+def test_maps_only_when_asked(lossless):
+    with ResultSubscriber(lossless.proc.endpoints["results"], topics=(), maps=True) as maps:
+        lossless.ctl.call("set_maps", downsample=2)
+        for attempt in range(50):  # the maps subscription reaches the service asynchronously
+            lossless.send([attempt], acquisition="maps")
+            msg = maps.recv(0.2)
+            if msg is not None:
+                break
+        assert msg is not None and msg["topic"] == "maps"
+        c, h, w = msg["shape"]
+        assert msg["mean"].shape == (c, h, w) == (2, 32, 32) and msg["mean"].dtype == np.float16
+        assert msg["frame_px_per_map_px"] == 2.0
+        assert math.isfinite(float(msg["std"].max()))
+    lossless.ctl.call("set_maps", downsample=1)
+    lossless.results(1, timeout_s=TIMEOUT_S)  # drain what the loop above produced
