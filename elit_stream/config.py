@@ -16,7 +16,8 @@ from typing import Any, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,12 @@ class Policy(Section):
     window: Optional[int] = None
     drift_factor: Optional[float] = None
     outlier_z: Optional[float] = None
-    auto_deselect: bool = False
+    auto_deselect: bool = False                 # deselect outlier members by itself (reported)
     min_active: Optional[int] = None
+    outlier_frames: Optional[int] = None
+    min_baseline: Optional[int] = None
+    drift_floor: Optional[float] = None
+    mad_floor: Optional[float] = None
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -112,6 +117,14 @@ class _FileSource(PydanticBaseSettingsSource):
         return _FILE_DATA.get()
 
 
+class _EnvSource(EnvSettingsSource):
+    """ELIT_* variables, except ELIT_MODEL: that one is the artifact path the model side reads
+    (manifest.default_artifact_path), not this config's whole `model` section."""
+
+    def _load_env_vars(self):
+        return {k: v for k, v in super()._load_env_vars().items() if k.lower() != "elit_model"}
+
+
 class ServiceConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ELIT_", env_nested_delimiter="__",
                                       extra="forbid", validate_default=True)
@@ -128,7 +141,7 @@ class ServiceConfig(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
                                    dotenv_settings, file_secret_settings):
-        return (init_settings, env_settings, _FileSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls), _FileSource(settings_cls))
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -153,8 +166,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         raise ConfigError(_explain(exc)) from None
     finally:
         _FILE_DATA.reset(token)
+    _check_model_side(cfg)
     warn_if_exposed(cfg)
     return cfg
+
+
+def _check_model_side(cfg: ServiceConfig) -> None:
+    """Values the model side validates (postprocess.Params, selection.PolicyConfig)."""
+    from .postprocess import Params
+    from .selection import PolicyConfig
+    for section, build in (("postprocess", lambda: Params().replace(**cfg.postprocess.overrides())),
+                           ("policy", lambda: PolicyConfig(**cfg.policy.overrides()))):
+        try:
+            build()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad configuration:\n  {section}.{exc}") from None
 
 
 def _nest(flat: dict) -> dict:

@@ -255,7 +255,7 @@ class Service:
             self._event("drift_advisory", advisory=adv.kind, members=list(adv.members),
                         message=adv.message, figures=dict(adv.figures),
                         frame_id=frame.frame_id, acquisition=frame.acquisition)
-        if self.cfg.policy.auto_deselect:
+        if st.policy_cfg.auto_deselect:
             self._auto_deselect()
 
     def _auto_deselect(self) -> None:
