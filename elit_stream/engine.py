@@ -178,7 +178,7 @@ def _session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
 def _create(onnx_path: Path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(onnx_path), opts, providers=providers)
-    except Exception as exc:          # onnxruntime raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise EngineError(f"{onnx_path.name}: cannot create session: {exc}") from None
 
 
@@ -187,7 +187,7 @@ def run_probe(onnx_path: Path, net_input: np.ndarray) -> np.ndarray:
     sess = _create(Path(onnx_path), _session_options(1, False), [CPU])
     try:
         return sess.run(None, {sess.get_inputs()[0].name: net_input})[0]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise EngineError(f"{Path(onnx_path).name}: probe run failed: {exc}") from None
 
 
@@ -257,7 +257,7 @@ class Engine:
             ratio = pixel_size_pm / self.artifact.pixel_size_pm
             if abs(ratio - 1.0) > RESCALE_TOLERANCE:
                 scale = ratio
-        valid = tuple(int(round(n * scale)) if scale != 1.0 else int(n) for n in frame_shape)
+        valid = tuple(round(n * scale) if scale != 1.0 else int(n) for n in frame_shape)
         net = tuple(_round_up(n, self.artifact.multiple_of) for n in valid)
         art = self.artifact
         if min(valid) < art.min_px or max(net) > art.max_px:
@@ -283,16 +283,20 @@ class Engine:
         return buf, Geometry(tuple(frame.shape), net, valid, scale)
 
     def run(self, net_input: np.ndarray) -> np.ndarray:
-        """[1, 1, h, w] float32 -> probs [M, C, h, w] float32, written by ORT into a new buffer."""
-        out = np.empty((self.n_members, self.n_classes, *net_input.shape[2:]), np.float32)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self._in_name, np.ascontiguousarray(net_input))
-        binding.bind_output(self._out_name, "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        """[1, 1, h, w] float32 -> probs [M, C, h, w] float32: ORT's own output array, uncopied.
+
+        (Binding a preallocated output with io_binding measured no faster on CPU: ORT 1.31
+        hands its buffer to numpy without a copy.)
+        """
         try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:
+            probs = self.session.run([self._out_name], {self._in_name: net_input})[0]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
             raise EngineError(f"inference failed: {exc}") from None
-        return out
+        want = (self.n_members, self.n_classes, *net_input.shape[2:])
+        if probs.shape != want or probs.dtype != np.float32:
+            raise EngineError(f"model output {probs.dtype}{list(probs.shape)}, expected "
+                              f"float32{list(want)}")
+        return probs
 
     def infer(self, frame: np.ndarray, pixel_size_pm: float | None = None
               ) -> tuple[np.ndarray, Geometry]:

@@ -5,8 +5,8 @@ the current one untouched, so a result can always name the exact set and version
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
@@ -28,23 +28,23 @@ class ActiveSet:
         object.__setattr__(self, "_index", {m: i for i, m in enumerate(self.all_members)})
 
     @classmethod
-    def full(cls, member_ids: Iterable[int]) -> "ActiveSet":
+    def full(cls, member_ids: Iterable[int]) -> ActiveSet:
         ids = _as_ids(member_ids)
         if len(set(ids)) != len(ids):
             raise SelectionError(f"member ids repeat: {list(ids)}")
         return cls(ids, ids, 0)
 
-    def set_active(self, ids) -> "ActiveSet":
+    def set_active(self, ids) -> ActiveSet:
         """Exactly these members count from the next frame on."""
         return self._with(set(self._known(ids)))
 
-    def deselect(self, ids) -> "ActiveSet":
+    def deselect(self, ids) -> ActiveSet:
         return self._with(set(self.active) - set(self._known(ids)))
 
-    def select(self, ids) -> "ActiveSet":
+    def select(self, ids) -> ActiveSet:
         return self._with(set(self.active) | set(self._known(ids)))
 
-    def reset(self) -> "ActiveSet":
+    def reset(self) -> ActiveSet:
         """All members active again (a new version even if nothing was deselected)."""
         return self._with(set(self.all_members))
 
@@ -68,7 +68,7 @@ class ActiveSet:
                                  f"{list(self.all_members)}")
         return ids
 
-    def _with(self, chosen: set) -> "ActiveSet":
+    def _with(self, chosen: set) -> ActiveSet:
         if not chosen:
             raise SelectionError("the active set would be empty; at least one member must stay")
         active = tuple(m for m in self.all_members if m in chosen)

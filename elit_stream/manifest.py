@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -304,7 +305,7 @@ def _to_artifact(folder: Path, raw: dict, digest: str, spec: Manifest) -> Artifa
 
 def verify_probe(art: Artifact) -> None:
     """Step 3: normalising `raw` gives `input` (1e-6); running `input` gives `probs` (atol)."""
-    from elit_stream import engine   # lazy: engine imports this module
+    from elit_stream import engine  # lazy: engine imports this module
 
     fname = art.probe_path.name
     try:

@@ -23,7 +23,8 @@ top-left pixel centre):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace as dc_replace
+from dataclasses import dataclass, fields
+from dataclasses import replace as dc_replace
 
 import numpy as np
 from scipy import ndimage
@@ -44,19 +45,19 @@ class Params:
         for name in ("threshold", "detect_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-                raise ValueError(f"{name}: must be a number, got {value!r}")
+                raise ValueError(f"{name}: must be a number, got {value!r}")  # noqa: TRY004
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}: must be in (0, 1), got {value!r}")
         for name in ("min_blob_px", "max_blob_px"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name}: must be an integer, got {value!r}")
+                raise ValueError(f"{name}: must be an integer, got {value!r}")  # noqa: TRY004
             if value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value!r}")
         if self.max_blob_px < self.min_blob_px:
             raise ValueError(f"max_blob_px: {self.max_blob_px} < min_blob_px {self.min_blob_px}")
 
-    def replace(self, **changes) -> "Params":
+    def replace(self, **changes) -> Params:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:

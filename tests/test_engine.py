@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from elit_stream.engine import Engine, EngineError, Geometry, normalise, physical_cores
 from elit_stream.manifest import load_artifact

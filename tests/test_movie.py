@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from elit_stream.movie import (CC_BOND_PM, Movie, load_movie, make_movie, match_atoms,
-                               save_movie)
+from elit_stream.movie import CC_BOND_PM, Movie, load_movie, make_movie, match_atoms, save_movie
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_drift_and_growing_hole(movie):
     counts = [len(xy) for xy in movie.xy]
     assert counts[-1] < counts[0] - 10                          # the hole grows
     back = np.column_stack([movie.xy[-1][:, 0] + 5 * 0.6, movie.xy[-1][:, 1] + 5 * 0.3])
-    tp, fp, _ = match_atoms(back, movie.xy[0], 0.01)          # same sample, shifted by drift
+    tp, _, _ = match_atoms(back, movie.xy[0], 0.01)          # same sample, shifted by drift
     inner = ((back > 2) & (back < 125)).all(axis=1).sum()
     assert tp >= inner
     no_hole = make_movie(n_frames=3, size_px=64, seed=0, hole_growth=False,
