@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 RESCALE_TOLERANCE = 0.01          # rescale only when pixel sizes differ by more than 1 %
+_WIDE = 1e30                      # |values| above / ranges below 1/_WIDE: float64 path (_tame)
 
 
 class EngineError(Exception):
@@ -91,9 +92,25 @@ def _normalise_into(frame: np.ndarray, out: np.ndarray, lo: float, hi: float) ->
         out.fill(0.0)
 
 
+def _tame(frame: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, float, float]:
+    """Float frames with values beyond +-1e30 or a range below 1e-30 would overflow float32
+    arithmetic: pre-normalise them in float64 (dividing, and halving huge values so that
+    hi - lo cannot overflow). Every other frame passes through untouched."""
+    if frame.dtype.kind != "f" or not hi > lo:
+        return frame, lo, hi
+    huge = max(abs(lo), abs(hi)) > _WIDE
+    if not huge and hi - lo >= 1.0 / _WIDE:
+        return frame, lo, hi
+    k = 0.5 if huge else 1.0
+    x = frame.astype(np.float64) * k
+    x -= lo * k
+    x /= hi * k - lo * k
+    return x.astype(np.float32), 0.0, 1.0
+
+
 def normalise(raw: np.ndarray) -> np.ndarray:
     """Reference per-frame min-max normalisation (docs/artifact.md), float32 [H, W]."""
-    lo, hi = _check_frame(raw)
+    raw, lo, hi = _tame(raw, *_check_frame(raw))
     out = np.empty(raw.shape, np.float32)
     _normalise_into(raw, out, lo, hi)
     return out
@@ -114,10 +131,10 @@ def _rescale_into(frame: np.ndarray, out: np.ndarray, scale: float) -> None:
     h, w = out.shape
     y0, y1, wy = _bilinear_taps(h, frame.shape[0], scale)
     x0, x1, wx = _bilinear_taps(w, frame.shape[1], scale)
-    rows = frame[y0].astype(np.float32)               # [h, W]
-    rows += (frame[y1] - rows) * wy[:, None]
-    np.multiply(rows[:, x0], 1.0 - wx, out=out)
-    out += rows[:, x1] * wx
+    rows = frame[y0].astype(np.float32)               # [h, W]; a + (b - a) w: exact when a == b
+    rows += (frame[y1].astype(np.float32) - rows) * wy[:, None]
+    np.take(rows, x0, axis=1, out=out)
+    out += (np.take(rows, x1, axis=1) - out) * wx
 
 
 def _pad_symmetric(buf: np.ndarray, h: int, w: int) -> None:
@@ -271,14 +288,15 @@ class Engine:
         """frame [H, W] -> normalised, rescaled, padded float32 [1, 1, h, w] and its Geometry."""
         lo, hi = _check_frame(frame)
         valid, net, scale = self.net_shape_for(frame.shape, pixel_size_pm)
+        frame, lo, hi = _tame(frame, lo, hi)
         buf = np.empty((1, 1, *net), np.float32)
         plane = buf[0, 0]
         view = plane[: valid[0], : valid[1]]
         if scale == 1.0:
             _normalise_into(frame, view, lo, hi)
         else:
-            _rescale_into(frame, view, scale)
-            _affine_inplace(view, lo, hi)
+            _rescale_into(frame, view, scale)                # float32, monotonic rounding:
+            _affine_inplace(view, float(np.float32(lo)), float(np.float32(hi)))   # stays >= 0
         _pad_symmetric(plane, *valid)
         return buf, Geometry(tuple(frame.shape), net, valid, scale)
 

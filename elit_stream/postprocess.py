@@ -100,6 +100,7 @@ def check_active(active, n_members: int) -> np.ndarray:
 def analyse(probs: np.ndarray, active, params: Params,
             valid_shape: tuple[int, int] | None = None, want_maps: bool = False) -> FrameAnalysis:
     """Reduce `probs` [M, C, H, W] over the active members and extract atoms."""
+    probs = np.asarray(probs, np.float32)                               # no copy if float32
     if probs.ndim != 4:
         raise ValueError(f"probs: need [M, C, H, W], got shape {probs.shape}")
     n_m, _, h, w = probs.shape

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from elit_stream.engine import Engine, EngineError, Geometry, normalise, physical_cores
 from elit_stream.manifest import load_artifact
@@ -50,6 +51,17 @@ def test_all_dtypes_give_the_same_input(engine, dtype):
     ref, _ = engine.prepare(base.astype(np.float64))
     got, _ = engine.prepare(base.astype(dtype))
     np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float64, 1e308), (np.float32, 3e38),
+                                        (np.float64, 1e-300), (np.float32, 1e-44)])
+@pytest.mark.parametrize("pixel_size", [None, 2 * PIXEL_SIZE_PM])
+def test_extreme_float_ranges_stay_finite(engine, dtype, big, pixel_size):
+    frame = np.zeros((16, 16), dtype)
+    frame[0, 0], frame[1, 1] = -big, big
+    x, _ = engine.prepare(frame, pixel_size)
+    assert np.isfinite(x).all() and x.min() == 0.0 and 0.5 < x.max() <= 1.0
+    np.testing.assert_allclose(normalise(frame)[5, 5], 0.5)
 
 
 def test_constant_frame_becomes_zeros(engine):
@@ -99,6 +111,24 @@ def test_rescale_maps_coordinates_back(engine, factor):
     fx, fy = geo.to_frame_xy(np.float32((w * nx).sum() / w.sum()),
                              np.float32((w * ny).sum() / w.sum()))
     assert abs(fx - x0) < 0.05 and abs(fy - y0) < 0.05
+
+
+@settings(max_examples=40, deadline=None)
+@given(frame=hnp.arrays(st.sampled_from([np.uint8, np.uint16, np.uint32, np.int32, np.float32,
+                                         np.float64]),
+                        st.tuples(st.integers(16, 40), st.integers(16, 40))),
+       pixel_size=st.one_of(st.none(), st.floats(PIXEL_SIZE_PM, 2.5 * PIXEL_SIZE_PM)))
+def test_prepare_arbitrary_frames(engine, frame, pixel_size):
+    try:
+        x, geo = engine.prepare(frame, pixel_size)
+    except EngineError as exc:
+        assert "NaN" in str(exc) and not np.isfinite(frame).all()
+        return
+    assert np.isfinite(frame).all()
+    assert x.dtype == np.float32 and x.shape[:2] == (1, 1) and x.flags.c_contiguous
+    assert all(n % 8 == 0 for n in geo.net_shape) and x.shape[2:] == geo.net_shape
+    assert all(v <= n < v + 8 for v, n in zip(geo.valid_shape, geo.net_shape))
+    assert x.min() >= 0.0 and x.max() <= 1.0 + 1e-6
 
 
 @settings(max_examples=30, deadline=None)

@@ -138,6 +138,12 @@ def test_valid_shape_ignores_the_padding():
     assert r.count_per_member.tolist() == [1]
 
 
+def test_float64_maps_accepted():
+    probs = probs_with([[(20, 20, 0, 0.95)]]).astype(np.float64)
+    r = analyse(probs, [0], Params())
+    assert r.n_atoms == 1 and r.prob.dtype == np.float32
+
+
 def test_atom_at_the_border():
     r = analyse(probs_with([[(0, 0, 0, 0.95)]]), [0], Params())
     assert r.n_atoms == 1 and r.x[0] > 0 and r.y[0] > 0 and r.uncertainty[0] == 0
