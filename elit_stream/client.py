@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import zmq
@@ -36,7 +37,7 @@ class FrameSender:
     (lossless back-pressure) unless `timeout_s` is given (then TimeoutError)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", hwm: int = 4,
-                 context: Optional[zmq.Context] = None):
+                 context: zmq.Context | None = None):
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
@@ -72,7 +73,7 @@ class ResultSubscriber:
 
     def __init__(self, address: str = "tcp://127.0.0.1:5556",
                  topics: tuple[str, ...] = ("result", "event."), maps: bool = False,
-                 context: Optional[zmq.Context] = None):
+                 context: zmq.Context | None = None):
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
@@ -81,7 +82,7 @@ class ResultSubscriber:
             self.socket.setsockopt(zmq.SUBSCRIBE, t.encode())
         self.socket.connect(address)
 
-    def recv(self, timeout_s: float | None = None) -> Optional[dict]:
+    def recv(self, timeout_s: float | None = None) -> dict | None:
         """The next message as a dict, or None after `timeout_s` seconds without one."""
         if timeout_s is not None and not self.socket.poll(int(timeout_s * 1000)):
             return None
@@ -91,7 +92,7 @@ class ResultSubscriber:
         while True:
             yield self.recv()
 
-    def wait_ready(self, control: "ControlClient", timeout_s: float = 10.0) -> None:
+    def wait_ready(self, control: ControlClient, timeout_s: float = 10.0) -> None:
         """Block until this subscription is live (ZeroMQ drops messages published before a
         subscriber's subscription arrives). Pings with a token until its event comes back."""
         self.socket.setsockopt(zmq.SUBSCRIBE, b"event.ping")
@@ -123,7 +124,7 @@ class ControlClient:
     `ok: false` if `check=True` (default False: the reply is returned as it is)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5557", timeout_s: float = 10.0,
-                 context: Optional[zmq.Context] = None):
+                 context: zmq.Context | None = None):
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource,
-                               SettingsConfigDict)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,10 @@ class Metrics(Section):
 
 
 class ModelSection(Section):
-    path: Optional[Path] = None              # artifact folder; None: the shipped default
+    path: Path | None = None              # artifact folder; None: the shipped default
     allowed_dirs: list[Path] = [REPO_MODELS_DIR]  # load_model accepts artifacts only under these
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Optional[int] = Field(None, ge=1, le=256)  # onnxruntime intra-op threads
+    threads: int | None = Field(None, ge=1, le=256)  # onnxruntime intra-op threads
     warmup_shape_px: tuple[int, int] = (256, 256)
 
 
@@ -73,10 +77,10 @@ class Delivery(Section):
 class Postprocess(Section):
     """Overrides of postprocess.Params; unset keys keep the model side's defaults."""
 
-    threshold: Optional[float] = None
-    min_blob_px: Optional[int] = None
-    max_blob_px: Optional[int] = None
-    detect_threshold: Optional[float] = None
+    threshold: float | None = None
+    min_blob_px: int | None = None
+    max_blob_px: int | None = None
+    detect_threshold: float | None = None
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -85,15 +89,15 @@ class Postprocess(Section):
 class Policy(Section):
     """Overrides of selection.PolicyConfig; unset keys keep the model side's defaults."""
 
-    window: Optional[int] = None
-    drift_factor: Optional[float] = None
-    outlier_z: Optional[float] = None
+    window: int | None = None
+    drift_factor: float | None = None
+    outlier_z: float | None = None
     auto_deselect: bool = False                 # deselect outlier members by itself (reported)
-    min_active: Optional[int] = None
-    outlier_frames: Optional[int] = None
-    min_baseline: Optional[int] = None
-    drift_floor: Optional[float] = None
-    mad_floor: Optional[float] = None
+    min_active: int | None = None
+    outlier_frames: int | None = None
+    min_baseline: int | None = None
+    drift_floor: float | None = None
+    mad_floor: float | None = None
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -12,9 +12,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -50,7 +51,7 @@ class State:
     run_uid: str
     allowed_dirs: list[Path]
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: int | None = None
     maps_mode: str = "subscribe"
     maps_downsample: int = 1
     counts: dict = field(default_factory=lambda: dict(received=0, processed=0, dropped=0,
@@ -59,8 +60,8 @@ class State:
     warm_shape: tuple = (256, 256)
     started_s: float = field(default_factory=time.time)
     outbox: list = field(default_factory=list)   # (event name, payload) to publish
-    loader: Optional["ModelLoader"] = None
-    stop_reason: Optional[str] = None
+    loader: ModelLoader | None = None
+    stop_reason: str | None = None
 
     @property
     def artifact(self) -> Artifact:
@@ -74,7 +75,7 @@ class State:
 class Deferred:
     """The reply comes later (load_model): the service answers when `loader` is done."""
 
-    loader: "ModelLoader"
+    loader: ModelLoader
     cmd: str
     id: Any
 
@@ -107,7 +108,7 @@ def handle(state: State, body: list) -> dict | Deferred:
         return m.error_reply("internal", f"{type(exc).__name__}: {exc}", _str(cmd), rid)
 
 
-def _str(v: Any) -> Optional[str]:
+def _str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
@@ -272,12 +273,12 @@ class ModelLoader(threading.Thread):
     The service polls `done` between frames and swaps the engine in at a frame boundary."""
 
     def __init__(self, path: Path, allowed_dirs: list[Path], device: str,
-                 threads: Optional[int], warm_shape: tuple):
+                 threads: int | None, warm_shape: tuple):
         super().__init__(name="elit-model-loader", daemon=True)
         self.path, self.allowed_dirs = path, allowed_dirs
         self.device, self.threads, self.warm_shape = device, threads, tuple(warm_shape)
-        self.engine: Optional[Engine] = None
-        self.error: Optional[str] = None
+        self.engine: Engine | None = None
+        self.error: str | None = None
         self.seconds = 0.0
         self._done = threading.Event()
 

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 FREE_PORT_ARGS = ["--ingest", "tcp://127.0.0.1:0", "--results", "tcp://127.0.0.1:0",
                   "--control", "tcp://127.0.0.1:0", "--metrics-port", "0"]
@@ -27,8 +26,8 @@ class ServiceStartError(RuntimeError):
 class ServiceProcess:
     """A running `elit-stream serve` subprocess; `endpoints` has ingest/results/control/metrics."""
 
-    def __init__(self, args: list[str], timeout_s: float = 60.0, env: Optional[dict] = None,
-                 log_path: Optional[Path] = None):
+    def __init__(self, args: list[str], timeout_s: float = 60.0, env: dict | None = None,
+                 log_path: Path | None = None):
         self.log_path = Path(log_path or tempfile.mkstemp(prefix="elit-serve-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "elit_stream.cli", "serve", *FREE_PORT_ARGS, *args]

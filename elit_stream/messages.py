@@ -10,7 +10,7 @@ boundary, for events, and in tests that check `wire` against them.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,10 +69,10 @@ class FrameHeader(Strict):
     acquisition: str
     shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]
     dtype: Literal["uint8", "uint16", "uint32", "float32", "float64"]
-    pixel_size_pm: Optional[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = None
-    acquired_at: Optional[Annotated[float, Field(allow_inf_nan=False)]] = None  # UNIX seconds at the microscope
+    pixel_size_pm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    acquired_at: Annotated[float, Field(allow_inf_nan=False)] | None = None  # UNIX seconds at the microscope
     complete: bool = True                # False for a partial scan
-    meta: Optional[dict[str, Any]] = None  # free-form, not interpreted, not echoed
+    meta: dict[str, Any] | None = None  # free-form, not interpreted, not echoed
 
 
 # --------------------------------------------------------------------------- results
@@ -94,8 +94,8 @@ class ResultHeader(Strict):
     active: list[int]
     active_version: int
     frame_shape: list[int]
-    pixel_size_pm: Optional[float]
-    acquired_at: Optional[float]
+    pixel_size_pm: float | None
+    acquired_at: float | None
     n_atoms: int
     columns: list[tuple[str, str]]        # (name, dtype) of each following part
     classes: list[str]
@@ -179,8 +179,8 @@ class DriftAdvisoryEvent(EventBase):
 
 
 class FrameRef(Strict):
-    acquisition: Optional[str]
-    frame_id: Optional[int]
+    acquisition: str | None
+    frame_id: int | None
 
 
 class FrameDroppedEvent(EventBase):
@@ -223,12 +223,12 @@ class ParamsChangedEvent(EventBase):
 # --------------------------------------------------------------------------- control
 class Request(Strict):
     cmd: str
-    id: Optional[Union[int, str]] = None  # echoed in the reply
+    id: int | str | None = None  # echoed in the reply
 
 
 class PingRequest(Request):
     cmd: Literal["ping"]
-    token: Optional[str] = None  # if given, also published as a `ping` event (subscriber sync)
+    token: str | None = None  # if given, also published as a `ping` event (subscriber sync)
 
 
 class StatusRequest(Request):
@@ -260,16 +260,16 @@ class ResetRequest(Request):
 
 class SetParamsRequest(Request):
     cmd: Literal["set_params"]
-    threshold: Optional[float] = None
-    min_blob_px: Optional[int] = None
-    max_blob_px: Optional[int] = None
-    detect_threshold: Optional[float] = None
+    threshold: float | None = None
+    min_blob_px: int | None = None
+    max_blob_px: int | None = None
+    detect_threshold: float | None = None
 
 
 class SetMapsRequest(Request):
     cmd: Literal["set_maps"]
-    mode: Optional[Literal["subscribe", "always", "never"]] = None
-    downsample: Optional[Annotated[int, Field(ge=1, le=64)]] = None
+    mode: Literal["subscribe", "always", "never"] | None = None
+    downsample: Annotated[int, Field(ge=1, le=64)] | None = None
 
 
 class LoadModelRequest(Request):
@@ -297,8 +297,8 @@ class ErrorInfo(Strict):
 
 class ErrorReply(Strict):
     ok: Literal[False] = False
-    cmd: Optional[str] = None
-    id: Optional[Union[int, str]] = None
+    cmd: str | None = None
+    id: int | str | None = None
     error: ErrorInfo
 
 
@@ -308,7 +308,7 @@ class OkReply(BaseModel):
     model_config = ConfigDict(extra="allow")
     ok: Literal[True] = True
     cmd: str
-    id: Optional[Union[int, str]] = None
+    id: int | str | None = None
 
 
 def error_reply(code: str, message: str, cmd: str | None = None, id: Any = None) -> dict:

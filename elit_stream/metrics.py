@@ -6,10 +6,9 @@ own HTTP thread, off the hot path.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import math
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               start_http_server)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class ServiceMetrics:
                 child.observe(seconds)
         self.end_to_end.observe(e2e_s)
         self.atoms.observe(n_atoms)
-        if mean_uncertainty == mean_uncertainty:  # not NaN (no atoms)
+        if not math.isnan(mean_uncertainty):
             self.mean_uncertainty.set(mean_uncertainty)
 
     def set_model(self, name: str, sha256: str, provider: str, n_members: int) -> None:
@@ -75,7 +74,7 @@ class ServiceMetrics:
         self.active_members.set(n_active)
         self.active_version.set(version)
 
-    def serve(self, host: str, port: int) -> Optional[int]:
+    def serve(self, host: str, port: int) -> int | None:
         """Start the HTTP endpoint; returns the bound port (port 0 picks a free one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._server = server

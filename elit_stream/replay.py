@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -23,7 +23,7 @@ class StackError(ValueError):
     """A movie file cannot be read as a stack of 2-D frames."""
 
 
-def read_stack(path: str | Path, dataset: Optional[str] = None) -> tuple[np.ndarray, Optional[float]]:
+def read_stack(path: str | Path, dataset: str | None = None) -> tuple[np.ndarray, float | None]:
     """-> (frames [T, H, W] (may be an h5py dataset or memory map), pixel_size_pm or None)."""
     p = Path(path)
     if not p.is_file():
@@ -62,7 +62,7 @@ def _read_npz(p: Path):
         return _as_stack(z["frames"], p), ps
 
 
-def _read_h5(p: Path, dataset: Optional[str]):
+def _read_h5(p: Path, dataset: str | None):
     import h5py
     f = h5py.File(p, "r")
     if dataset is None:
@@ -95,10 +95,9 @@ class ReplayReport:
         return len(self.results) + len(self.dropped) + len(self.rejected)
 
 
-def replay(frames: Iterable[np.ndarray], endpoints: dict, *, acquisition: Optional[str] = None,
-           rate_fps: Optional[float] = None, pixel_size_pm: Optional[float] = None,
-           record: Optional[Path] = None, on_message: Optional[Callable[[dict, ReplayReport],
-                                                                         None]] = None,
+def replay(frames: Iterable[np.ndarray], endpoints: dict, *, acquisition: str | None = None,
+           rate_fps: float | None = None, pixel_size_pm: float | None = None,
+           record: Path | None = None, on_message: Callable[[dict, ReplayReport], None] | None = None,
            wait_s: float = 60.0, first_id: int = 0) -> ReplayReport:
     """Send `frames`, collect answers; `on_message(msg, report)` sees every message live."""
     acq = acquisition or f"replay-{int(time.time() * 1000)}"

@@ -13,8 +13,9 @@ are listed in `messages.ERROR_CODES`. See docs/protocol.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -51,8 +52,8 @@ class Frame:
     frame_id: int
     acquisition: str
     pixels: np.ndarray
-    pixel_size_pm: Optional[float]
-    acquired_at: Optional[float]
+    pixel_size_pm: float | None
+    acquired_at: float | None
     complete: bool
 
 

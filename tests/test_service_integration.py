@@ -13,7 +13,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from elit_stream import wire
 from elit_stream.client import ControlClient, FrameSender, ResultSubscriber

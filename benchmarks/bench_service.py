@@ -1,0 +1,119 @@
+"""Per-stage latency of the real service, against an in-process baseline measured in the same run.
+
+Not a test. Starts `elit-stream serve` as a subprocess, sends one frame at a time (waiting for its
+result, so nothing queues), and reads the per-stage timings every result carries plus the client's
+round trip. The baseline runs the same stages in this process without sockets. Prints a markdown
+table (median and 90th percentile, ms). Usage:
+
+    .venv/bin/python benchmarks/bench_service.py [--model DIR] [--size 512] [--frames 30]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.engine import Engine
+from elit_stream.launcher import ServiceProcess
+from elit_stream.manifest import load_artifact
+from elit_stream.movie import make_movie
+from elit_stream.postprocess import Params, analyse
+
+STAGES = ("decode", "prepare", "infer", "analyse", "total")
+
+
+def pick_model(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    default = ROOT / "models" / "default"
+    if (default / "manifest.json").is_file():
+        return default
+    from tests.fixtures.tiny_artifact import build_tiny_artifact
+    print("models/default missing: using the tiny test artifact", file=sys.stderr)
+    return build_tiny_artifact(Path(tempfile.mkdtemp()), n_members=3)
+
+
+def baseline(model: Path, frames: np.ndarray, threads: int | None) -> dict[str, list[float]]:
+    """The same stages in-process: prepare, run, analyse (+ coordinate mapping)."""
+    art = load_artifact(model)
+    eng = Engine(art, device="cpu", threads=threads)
+    eng.warm_up(frames.shape[1:])
+    params, active = Params(), np.arange(art.n_members)
+    out: dict[str, list[float]] = {s: [] for s in ("prepare", "infer", "analyse", "total")}
+    for f in frames:
+        t0 = time.perf_counter()
+        x, geom = eng.prepare(f, art.pixel_size_pm)
+        t1 = time.perf_counter()
+        probs = eng.run(x)
+        t2 = time.perf_counter()
+        fa = analyse(probs, active, params, geom.valid_shape)
+        geom.to_frame_xy(fa.x, fa.y)
+        t3 = time.perf_counter()
+        for key, seconds in zip(out, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            out[key].append(1e3 * seconds)
+    return out
+
+
+def through_service(model: Path, frames: np.ndarray, threads: int | None, pixel_size_pm: float):
+    args = ["--model", str(model), "--device", "cpu"] + (["--threads", str(threads)] if threads
+                                                         else [])
+    stages: dict[str, list[float]] = {s: [] for s in (*STAGES, "round trip")}
+    with ServiceProcess(args, timeout_s=120) as sp, \
+            ControlClient(sp.endpoints["control"]) as ctl, \
+            ResultSubscriber(sp.endpoints["results"], topics=("result",)) as sub, \
+            FrameSender(sp.endpoints["ingest"]) as snd:
+        sub.wait_ready(ctl)
+        for i, f in enumerate(np.concatenate([frames[:3], frames])):  # 3 warm-up frames
+            t0 = time.perf_counter()
+            snd.send(f, i, "bench", pixel_size_pm=pixel_size_pm)
+            while (msg := sub.recv(60)) is not None and msg["topic"] != "result":
+                pass
+            rt = 1e3 * (time.perf_counter() - t0)
+            if msg is None:
+                raise SystemExit("no result within 60 s:\n" + sp.log_tail())
+            if i >= 3:
+                for s in STAGES:
+                    stages[s].append(msg["timings_ms"][s])
+                stages["round trip"].append(rt)
+        n_atoms = msg["n_atoms"]
+    return stages, n_atoms
+
+
+def fmt(values: list[float]) -> str:
+    return f"{np.median(values):7.2f} / {np.percentile(values, 90):7.2f}" if values else "—"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args()
+    model = pick_model(a.model)
+    ps = load_artifact(model, check_probe=False).pixel_size_pm
+    frames = make_movie(n_frames=a.frames, size_px=a.size, seed=0, pixel_size_pm=ps).frames
+    base = baseline(model, frames, a.threads)
+    served, n_atoms = through_service(model, frames, a.threads, ps)
+    print(f"\nmodel {model.name}, {a.frames} frames {a.size}x{a.size} uint16 ({n_atoms} atoms in "
+          f"the last), CPU, {a.threads or 'default'} threads, load average "
+          f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs\n")
+    print("| stage | in-process baseline, ms (median / p90) | service, ms (median / p90) |")
+    print("|---|---|---|")
+    for s in (*STAGES, "round trip"):
+        label = {"total": "total in service (receipt → result ready)",
+                 "round trip": "client round trip (send → result received)"}.get(s, s)
+        print(f"| {label} | {fmt(base.get(s, []))} | {fmt(served[s])} |")
+
+
+if __name__ == "__main__":
+    main()
