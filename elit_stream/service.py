@@ -188,33 +188,38 @@ class Service:
     def _process(self, frame: wire.Frame, t_recv: float, decode_s: float) -> None:
         st = self.state
         engine, active, params = st.engine, st.active, st.params  # fixed for this frame
+        want_maps = self._maps_wanted()
         try:
             t0 = perf_counter()
             net_input, geom = engine.prepare(frame.pixels, frame.pixel_size_pm)
+        except EngineError as exc:  # the model cannot take this frame (size, scale)
+            self._reject(frame.acquisition, frame.frame_id, "bad_frame", str(exc))
+            return
+        try:
             t1 = perf_counter()
             probs = engine.run(net_input)
             t2 = perf_counter()
-            want_maps = self._maps_wanted()
             fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
             x, y = geom.to_frame_xy(fa.x, fa.y)
             t3 = perf_counter()
-        except EngineError as exc:
-            self._reject(frame.acquisition, frame.frame_id, "bad_frame", str(exc))
-            return
-        except Exception as exc:  # a bug: report the frame, keep serving
+            timings = {"decode": decode_s, "prepare": t1 - t0, "infer": t2 - t1,
+                       "analyse": t3 - t2}
+            self._publish_result(frame, fa, x, y, active, timings, t3 - t_recv)
+        except Exception as exc:  # a bug or a failed inference: report the frame, keep serving
             log.exception("frame %s/%s failed", frame.acquisition, frame.frame_id)
             self._reject(frame.acquisition, frame.frame_id, "internal",
                          f"{type(exc).__name__}: {exc}")
             return
-        timings = {"decode": decode_s, "prepare": t1 - t0, "infer": t2 - t1, "analyse": t3 - t2}
-        self._publish_result(frame, fa, x, y, active, timings, t3 - t_recv)
-        if want_maps:
-            self._publish_maps(frame, fa, geom, active)
-        t4 = perf_counter()
-        timings["publish"] = t4 - t3
-        self._observe(frame, fa, active, timings, t4 - t_recv)
-        timings["observe"] = perf_counter() - t4
-        self.metrics.stage.labels(stage="observe").observe(timings["observe"])
+        try:
+            if want_maps:
+                self._publish_maps(frame, fa, geom, active)
+            t4 = perf_counter()
+            timings["publish"] = t4 - t3
+            self._observe(frame, fa, active, timings, t4 - t_recv)
+            self.metrics.stage.labels(stage="observe").observe(perf_counter() - t4)
+        except Exception as exc:  # the result is out; report the failure as an event
+            log.exception("after frame %s/%s", frame.acquisition, frame.frame_id)
+            self._event("error", code="internal", message=f"{type(exc).__name__}: {exc}")
 
     def _publish_result(self, frame, fa, x, y, active, timings_s, total_s) -> None:
         st, art = self.state, self.state.artifact
