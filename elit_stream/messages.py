@@ -220,6 +220,16 @@ class ParamsChangedEvent(EventBase):
     params: dict[str, float]
 
 
+EVENTS: dict[str, type[EventBase]] = {
+    "start": StartEvent, "stop": StopEvent, "model_loaded": ModelLoadedEvent,
+    "subset_changed": SubsetChangedEvent, "drift_advisory": DriftAdvisoryEvent,
+    "frame_dropped": FrameDroppedEvent, "frame_rejected": FrameRejectedEvent,
+    "frame_gap": FrameGapEvent, "error": ErrorEvent, "ping": PingEvent,
+    "params_changed": ParamsChangedEvent,
+}
+"""Event name -> document model (topic `event.<name>`)."""
+
+
 # --------------------------------------------------------------------------- control
 class Request(Strict):
     cmd: str

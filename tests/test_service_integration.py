@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elit_stream import wire
+from elit_stream import messages, wire
 from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
 from elit_stream.launcher import ServiceProcess
 from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
@@ -56,6 +56,7 @@ class Session:
             msg = self.sub.recv(timeout_s)
             assert msg is not None, f"service silent for {timeout_s} s; got {len(msgs)} " \
                 f"messages; log:\n{self.proc.log_tail()}"
+            check_against_the_spec(msg)
             msgs.append(msg)
         return msgs
 
@@ -68,6 +69,18 @@ class Session:
         for c in (self.sender, self.sub, self.ctl):
             c.close()
         self.proc.close()
+
+
+def check_against_the_spec(msg):
+    """Every published document validates against its model in elit_stream.messages."""
+    doc = {k: v for k, v in msg.items() if k not in ("topic", "atoms", "mean", "std")}
+    if msg["topic"] == "result":
+        messages.ResultHeader.model_validate(doc)
+    elif msg["topic"] == "maps":
+        messages.MapsHeader.model_validate(doc)
+    else:
+        assert msg["topic"] == "event." + msg["event"]
+        messages.EVENTS[msg["event"]].model_validate(doc)
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +308,7 @@ def test_maps_only_when_asked(lossless):
             if msg is not None:
                 break
         assert msg is not None and msg["topic"] == "maps"
+        check_against_the_spec(msg)
         c, h, w = msg["shape"]
         assert msg["mean"].shape == (c, h, w) == (2, 32, 32) and msg["mean"].dtype == np.float16
         assert msg["frame_px_per_map_px"] == 2.0
