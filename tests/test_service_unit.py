@@ -60,3 +60,11 @@ def test_maps_follow_subscriptions(service):
     service.state.maps_mode = "never"
     assert not service._maps_wanted()
     ctl.close()
+
+
+def test_the_service_never_imports_torch():
+    import subprocess
+    import sys
+    code = ("import sys, elit_stream.cli, elit_stream.service, elit_stream.client, "
+            "elit_stream.replay, elit_stream.demo; assert 'torch' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60, check=False).returncode == 0
