@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `elit-stream ctl status | head`
+        sys.stderr.close()
+        return 0
     except CliError as exc:
         print(f"elit-stream {args.command}: {exc}", file=sys.stderr)
         return 2
