@@ -67,7 +67,7 @@ def run_demo(args) -> int:
         rep = replay(mov.frames, service.endpoints, acquisition="demo", rate_fps=args.rate,
                      pixel_size_pm=mov.pixel_size_pm, on_message=show, wait_s=120)
         stop = _shutdown(service)
-    _score(rep, mov, art, movies)
+    _score(rep, mov, movies)
     if rep.results:
         last = max(rep.results)
         out = write_overlay(mov.frames[last], rep.results[last], Path(args.out))
@@ -95,9 +95,10 @@ def _shutdown(service: ServiceProcess) -> dict | None:
     return None
 
 
-def _score(rep, mov, art, movies) -> None:
-    """Precision / recall over all answered frames, matching within the atom radius."""
-    radius_px = max(1.5, float(art.atom_radius_px))
+def _score(rep, mov, movies) -> None:
+    """Precision / recall over all answered frames. Match radius: half the C-C bond, so a
+    prediction can only be matched to the atom it is closest to."""
+    radius_px = 0.5 * movies.CC_BOND_PM / mov.pixel_size_pm
     tp = fp = fn = 0
     for fid, msg in rep.results.items():
         pred = np.column_stack([msg["atoms"]["x"], msg["atoms"]["y"]])

@@ -363,7 +363,7 @@ def test_detection_precision_recall_on_a_synthetic_movie():
     in the hole, background gradient), so precision must stay above 0.90.
     """
     from elit_stream.manifest import load_artifact
-    from elit_stream.movie import make_movie, match_atoms
+    from elit_stream.movie import CC_BOND_PM, make_movie, match_atoms
     from elit_stream.replay import replay
 
     art = load_artifact(DEFAULT_MODEL, check_probe=False)
@@ -372,7 +372,7 @@ def test_detection_precision_recall_on_a_synthetic_movie():
         rep = replay(mov.frames, sp.endpoints, acquisition="quality",
                      pixel_size_pm=mov.pixel_size_pm, wait_s=120)
     assert rep.complete and len(rep.results) == len(mov.frames)
-    radius_px = MATCH_FRACTION_OF_BOND * 142.0 / mov.pixel_size_pm
+    radius_px = MATCH_FRACTION_OF_BOND * CC_BOND_PM / mov.pixel_size_pm
     tp = fp = fn = 0
     for fid, r in rep.results.items():
         t, f, n = match_atoms(np.column_stack([r["atoms"]["x"], r["atoms"]["y"]]),
