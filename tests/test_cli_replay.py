@@ -19,7 +19,7 @@ CLI = [sys.executable, "-m", "elit_stream.cli"]
 
 
 def run_cli(*args, timeout=120):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=False,
                           timeout=timeout)
 
 

@@ -281,8 +281,8 @@ def test_sigterm_publishes_stop_with_counts_and_exits_zero(models):
         s.send(range(5), acquisition="term")
         s.results(5)  # in order: the junk frame was taken first
         assert s.proc.terminate(TIMEOUT_S) == 0
-        stop = [m for m in s.collect(lambda ms: any(m.get("event") == "stop" for m in ms))
-                if m.get("event") == "stop"][0]
+        stop = next(m for m in s.collect(lambda ms: any(m.get("event") == "stop" for m in ms))
+                    if m.get("event") == "stop")
         assert stop["exit_status"] == "success" and stop["reason"] == "SIGTERM"
         assert stop["counts"] == {"received": 6, "processed": 5, "dropped": 0, "rejected": 1}
     finally:
