@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from elit_stream import messages, wire
 from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
 from elit_stream.launcher import ServiceProcess
-from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
+from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM, build_tiny_artifact, gaussian_blobs
 
 TIMEOUT_S = 30.0
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +109,20 @@ def test_results_locate_the_blobs_in_input_frame_pixels(lossless):
     d = np.linalg.norm(pred[:, None] - true_xy[None], axis=2)
     assert r["frame_shape"] == [80, 96]
     assert np.median(d.min(axis=0)) < 1.0  # x = column, y = row, pixel-centre origin
+
+
+def test_pixel_size_rescale_maps_back_to_input_frame_pixels(lossless):
+    """A frame at twice the model's pixel size is upsampled for inference; the atoms still come
+    back in the pixels of the frame as sent. Header fields are echoed."""
+    img, true_xy = gaussian_blobs((64, 72), n=8, sigma_px=1.2, seed=5)
+    lossless.sender.send(img, 3, "rescaled", pixel_size_pm=2 * PIXEL_SIZE_PM,
+                         acquired_at=123.5, complete=False)
+    (r,), _ = lossless.results(1)
+    assert (r["pixel_size_pm"], r["acquired_at"], r["complete"]) == (2 * PIXEL_SIZE_PM, 123.5,
+                                                                     False)
+    pred = np.column_stack([r["atoms"]["x"], r["atoms"]["y"]])
+    d = np.linalg.norm(pred[:, None] - true_xy[None], axis=2)
+    assert r["n_atoms"] >= 6 and np.median(d.min(axis=0)) < 1.0
 
 
 def test_deselect_mid_stream_applies_from_one_frame_on(lossless):
