@@ -85,10 +85,28 @@ def through_service(model: Path, frames: np.ndarray, threads: int | None, pixel_
                     stages[s].append(msg["timings_ms"][s])
                 stages["round trip"].append(rt)
         n_atoms = msg["n_atoms"]
+        stages.update(metrics_means(sp.endpoints["metrics"]))
     return stages, n_atoms
 
 
+def metrics_means(url: str) -> dict[str, list[float]]:
+    """Mean publish / observe / end-to-end ms from the Prometheus histograms (not in results)."""
+    import urllib.request
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    val = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+           if ln.startswith("elit_")}
+    out = {}
+    for name, key in (("publish (mean)", 'elit_stage_seconds_{}{{stage="publish"}}'),
+                      ("observe (mean)", 'elit_stage_seconds_{}{{stage="observe"}}'),
+                      ("end to end in service (mean)", "elit_end_to_end_seconds_{}")):
+        n = val.get(key.format("count"), 0)
+        out[name] = [1e3 * val[key.format("sum")] / n] if n else []
+    return out
+
+
 def fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:7.2f}"
     return f"{np.median(values):7.2f} / {np.percentile(values, 90):7.2f}" if values else "—"
 
 
@@ -109,7 +127,8 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs\n")
     print("| stage | in-process baseline, ms (median / p90) | service, ms (median / p90) |")
     print("|---|---|---|")
-    for s in (*STAGES, "round trip"):
+    for s in (*STAGES, "publish (mean)", "observe (mean)", "end to end in service (mean)",
+              "round trip"):
         label = {"total": "total in service (receipt → result ready)",
                  "round trip": "client round trip (send → result received)"}.get(s, s)
         print(f"| {label} | {fmt(base.get(s, []))} | {fmt(served[s])} |")

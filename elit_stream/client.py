@@ -47,16 +47,21 @@ class FrameSender:
     def send(self, frame: np.ndarray, frame_id: int, acquisition: str, *,
              pixel_size_pm: float | None = None, acquired_at: float | None = None,
              complete: bool = True, meta: dict | None = None,
-             timeout_s: float | None = None) -> None:
+             timeout_s: float | None = None, copy: bool = True) -> None:
+        """Send one frame. `copy=False` sends large frames without a copy: then the array must
+        not be modified until ZeroMQ has sent it (do not reuse the buffer at once)."""
         parts = wire.encode_frame(frame, frame_id, acquisition, pixel_size_pm=pixel_size_pm,
                                   acquired_at=acquired_at, complete=complete, meta=meta)
-        self.send_parts(parts, timeout_s)
+        self.send_parts(parts, timeout_s, copy)
 
-    def send_parts(self, parts: list, timeout_s: float | None = None) -> None:
+    def send_parts(self, parts: list, timeout_s: float | None = None, copy: bool = True) -> None:
         """Send raw parts (also malformed ones, for tests)."""
         if timeout_s is not None and not self.socket.poll(int(timeout_s * 1000), zmq.POLLOUT):
             raise TimeoutError(f"service did not take a frame within {timeout_s} s")
-        self.socket.send_multipart(parts, copy=False)
+        if copy:
+            self.socket.send_multipart(parts)
+        else:
+            wire.send(self.socket, parts)
 
     def close(self) -> None:
         self.socket.close()

@@ -239,7 +239,7 @@ class Service:
         columns = {"x": x.astype(np.float32, copy=False), "y": y.astype(np.float32, copy=False),
                    "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
                    "uncertainty": fa.uncertainty, "det_frac": fa.det_frac}
-        self.results.send_multipart(wire.encode_result(header, columns), copy=False)
+        wire.send(self.results, wire.encode_result(header, columns))
         self._frame_seq += 1
         st.counts["processed"] += 1
 
@@ -251,7 +251,7 @@ class Service:
                   "shape": list(mean.shape), "dtype": "float16",
                   "classes": list(self.state.artifact.class_names),
                   "frame_px_per_map_px": k / geom.scale}
-        self.results.send_multipart(wire.encode_maps(header, mean, std), copy=False)
+        wire.send(self.results, wire.encode_maps(header, mean, std))
 
     def _observe(self, frame, fa, active, timings_s, e2e_s) -> None:
         self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty)

@@ -204,6 +204,16 @@ def _try_header(part: Any) -> dict:
         return {}
 
 
+ZERO_COPY_MIN_BYTES = 65536
+
+
+def send(socket: Any, parts: list) -> None:
+    """Send a multipart message: zero-copy when a part is large, copied otherwise (for small
+    messages a copy is cheaper than the bookkeeping of a zero-copy send)."""
+    big = any(getattr(p, "nbytes", 0) >= ZERO_COPY_MIN_BYTES for p in parts)
+    socket.send_multipart(parts, copy=not big)
+
+
 # --------------------------------------------------------------------------- results / events
 def encode_result(header: dict, columns: dict[str, np.ndarray]) -> list:
     """[b"result", header, col...]; header["columns"] is set from `columns` (insertion order)."""
