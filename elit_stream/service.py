@@ -161,24 +161,31 @@ class Service:
                 break
         self.state.queue_depth = len(batch) - 1
         self.metrics.queue_depth.set(len(batch) - 1)
-        decoded = [d for d in (self._decode(p, t) for p, t in batch) if d is not None]
-        if decoded:
-            *stale, newest = decoded
-            if stale:
-                self._report_dropped([f for f, _, _ in stale], newest[0])
+        # Full checks only for the frame that will be processed: the newest one that passes.
+        decoded = [d for d in (self._decode(p, t, check_finite=False) for p, t in batch) if d]
+        while decoded:
+            newest = decoded.pop()
+            try:
+                wire.ensure_finite(newest[0])
+            except wire.ProtocolError as exc:
+                self._reject(exc.acquisition, exc.frame_id, exc.code, exc.message)
+                continue
+            if decoded:
+                self._report_dropped([f for f, _, _ in decoded], newest[0])
             self._process(*newest)
+            return
 
     def _frame(self, parts: list, t_recv: float) -> None:
         decoded = self._decode(parts, t_recv)
         if decoded is not None:
             self._process(*decoded)
 
-    def _decode(self, parts: list, t_recv: float):
+    def _decode(self, parts: list, t_recv: float, check_finite: bool = True):
         """-> (Frame, t_recv, decode_s) or None after a frame_rejected event."""
         self.state.counts["received"] += 1
         self.metrics.received.inc()
         try:
-            frame = wire.decode_frame(parts, self.cfg.delivery.max_frame_px)
+            frame = wire.decode_frame(parts, self.cfg.delivery.max_frame_px, check_finite)
         except wire.ProtocolError as exc:
             self._reject(exc.acquisition, exc.frame_id, exc.code, exc.message)
             return None

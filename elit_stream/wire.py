@@ -165,8 +165,11 @@ def _check_optional(h: dict, acq: Any, fid: Any) -> None:
         raise ProtocolError("bad_header", "meta must be a map", acq, fid)
 
 
-def decode_frame(parts: Sequence[Any], max_frame_px: int) -> Frame:
-    """Decode an ingest message [header, pixels] without copying the pixels."""
+def decode_frame(parts: Sequence[Any], max_frame_px: int, check_finite: bool = True) -> Frame:
+    """Decode an ingest message [header, pixels] without copying the pixels.
+
+    `check_finite=False` skips the NaN/Inf pass over float pixels (call `ensure_finite` later,
+    only for frames that will be processed)."""
     if len(parts) != 2:
         h = _try_header(parts[0]) if parts else {}
         raise ProtocolError("bad_parts", f"a frame is 2 parts [header, pixels], got {len(parts)}",
@@ -185,10 +188,18 @@ def decode_frame(parts: Sequence[Any], max_frame_px: int) -> Frame:
                             f"{rows}x{cols} of {dtype.name} needs {n_px * dtype.itemsize}", acq, fid)
     pixels = np.frombuffer(buf, dtype=dtype).reshape(rows, cols)
     pixels.flags.writeable = False  # a view of the message: never modify in place
-    if dtype.kind == "f" and not _all_finite(pixels):
-        raise ProtocolError("non_finite", "float frame contains NaN or Inf", acq, fid)
-    return Frame(fid, acq, pixels, h.get("pixel_size_pm"), h.get("acquired_at"),
-                 h.get("complete", True))
+    frame = Frame(fid, acq, pixels, h.get("pixel_size_pm"), h.get("acquired_at"),
+                  h.get("complete", True))
+    if check_finite:
+        ensure_finite(frame)
+    return frame
+
+
+def ensure_finite(frame: Frame) -> None:
+    """ProtocolError('non_finite') if a float frame has NaN or Inf."""
+    if frame.pixels.dtype.kind == "f" and not _all_finite(frame.pixels):
+        raise ProtocolError("non_finite", "float frame contains NaN or Inf", frame.acquisition,
+                            frame.frame_id)
 
 
 def _all_finite(a: np.ndarray) -> bool:

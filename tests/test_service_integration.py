@@ -259,30 +259,31 @@ def test_metrics_endpoint_reports_the_counts(lossless):
 def test_latest_mode_reports_every_skipped_frame(models):
     s = Session(models, "--delivery", "latest", env={"ELIT_DELIVERY__INGEST_HWM": "1000"})
     try:
-        # A large first frame keeps the service busy while the small ones queue up.
+        # A large first frame keeps the service busy while the small ones queue up; the last
+        # frame is NaN, so the newest *valid* frame (49) must be the one processed.
         s.sender.send(gaussian_blobs((1024, 1024), n=200, seed=0)[0], 0, "late")
         s.send(range(1, 50), acquisition="late")
+        s.sender.send(np.full((64, 64), np.nan, np.float32), 50, "late")
         seen: dict[int, str] = {}
 
         def done(msgs):
             for m in msgs[done.n:]:
-                if m["topic"] == "result":
-                    assert m["frame_id"] not in seen
-                    seen[m["frame_id"]] = "result"
-                elif m.get("event") == "frame_dropped":
-                    for f in m["frames"]:
-                        assert f["frame_id"] not in seen
-                        seen[f["frame_id"]] = "dropped"
+                refs = {"result": [m.get("frame_id")],
+                        "event.frame_dropped": [f["frame_id"] for f in m.get("frames", [])],
+                        "event.frame_rejected": [m.get("frame", {}).get("frame_id")]}
+                for fid in refs.get(m["topic"], []):
+                    assert fid not in seen, f"frame {fid} answered twice"
+                    seen[fid] = m["topic"].split("_")[-1]
             done.n = len(msgs)
-            return len(seen) == 50
+            return len(seen) == 51
         done.n = 0
         s.collect(done)
-        assert sorted(seen) == list(range(50))  # every frame answered or reported, once
-        assert seen[49] == "result"             # the newest frame is always processed
+        assert sorted(seen) == list(range(51))  # every frame answered or reported, once
+        assert seen[50] == "rejected" and seen[49] == "result"
         assert "dropped" in seen.values()
-        st = s.ctl.call("status")["counts"]
-        assert st["dropped"] == list(seen.values()).count("dropped")
-        assert st["processed"] + st["dropped"] == st["received"] == 50
+        c = s.ctl.call("status")["counts"]
+        assert c["dropped"] == list(seen.values()).count("dropped")
+        assert c["processed"] + c["dropped"] + c["rejected"] == c["received"] == 51
     finally:
         s.close()
 
