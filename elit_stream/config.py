@@ -237,8 +237,25 @@ def warn_if_exposed(cfg: ServiceConfig) -> None:
                     "commands (no authentication). Use 127.0.0.1 unless you mean it.", what)
 
 
+def _unset_defaults() -> dict[tuple[str, str], str]:
+    """What an unset (None) key means, for `dump_config`."""
+    import dataclasses
+
+    from .manifest import default_artifact_path
+    from .postprocess import Params
+    from .selection import PolicyConfig
+    out = {("model", "path"): json.dumps(str(default_artifact_path())),
+           ("model", "threads"): "(all physical cores)"}
+    for section, obj in (("postprocess", Params()), ("policy", PolicyConfig())):
+        for f in dataclasses.fields(obj):
+            out[(section, f.name)] = json.dumps(getattr(obj, f.name))
+    return out
+
+
 def dump_config(cfg: ServiceConfig) -> str:
-    """The effective config as TOML-ish text (for `elit-stream config --print`)."""
+    """The effective config as TOML (for `elit-stream config --print`); unset keys as comments
+    with the value they default to."""
+    defaults = _unset_defaults()
     lines = []
     for section, values in cfg.model_dump(mode="json").items():
         if not isinstance(values, dict):
@@ -246,5 +263,8 @@ def dump_config(cfg: ServiceConfig) -> str:
             continue
         lines.append(f"\n[{section}]")
         for k, v in values.items():
-            lines.append(f"# {k} = (model default)" if v is None else f"{k} = {json.dumps(v)}")
+            if v is None:
+                lines.append(f"# {k} = {defaults.get((section, k), '(unset)')}")
+            else:
+                lines.append(f"{k} = {json.dumps(v)}")
     return "\n".join(lines).lstrip() + "\n"
