@@ -64,7 +64,7 @@ class FrameHeader(Strict):
     """Part 0 of an ingest message (msgpack map). Part 1 is the raw pixel buffer."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    protocol: Literal[1]
+    protocol: Annotated[int, Field(ge=1, le=1)]  # strict int: true is not 1
     frame_id: Annotated[int, Field(ge=0)]
     acquisition: str
     shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]

@@ -149,7 +149,11 @@ field_values = {
     "meta": msgpack_values,
     "extra": msgpack_values,
 }
-headers = st.fixed_dictionaries({}, optional=field_values)
+VALID = {"protocol": 1, "frame_id": 3, "acquisition": "a", "shape": [2, 3], "dtype": "uint8"}
+# Arbitrary headers, and valid headers with one field replaced or removed (near misses).
+headers = st.fixed_dictionaries({}, optional=field_values) | st.one_of(
+    *[values.map(lambda v, k=key: {**VALID, k: v}) for key, values in field_values.items()],
+    st.sampled_from(list(VALID)).map(lambda k: {f: v for f, v in VALID.items() if f != k}))
 
 
 @settings(max_examples=300, deadline=None)
