@@ -184,3 +184,19 @@ def test_load_model_outside_allowed_dirs_or_invalid_fails_and_changes_nothing(st
 
 def test_shutdown_sets_the_stop_reason(state):
     assert call(state, cmd="shutdown")["ok"] and state.stop_reason == "shutdown command"
+
+
+def test_load_model_refuses_a_corrupted_artifact_naming_the_file(state):
+    import shutil
+    bad = state.allowed_dirs[0] / "tiny-corrupt"
+    shutil.copytree(state.artifact.path, bad, dirs_exist_ok=True)
+    onnx_file = bad / "ensemble.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-1] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    deferred = call(state, cmd="load_model", path="tiny-corrupt")
+    assert deferred.loader.wait(60)
+    reply = control.swap_in(state, deferred.loader, next_seq=0)
+    assert reply["error"]["code"] == "model_error"
+    assert "ensemble.onnx" in reply["error"]["message"] and "sha256" in reply["error"]["message"]
+    assert state.engine.artifact.name == "tiny"
