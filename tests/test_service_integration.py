@@ -396,3 +396,18 @@ def test_detection_precision_recall_on_a_synthetic_movie():
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
     print(f"precision {precision:.3f} recall {recall:.3f} (tp {tp} fp {fp} fn {fn})")
     assert precision >= MIN_PRECISION and recall >= MIN_RECALL
+
+
+def test_a_plain_req_socket_can_talk_to_control(lossless):
+    import zmq
+    ctx = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(lossless.proc.endpoints["control"])
+    try:
+        req.send(msgpack.packb({"cmd": "status", "id": 1}))
+        assert req.poll(int(TIMEOUT_S * 1000))
+        reply = msgpack.unpackb(req.recv())
+        assert reply["ok"] and reply["id"] == 1 and reply["model"]["name"] in ("tiny", "tiny4")
+    finally:
+        req.close()
