@@ -5,6 +5,15 @@ Typical use:
     elit-train train --run-dir runs/default --members 8 --export models/default
     elit-train verify models/default
     elit-train predict models/default image.npy --pixel-size-pm 14 --out grid.png
+
+ELIT on an experimental movie (docs/elit.md):
+
+    elit-train analyse models/default movie.npz --pixel-size-pm 11 --out runs/elit/a0
+    elit-train relabel runs/elit/a0 --out runs/elit/r0 --frames 0:8       # suggested members
+    elit-train train --run-dir runs/elit/t1 --data runs/elit/r0/dataset.npz \
+        --parent models/default --init-from models/default:3 --export models/elit-1
+    elit-train iterate models/default movie.npz --pixel-size-pm 11 --iterations 2 --run-dir runs/elit
+    elit-train multiclass models/elit-2 movie.npz --pixel-size-pm 11 --run-dir runs/elit-mc
 """
 from __future__ import annotations
 
@@ -69,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the trained ensemble to this folder (e.g. models/default)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("retraining on experimental data (ELIT)")
+    g.add_argument("--data", type=Path, metavar="DATASET",
+                   help="train on this dataset file (e.g. from `elit-train relabel`) instead of "
+                   "synthetic data; the synthetic-data options are then ignored; its last --n-test "
+                   "tiles are the test set and the --n-val before them validation")
+    g.add_argument("--init-from", metavar="SPEC",
+                   help="start every member from these weights instead of from scratch: "
+                   "ARTIFACT_DIR:MEMBER (e.g. models/default:3), RUN_DIR:MEMBER or a final.pt file")
+    g.add_argument("--parent", type=Path, metavar="ARTIFACT_DIR",
+                   help="the artifact this one is retrained from: recorded in the manifest lineage")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a trained run as an artifact (ONNX + manifest + probe)")
@@ -96,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="dataset key inside .npz/.h5/.emd files")
     p.add_argument("--out", type=Path, required=True, help="output PNG")
     p.set_defaults(func=cmd_predict)
+    from trainer.elit_cli import add_elit_commands
+    add_elit_commands(sub)
     return parser
 
 
@@ -187,6 +208,9 @@ def cmd_train(args) -> None:
     from trainer.train import train_ensemble
 
     cfg = train_config(args)
+    if args.data or args.init_from or args.parent:
+        from trainer.elit_cli import retrain_train_config
+        cfg = retrain_train_config(args, cfg)
     if args.export and args.export.exists() and not args.force:
         raise ValueError(f"{args.export} exists; pass --force to replace it after training")
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +219,8 @@ def cmd_train(args) -> None:
     _print_iou_table(results)
     if args.export:
         _export(args.run_dir, args.export, args.force)
+    elif args.data:
+        print(f"export it with: elit-train export --run-dir {args.run_dir} --out models/NAME")
 
 
 def cmd_export(args) -> None:
@@ -215,8 +241,10 @@ def _export(run_dir: Path, out: Path, force: bool, also: str | None = None) -> N
     command = command_path.read_text().strip() if command_path.exists() else "unknown"
     if also:
         command = f"{command} && {also}"
+    lineage_path = run_dir / "lineage.json"
+    lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else None
     manifest = write_artifact(out, load_members(run_dir, cfg), load_results(run_dir, cfg), cfg,
-                              command, report_dir=run_dir / "report", force=force)
+                              command, lineage=lineage, report_dir=run_dir / "report", force=force)
     print(f"artifact written and verified: {manifest.parent}")
 
 

@@ -9,22 +9,32 @@ snapshots of the ``swa_epochs`` epochs ending at the best epoch are averaged wit
 averaged weights (``update_bn``): statistics accumulated for other weights are stale.
 
 Every epoch writes a checkpoint, so an interrupted run resumes where it stopped.
+
+ELIT retraining (``trainer.iterate``): ``data_path`` names a dataset file (``trainer.synth`` format,
+e.g. written by ``trainer.relabel``) to train on instead of synthetic data: its tiles are split in
+file order into train / val / test (the last ``n_test`` tiles are the test set, the ``n_val``
+before them validation; relabelled sets are written frame by frame, so this holds out the last
+frames). Mask value 255 means "ignore" and is skipped by the loss and the IoU. ``init_from`` names
+starting weights for every member (see ``load_init_state``): a ``final.pt`` state dict, a run
+folder's member (``RUN_DIR:K``) or an artifact's member (``ARTIFACT_DIR:K``, weights read back from
+the ONNX initializers); tensors whose shape differs (e.g. the head, when the number of classes
+changes) keep their fresh initialisation.
 """
 from __future__ import annotations
 
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from trainer.synth import SynthConfig, make_dataset, load_dataset, save_dataset
+from trainer.synth import SynthConfig, load_dataset, make_dataset, save_dataset
 from trainer.unet import UNet, UNetConfig
 
 
@@ -43,6 +53,8 @@ class TrainConfig:
     data_seed: int = 7               # train / val / test sets use data_seed, +1, +2
     bn_batches: int = 32             # batches used to recompute BatchNorm statistics
     threads: int = 0                 # torch threads; 0 = torch's default
+    data_path: str | None = None     # train on this dataset file instead of synthetic data
+    init_from: str | None = None     # starting weights (see load_init_state); None = from scratch
     synth: SynthConfig = field(default_factory=SynthConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
 
@@ -52,7 +64,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         d["synth"] = SynthConfig.from_dict(d["synth"])
         d["unet"] = UNetConfig.from_dict(d["unet"])
@@ -78,7 +90,7 @@ class SplitData:
     masks: torch.Tensor
 
     @classmethod
-    def from_dataset(cls, ds) -> "SplitData":
+    def from_dataset(cls, ds) -> SplitData:
         return cls(torch.from_numpy(np.ascontiguousarray(ds.images)),
                    torch.from_numpy(ds.masks.astype(np.int64)))
 
@@ -89,8 +101,14 @@ class SplitData:
 # ----------------------------------------------------------------------------- data
 
 
+IGNORE_INDEX = 255                   # mask value skipped by the loss and the IoU
+
+
 def prepare_data(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = print) -> dict:
-    """Generate (or reuse, if already in ``run_dir``) the train / val / test splits."""
+    """Generate (or reuse, if already in ``run_dir``) the train / val / test splits; with
+    ``cfg.data_path``, split that file instead (see the module docstring)."""
+    if cfg.data_path:
+        return split_dataset_file(Path(cfg.data_path), cfg.n_val, cfg.n_test, log)
     splits = {}
     for offset, (name, n) in enumerate([("train", cfg.n_train), ("val", cfg.n_val),
                                         ("test", cfg.n_test)]):
@@ -104,6 +122,25 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = p
             log(f"generated {n} {name} images in {time.perf_counter() - t0:.1f} s -> {path}")
         splits[name] = ds
     return splits
+
+
+def split_dataset_file(path: Path, n_val: int, n_test: int, log=print) -> dict:
+    from trainer.synth import Dataset
+
+    ds = load_dataset(path)
+    n = len(ds.images)
+    if n < n_val + n_test + 1:
+        raise ValueError(f"{path}: {n} tiles, too few for {n_val} validation + {n_test} test tiles")
+    bounds = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test),
+              "test": (n - n_test, n)}
+    log(f"{path}: {n} tiles -> train {bounds['train'][1]}, val {n_val}, test {n_test} (file order)")
+    return {k: Dataset(ds.images[a:b], ds.masks[a:b], ds.xy[a:b], ds.cls[a:b],
+                       ds.pixel_size_pm[a:b], ds.config, ds.seed) for k, (a, b) in bounds.items()}
+
+
+def dataset_config(path: Path):
+    """The SynthConfig recorded in a dataset file (pixel size, tile size, classes, atom radius)."""
+    return load_dataset(path).config
 
 
 def batches(data: SplitData, batch_size: int, order: np.ndarray | None = None):
@@ -132,7 +169,7 @@ def train_epoch(model: UNet, opt: torch.optim.Optimizer, data: SplitData, order:
     model.train()
     total, count = 0.0, 0
     for x, y in batches(data, batch_size, order):
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -147,19 +184,22 @@ def train_epoch(model: UNet, opt: torch.optim.Optimizer, data: SplitData, order:
 @torch.no_grad()
 def evaluate_loss(model: UNet, data: SplitData, batch_size: int) -> float:
     model.eval()
-    total = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches(data, batch_size))
-    return total / (len(data) * data.masks[0].numel())
+    total = sum(F.cross_entropy(model(x), y, reduction="sum", ignore_index=IGNORE_INDEX).item()
+                for x, y in batches(data, batch_size))
+    return total / max(int((data.masks != IGNORE_INDEX).sum()), 1)
 
 
 @torch.no_grad()
 def atom_iou(model: UNet, data: SplitData, batch_size: int = 16) -> float:
     """IoU of atom pixels (any class) vs background over a whole split; an atom pixel is one whose
-    background probability is below 0.5 (sum of class probabilities above 0.5)."""
+    background probability is below 0.5 (sum of class probabilities above 0.5). Ignored pixels
+    (mask 255) count neither way."""
     model.eval()
     inter = union = 0
     for x, y in batches(data, batch_size):
-        pred = torch.softmax(model(x), 1)[:, 0] < 0.5
-        truth = y > 0
+        valid = y != IGNORE_INDEX
+        pred = (torch.softmax(model(x), 1)[:, 0] < 0.5) & valid
+        truth = (y > 0) & valid
         inter += (pred & truth).sum().item()
         union += (pred | truth).sum().item()
     return inter / union if union else 1.0
@@ -187,12 +227,16 @@ def recompute_bn(model: UNet, data: SplitData, batch_size: int, n_batches: int) 
 
 def train_member(member_id: int, cfg: TrainConfig, train: SplitData, val: SplitData,
                  member_dir: Path, log: Callable[[str], None] = print,
-                 show_progress: bool = True) -> tuple[UNet, MemberResult]:
-    """Train one member with early stopping, SWA and BN recomputation; resumable from ``member_dir``."""
+                 show_progress: bool = True, init_state: dict | None = None) -> tuple[UNet, MemberResult]:
+    """Train one member with early stopping, SWA and BN recomputation; resumable from ``member_dir``.
+    ``init_state``: starting weights (same-shape tensors are copied; the seed still drives the
+    rest of the initialisation and the batch order)."""
     seed = cfg.base_seed + member_id
     member_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = member_dir / "checkpoint.pt"
     model = new_member(seed, cfg.unet)
+    if init_state is not None:
+        apply_init_state(model, init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"epoch": 0, "snapshots": [], "history": {"train_loss": [], "val_loss": []},
              "best_val": float("inf"), "best_epoch": 0}
@@ -262,6 +306,7 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
         torch.set_num_threads(cfg.threads)
     splits = prepare_data(cfg, run_dir, log)
     train, val, test = (SplitData.from_dataset(splits[k]) for k in ("train", "val", "test"))
+    init_state = load_init_state(cfg.init_from, cfg.unet, log) if cfg.init_from else None
     results = []
     for member_id in range(cfg.members):
         member_dir = run_dir / f"member_{member_id:02d}"
@@ -270,7 +315,8 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
             results.append(MemberResult(**json.loads(result_path.read_text())))
             log(f"member {member_id}: already trained (test IoU {results[-1].test_iou:.4f})")
             continue
-        model, result = train_member(member_id, cfg, train, val, member_dir, log, show_progress)
+        model, result = train_member(member_id, cfg, train, val, member_dir, log, show_progress,
+                                     init_state)
         result.test_iou = atom_iou(model, test, cfg.batch_size)
         torch.save(model.state_dict(), final_path)
         result_path.write_text(json.dumps(asdict(result), indent=1))
@@ -279,6 +325,68 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
         results.append(result)
     write_training_report(results, run_dir / "report")
     return results
+
+
+def load_init_state(spec: str, unet_cfg: UNetConfig, log=print) -> dict:
+    """Starting weights from ``spec``: ``PATH.pt`` (a state dict, e.g. ``member_03/final.pt``),
+    ``RUN_DIR:K`` (that run's ``member_KK/final.pt``) or ``ARTIFACT_DIR:K`` (member K of an exported
+    ensemble, read back from the ONNX graph's initializers, which carry the PyTorch parameter names
+    ``members.K.<name>``)."""
+    path, _, member = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    path = Path(path)
+    if path.suffix == ".pt" and not member:
+        if not path.is_file():
+            raise ValueError(f"--init-from {spec}: no such file")
+        return torch.load(path, weights_only=True)
+    if not member.isdigit():
+        raise ValueError(f"--init-from {spec}: give a .pt file, RUN_DIR:MEMBER or ARTIFACT_DIR:MEMBER")
+    k = int(member)
+    if (path / f"member_{k:02d}" / "final.pt").is_file():
+        return torch.load(path / f"member_{k:02d}" / "final.pt", weights_only=True)
+    if (path / "manifest.json").is_file():
+        state = onnx_member_state(path, k)
+        log(f"initial weights: member {k} of {path} (from the ONNX initializers)")
+        return state
+    raise ValueError(f"--init-from {spec}: {path} is neither a run folder with member_{k:02d}/final.pt "
+                     "nor an artifact folder")
+
+
+def onnx_member_state(artifact_dir: Path, member: int) -> dict:
+    """Member ``member``'s state dict from an artifact's ``ensemble.onnx`` (by initializer name)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from trainer.artifact import read_manifest
+
+    manifest = read_manifest(artifact_dir)
+    ids = [m["id"] for m in manifest["members"]]
+    if member not in ids:
+        raise ValueError(f"{artifact_dir}: no member {member} (members {ids})")
+    graph = onnx.load(str(Path(artifact_dir) / manifest["model"]["file"])).graph
+    tensors = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:          # the exporter shares equal tensors through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in tensors:
+            tensors[node.output[0]] = tensors[node.input[0]]
+    prefix = f"members.{ids.index(member)}."
+    state = {name[len(prefix):]: torch.from_numpy(value.copy())
+             for name, value in tensors.items() if name.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{artifact_dir}: the ONNX graph has no named weights for member {member}")
+    return state
+
+
+def apply_init_state(model: UNet, state: dict) -> list[str]:
+    """Copy same-name, same-shape tensors into ``model``; returns the names left as initialised.
+    Raises ValueError when almost nothing matches (a different architecture)."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(k for k in own if k not in usable and not k.endswith("num_batches_tracked"))
+    if len(usable) < len(own) // 2:
+        raise ValueError(f"initial weights do not fit this U-Net ({len(usable)} of {len(own)} "
+                         "tensors match): use the same --base-filters as the parent")
+    own.update(usable)
+    model.load_state_dict(own)
+    return skipped
 
 
 def load_members(run_dir: Path, cfg: TrainConfig) -> list[UNet]:

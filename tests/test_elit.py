@@ -1,0 +1,221 @@
+"""ELIT loop: patch-GMM filter, training set from coordinates, scoring rule, intensity classes,
+weights from ONNX, manifest lineage of a retrained artifact (tiny networks, a few seconds)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from trainer.experiment import Analysis, member_figures, parse_frames
+from trainer.multiclass import split_by_intensity
+from trainer.relabel import (
+    IGNORE,
+    RelabelConfig,
+    augment_tile,
+    gmm_lattice_filter,
+    label_mask,
+    patch_features,
+    patch_stack,
+)
+from trainer.report import score_members
+from trainer.testmovie import honeycomb_pm, match_atoms
+
+BOND_PX = 10.0
+
+
+def gaussians(xy: np.ndarray, amp: np.ndarray, size: int, sigma: float = 2.2) -> np.ndarray:
+    g = np.arange(size, dtype=float)
+    gx = np.exp(-0.5 * ((g - xy[:, :1]) / sigma) ** 2)
+    gy = np.exp(-0.5 * ((g - xy[:, 1:]) / sigma) ** 2)
+    return (gy * amp[:, None]).T @ gx
+
+
+def half_lattice_half_amorphous(seed: int = 0, size: int = 192):
+    """Left half graphene, right half random hard-core positions; returns image, xy, is_lattice."""
+    rng = np.random.default_rng(seed)
+    lat = honeycomb_pm(size, BOND_PX, 0.3) + size / 2
+    lat = lat[(lat[:, 0] >= 2) & (lat[:, 0] < size / 2) & (lat[:, 1] >= 2) & (lat[:, 1] < size - 2)]
+    density = 4 / (3 * np.sqrt(3) * BOND_PX ** 2)
+    n_am = int(density * (size / 2) * size)
+    am = np.stack([rng.uniform(size / 2 + 3, size - 2, 4 * n_am), rng.uniform(2, size - 2, 4 * n_am)], 1)
+    keep = []
+    for p in am:                                   # hard core 0.8 bond
+        if all(np.hypot(*(p - q)) >= 0.8 * BOND_PX for q in keep):
+            keep.append(p)
+        if len(keep) == n_am:
+            break
+    am = np.array(keep)
+    xy = np.concatenate([lat, am])
+    amp = np.concatenate([np.ones(len(lat)), rng.uniform(0.6, 1.4, len(am))])
+    image = gaussians(xy, amp, size) + rng.normal(0, 0.15, (size, size))
+    return image, xy, np.r_[np.ones(len(lat), bool), np.zeros(len(am), bool)]
+
+
+def test_gmm_filter_removes_amorphous_keeps_lattice():
+    image, xy, is_lattice = half_lattice_half_amorphous()
+    patches = patch_features(patch_stack(image, xy, 48))
+    keep, info = gmm_lattice_filter(patches, "tight")
+    assert info["lattice_component"] in (0, 1)
+    assert (~keep[~is_lattice]).mean() > 0.9          # amorphous atoms removed
+    # lattice atoms kept: nearly all those a quarter patch (12 px) away from the amorphous half and
+    # the frame edges; nearer ones see disorder or reflect padding in their patch and may go too
+    away = is_lattice & np.all((xy > 12) & (xy < [96 - 12, 192 - 12]), axis=1)
+    assert keep[away].mean() > 0.95 and keep[is_lattice].mean() > 0.6
+    none, _ = gmm_lattice_filter(patches, "none")
+    assert none.all()
+
+
+def test_label_mask_discs_and_ignore_regions():
+    xy = np.array([[10.0, 12.0], [30.0, 30.0]])
+    dropped = np.array([[50.0, 20.0], [33.0, 30.0]])      # the second overlaps a kept atom
+    mask = label_mask(xy, np.array([1, 2], np.uint8), dropped, 3.0, 5.0, 64)
+    assert mask[12, 10] == 1 and mask[30, 30] == 2 and mask[20, 50] == IGNORE
+    assert mask[12, 13] == 1 and mask[12, 14] == 0        # disc radius 3
+    assert mask[30, 32] == 2                              # kept disc wins over the ignore disc
+    assert mask[30, 36] == IGNORE and mask[0, 0] == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augmented_tile_keeps_mask_and_image_aligned(seed):
+    size = 128
+    rng = np.random.default_rng(100 + seed)
+    grid = np.stack(np.meshgrid(np.arange(6, size - 5, 12.0), np.arange(6, size - 5, 12.0)), -1)
+    xy = grid.reshape(-1, 2) + rng.uniform(-2, 2, (grid.size // 2, 2))   # >= 8 px apart
+    image = gaussians(xy, np.ones(len(xy)), size, sigma=1.5)
+    image[:, : size // 3] += 0.3                          # asymmetric, so a wrong rotation shows
+    cfg = RelabelConfig(tile_px=64, noise_max=0.0)
+    img, mask, txy, _, _ = augment_tile(np.random.default_rng(seed), image, xy,
+                                          np.ones(len(xy), np.uint8), xy[:0], cfg, 2.0)
+    assert img.shape == mask.shape == (64, 64) and len(txy) > 0
+    inner = np.all((txy > 3) & (txy < 60), axis=1)
+    rows, cols = np.rint(txy[inner, 1]).astype(int), np.rint(txy[inner, 0]).astype(int)
+    assert (mask[rows, cols] == 1).all()
+    peak = img[rows, cols]
+    assert peak.mean() > img[mask == 0].mean() + 0.3      # bright atoms under the discs
+    for r, c in zip(rows, cols):                          # a local maximum within 1 px
+        window = img[max(r - 3, 0):r + 4, max(c - 3, 0):c + 4]
+        assert img[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].max() >= window.max() - 1e-6
+
+
+def fake_analysis(broken: int | None = 3, members: int = 6) -> Analysis:
+    """Members see the same lattice (slightly jittered); ``broken`` adds fog and spurious blobs."""
+    rng = np.random.default_rng(0)
+    size, frames = 96, 3
+    sites = honeycomb_pm(size, BOND_PX, 0.2) + size / 2
+    sites = sites[np.all((sites > 3) & (sites < size - 3), axis=1)]
+    maps = np.zeros((frames, members, 1, size, size), np.float32)
+    for t in range(frames):
+        for m in range(members):
+            disc = gaussians(sites + rng.normal(0, 0.2, sites.shape), np.ones(len(sites)), size, 1.6)
+            a = np.clip(1.3 * disc, 0, 1)
+            if m == broken:
+                fake = np.stack([rng.uniform(0, size, 30), rng.uniform(0, size, 30)], 1)
+                a = np.clip(a + 0.35 + 1.2 * gaussians(fake, np.ones(30), size, 1.2), 0, 1)
+            maps[t, m, 0] = a
+    radius = 2.0
+    return Analysis(np.zeros((frames, size, size), np.float32), np.arange(frames),
+                    maps.astype(np.float16), member_figures(maps.sum(2), radius), 11.0, radius,
+                    list(range(members)), "fake")
+
+
+def test_scoring_rule_flags_a_broken_member():
+    sel = score_members(fake_analysis(broken=3))
+    assert 3 in sel.flagged and 3 not in sel.members
+    assert sel.best != 3 and len(sel.members) >= 2
+    clean = score_members(fake_analysis(broken=None))
+    assert clean.flagged == []                            # agreeing members are not flagged
+
+
+def test_scoring_keeps_at_least_two():
+    sel = score_members(fake_analysis(broken=3, members=3), threshold=-1.0)
+    assert len(sel.members) == 2 and 3 not in sel.members
+
+
+def test_multiclass_split_of_a_bimodal_sample():
+    rng = np.random.default_rng(1)
+    light = np.exp(rng.normal(0, 0.12, 400))
+    heavy = 3.5 * np.exp(rng.normal(0, 0.1, 12))
+    cls, _ = split_by_intensity(np.r_[light, heavy])
+    assert (cls[400:] == 2).all() and (cls[:400] == 2).sum() <= 2
+    cls_uni, _ = split_by_intensity(light)
+    assert (cls_uni == 2).sum() <= 4                      # unimodal: (almost) nothing heavy
+    cls_t, _ = split_by_intensity(np.r_[light, heavy], threshold=2.0)
+    assert (cls_t == 2).sum() == 12
+
+
+def test_parse_frames_and_matching():
+    assert parse_frames("0:4", 10).tolist() == [0, 1, 2, 3]
+    assert parse_frames("1,3,-1", 10).tolist() == [1, 3, 9]
+    assert parse_frames(None, 3).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError):
+        parse_frames("20", 10)
+    ok, partner = match_atoms(np.array([[0.0, 0], [5, 5], [9, 9]]), np.array([[0.5, 0], [5.2, 5]]), 1.0)
+    assert ok.tolist() == [True, True, False] and partner.tolist() == [0, 1, -1]
+
+
+# ----------------------------------------------------------------------------- retraining + lineage
+
+
+@pytest.fixture(scope="module")
+def parent_artifact(tmp_path_factory) -> Path:
+    from trainer.export import write_artifact
+    from trainer.synth import SynthConfig
+    from trainer.train import MemberResult, TrainConfig
+    from trainer.unet import UNet, UNetConfig
+
+    cfg = TrainConfig(members=2, n_test=4, synth=SynthConfig(size_px=32),
+                      unet=UNetConfig(n_classes=2, base_filters=4))
+    members = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        members.append(UNet(cfg.unet).eval())
+    results = [MemberResult(i, 1000 + i, 1, 1, 1, 0.5, {}, 0.5) for i in range(2)]
+    out = tmp_path_factory.mktemp("models") / "parent"
+    write_artifact(out, members, results, cfg, "elit-train test", log=lambda *_: None)
+    return out
+
+
+def test_weights_read_back_from_onnx_match(parent_artifact):
+    from trainer.train import apply_init_state, onnx_member_state
+    from trainer.unet import UNet, UNetConfig
+
+    state = onnx_member_state(parent_artifact, 1)
+    torch.manual_seed(2)
+    reference = UNet(UNetConfig(n_classes=2, base_filters=4)).state_dict()
+    for name, value in reference.items():
+        if "num_batches" not in name:
+            torch.testing.assert_close(state[name], value)
+    one_class = UNet(UNetConfig(n_classes=1, base_filters=4))
+    assert apply_init_state(one_class, state) == ["head.bias", "head.weight"]
+
+
+def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path):
+    from trainer.artifact import sha256_file, verify_artifact
+    from trainer.cli import main
+    from trainer.testmovie import MovieConfig, make_movie, save_movie
+
+    movie = tmp_path / "movie.npz"
+    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
+    run = tmp_path / "run"
+    args = ["iterate", str(parent_artifact), str(movie), "--run-dir", str(run), "--iterations", "1",
+            "--tile", "32", "--tiles-per-frame", "6", "--members", "2", "--epochs", "1",
+            "--n-val", "3", "--n-test", "3", "--std-quantile", "1", "--threads", "1"]
+    assert main(args + ["--operator"]) == 0               # stops after the first report
+    assert (run / "iter_0" / "report" / "grid.png").stat().st_size > 0
+    assert not (run / "iter_1").exists()
+    assert main(args + ["--operator", "--select", "0,1", "--best", "1"]) == 0
+    child = run / "iter_1" / "artifact"
+    manifest = verify_artifact(child)
+    lineage = manifest["lineage"]
+    assert lineage["parent"] == {"name": "parent",
+                                 "manifest_sha256": sha256_file(parent_artifact / "manifest.json")}
+    assert lineage["iteration"] == 1 and lineage["members"] == [0, 1] and lineage["best_member"] == 1
+    assert lineage["frames"] == [0, 1, 2] and "gmm" in lineage["filters"]
+    assert lineage["selection"] == "operator"
+    assert manifest["training"]["init_from"].endswith("parent:1")
+    rows = json.loads((run / "progress.json").read_text())
+    assert [r["iteration"] for r in rows] == [0, 1] and "f1" in rows[1]["all"]
