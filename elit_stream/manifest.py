@@ -255,6 +255,9 @@ def _check_consistency(spec: Manifest) -> None:
     for key, ref in (("model.file", spec.model.file), ("probe.file", spec.probe.file)):
         if ref not in spec.files:
             raise bad(key, f"{ref!r} is not listed in files")
+    for key, tensor in (("input", spec.model.input), ("output", spec.model.output)):
+        if tensor.dtype != "float32":
+            raise bad(f"model.{key}.dtype", f"{tensor.dtype!r}; this reader handles float32")
     out = spec.model.output.shape
     if len(out) != 4:
         raise bad("model.output.shape", f"must have 4 dims [M, C, H, W], got {out}")

@@ -72,6 +72,7 @@ def test_missing_listed_file_is_refused(art_copy):
     (("classes", 0, "index"), 1, "classes"),
     (("model", "file"), "other.onnx", "model.file"),
     (("model", "output", "shape"), [5, 2, "H", "W"], "model.output.shape"),
+    (("model", "input", "dtype"), "float16", "model.input.dtype"),
 ])
 def test_bad_field_is_named(art_copy, path, value, field):
     m = read_manifest(art_copy)
