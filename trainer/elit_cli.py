@@ -12,7 +12,8 @@ RELABEL_HELP = """\
 Atoms are the blobs of the selected members' mean map on the chosen frames. Atoms in amorphous or
 contaminated regions are dropped by a 2-class Gaussian mixture on 48x48 patches around every atom
 (the tighter class is the lattice); atoms with high ensemble uncertainty are dropped too; the
-regions of dropped atoms are marked "ignore" (255) so they are not taught as background. Masks are
+regions of dropped atoms are marked "ignore" (255) so they are not taught as background, except
+non-lattice detections far from any kept atom (amorphous patches, holes), which become background. Masks are
 rebuilt on the experimental frames, rescaled to the ensemble's pixel size, and augmented (crops,
 90° rotations, flips, small zoom, Gaussian noise). Writes dataset.npz, relabel.json and
 kept_dropped.png (look at it!)."""
@@ -107,8 +108,10 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
     g.add_argument("--std-quantile", type=float, default=d.std_quantile,
                    help="drop atoms above this quantile of ensemble std (default 0.9; 1 = keep all)")
     g.add_argument("--std-max", type=float, help="drop atoms whose ensemble std exceeds this")
-    g.add_argument("--dropped-as", choices=["ignore", "background"], default=d.dropped_as,
-                   help="regions of dropped atoms: ignored by the loss (default) or background")
+    g.add_argument("--dropped-as", choices=["auto", "ignore", "background"], default=d.dropped_as,
+                   help="atoms the GMM calls 'not lattice': auto (default) = background when far "
+                   "(> 0.45 patch) from every kept atom, else ignored by the loss; or all ignored; "
+                   "or all background. Uncertain atoms are always ignored")
     g.add_argument("--tile", type=_pos_int, default=d.tile_px, help="tile size in px (multiple of 8)")
     g.add_argument("--tiles-per-frame", type=_pos_int, default=d.tiles_per_frame)
     g.add_argument("--relabel-seed", type=int, default=0)
@@ -242,7 +245,8 @@ def cmd_relabel(args) -> None:
     ds = build_dataset(an, atoms, cfg, manifest["pixel_size_pm"], manifest["atom_radius_px"],
                        _parent_synth(manifest))
     path = write_relabel(args.out, ds, atoms, info, cfg, an, members)
-    print(f"{info['kept']} atoms kept, {info['dropped']} dropped by the GMM, "
+    print(f"{info['kept']} atoms kept, {info['dropped']} dropped by the GMM "
+          f"({info['dropped_as_background']} of them as background), "
           f"{info['dropped_uncertainty']} by uncertainty; {len(ds.images)} tiles -> {path}\n"
           f"look at {args.out / 'kept_dropped.png'}; then:\n  elit-train train --run-dir RUN --data {path} "
           f"--parent {an.artifact} --init-from {an.artifact}:{sel.best if not args.members else members[0]} "

@@ -216,8 +216,9 @@ def _relabel(an: Analysis, sel: Selection, rcfg: RelabelConfig, artifact: Path, 
     ds = build_dataset(an, atoms, rcfg, manifest["pixel_size_pm"], manifest["atom_radius_px"],
                        _parent_synth(manifest))
     path = write_relabel(out, ds, atoms, info, rcfg, an, sel.members)
-    log(f"relabelled: {info['kept']} atoms kept, {info['dropped']} dropped by the GMM, "
-        f"{info['dropped_uncertainty']} by uncertainty; {len(ds.images)} tiles -> {path}")
+    log(f"relabelled: {info['kept']} atoms kept, {info['dropped']} dropped by the GMM "
+        f"({info['dropped_as_background']} of them as background), {info['dropped_uncertainty']} "
+        f"by uncertainty; {len(ds.images)} tiles -> {path}")
     return path
 
 

@@ -67,7 +67,7 @@ def multiclass_atoms(an: Analysis, members: list[int], cfg: RelabelConfig, nomin
     for fa in atoms:
         fa.cls = cls[start:start + len(fa.xy)]
         start += len(fa.xy)
-        rescued = (fa.cls == 2) & (fa.reason == 1)
+        rescued = (fa.cls == 2) & ((fa.reason == 1) | (fa.reason == 3))
         fa.reason[rescued] = 0
     info["classes"] = split
     info["heavy_kept"] = int(sum(((fa.cls == 2) & fa.kept).sum() for fa in atoms))

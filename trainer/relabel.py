@@ -23,11 +23,17 @@ covariance has the smaller log-determinant (``gmm_keep="tight"``, default). Over
 picture), ``"none"`` (no GMM filtering). It is deliberately conservative: lattice atoms next to
 holes, dopants, contamination and the frame edge are often dropped too (they become "ignore").
 
-Ignore label (255): discs of ``ignore_radius_factor`` × atom radius around dropped atoms (by the GMM
-or the uncertainty filter) are marked 255, and the training loss skips them (``cross_entropy``
-``ignore_index``): we do not know whether there is an atom there, so it must not be taught as
-background. ``dropped_as="background"`` instead lets them become background (the paper's choice for
-amorphous regions).
+Ignore label (255) vs background for dropped atoms (``dropped_as``). Atoms dropped for high
+uncertainty get discs of ``ignore_radius_factor`` × atom radius marked 255, which the training loss
+skips (``cross_entropy`` ``ignore_index``): we do not know whether there is an atom, so it must not
+be taught as background. For atoms the GMM calls "not lattice" there are two kinds: detections in
+amorphous regions or holes (which *should* become background, as in the paper, or the network keeps
+finding atoms there) and true lattice atoms next to a hole, dopant or the frame edge (which must not
+become background). ``"auto"`` (default) tells them apart by distance: a GMM-dropped atom farther
+than ``background_dist`` × patch side from every kept atom lies inside a non-lattice region and
+becomes background; nearer ones are ignored. ``"ignore"``: all ignored; ``"background"``: all
+background (the paper). Reasons in ``FrameAtoms.reason``: 0 kept, 1 GMM → ignore, 2 uncertainty →
+ignore, 3 GMM → background.
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ class RelabelConfig:
     gmm_per_frame: bool = True           # fit one GMM per frame (False: one for all frames)
     std_quantile: float | None = 0.9     # drop atoms above this quantile of uncertainty ...
     std_max: float | None = None         # ... or above this absolute std (both may apply)
-    dropped_as: str = "ignore"           # ignore | background
+    dropped_as: str = "auto"             # auto | ignore | background (GMM-dropped atoms)
+    background_dist: float = 0.45        # "auto": background beyond this × patch from kept atoms
     ignore_radius_factor: float = 1.6
     n_classes: int = 1
     tile_px: int = 96                    # training tile side (multiple of 8)
@@ -68,15 +75,16 @@ class RelabelConfig:
     def __post_init__(self) -> None:
         if self.gmm_keep not in ("tight", "large", "0", "1", "none"):
             raise ValueError(f"gmm_keep must be tight, large, 0, 1 or none, not {self.gmm_keep!r}")
-        if self.dropped_as not in ("ignore", "background"):
-            raise ValueError(f"dropped_as must be ignore or background, not {self.dropped_as!r}")
+        if self.dropped_as not in ("auto", "ignore", "background"):
+            raise ValueError(f"dropped_as must be auto, ignore or background, not {self.dropped_as!r}")
         if self.tile_px % 8 or self.tile_px < 32:
             raise ValueError(f"tile size must be a multiple of 8 and >= 32, not {self.tile_px}")
 
 
 @dataclass
 class FrameAtoms:
-    """Atoms of one frame on the frame's own grid; ``reason``: 0 kept, 1 GMM, 2 uncertainty."""
+    """Atoms of one frame on the frame's own grid; ``reason``: 0 kept, 1 GMM (ignored),
+    2 uncertainty (ignored), 3 GMM (background)."""
     frame: int
     xy: np.ndarray
     std: np.ndarray
@@ -182,11 +190,27 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
         ok = lattice[start:start + len(fa.xy)]
         start += len(fa.xy)
         fa.reason = np.where(~ok, 1, np.where(fa.std > limit, 2, 0)).astype(np.uint8)
+        fa.reason[_background_atoms(fa, cfg, patch)] = 3
         fa.cls = np.ones(len(fa.xy), np.uint8)
     info.update(std_limit=None if np.isinf(limit) else limit, patch_px_on_frames=patch,
                 kept=int(sum(fa.kept.sum() for fa in per_frame)),
-                dropped_uncertainty=int(sum((fa.reason == 2).sum() for fa in per_frame)))
+                dropped_uncertainty=int(sum((fa.reason == 2).sum() for fa in per_frame)),
+                dropped_as_background=int(sum((fa.reason == 3).sum() for fa in per_frame)))
     return per_frame, info
+
+
+def _background_atoms(fa: FrameAtoms, cfg: RelabelConfig, patch_px: int) -> np.ndarray:
+    """GMM-dropped atoms that become background under ``cfg.dropped_as`` (see the docstring)."""
+    gmm = fa.reason == 1
+    if cfg.dropped_as == "ignore" or not gmm.any():
+        return np.zeros(len(fa.xy), bool)
+    kept = fa.xy[fa.reason == 0]
+    if cfg.dropped_as == "background" or len(kept) == 0:
+        return gmm
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(kept).query(fa.xy)
+    return gmm & (dist > cfg.background_dist * patch_px)
 
 
 def _gmm_over_frames(patches: list[np.ndarray], cfg: RelabelConfig) -> tuple[np.ndarray, dict]:
@@ -255,8 +279,7 @@ def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cl
         img, pts = img[::-1], [p * [1, -1] + [0, tile - 1] for p in pts]
     img = _unit(img) + rng.normal(0, rng.uniform(0, cfg.noise_max), img.shape)
     r = radius_px * factor
-    mask = label_mask(pts[0], cls, pts[1], r, r * cfg.ignore_radius_factor if
-                      cfg.dropped_as == "ignore" else 0.0, tile)
+    mask = label_mask(pts[0], cls, pts[1], r, r * cfg.ignore_radius_factor, tile)
     inside = np.all((pts[0] >= -0.5) & (pts[0] < tile - 0.5), axis=1)
     return (_unit(img).astype(np.float32), mask, pts[0][inside].astype(np.float32),
             cls[inside], factor)
@@ -276,7 +299,7 @@ def build_dataset(an: Analysis, atoms: list[FrameAtoms], cfg: RelabelConfig, nom
         if min(scaled.shape) < cfg.tile_px * (1 + cfg.scale_jitter):
             raise ValueError(f"frames are {scaled.shape} px at the artifact's scale, too small for "
                              f"{cfg.tile_px}-px tiles; use a smaller --tile")
-        kept, dropped = fa.xy[fa.kept] * g, fa.xy[~fa.kept] * g
+        kept, dropped = fa.xy[fa.kept] * g, fa.xy[(fa.reason == 1) | (fa.reason == 2)] * g
         for _ in range(cfg.tiles_per_frame):
             img, mask, xy, cls, factor = augment_tile(rng, scaled, kept, fa.cls[fa.kept], dropped,
                                                       cfg, radius_nominal_px)
@@ -310,8 +333,10 @@ def kept_dropped_png(an: Analysis, atoms: list[FrameAtoms], path: Path, k: int =
     axes = fig.subplots(1, len(picks), squeeze=False)[0]
     for ax, fa in zip(axes, picks):
         ax.imshow(an.frames[where[fa.frame]], cmap="gray")
-        for reason, colour, marker, label in ((0, "lime", "o", "kept"), (1, "red", "x", "GMM: not lattice"),
-                                              (2, "orange", "+", "high uncertainty")):
+        for reason, colour, marker, label in ((0, "lime", "o", "kept"),
+                                              (1, "red", "x", "GMM: not lattice → ignore"),
+                                              (3, "magenta", "x", "GMM: not lattice → background"),
+                                              (2, "orange", "+", "high uncertainty → ignore")):
             sel = fa.reason == reason
             ax.scatter(fa.xy[sel, 0], fa.xy[sel, 1], s=6 if reason == 0 else 14, c=colour,
                        marker=marker, linewidths=0.8 if reason else 0,
