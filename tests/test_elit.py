@@ -219,3 +219,15 @@ def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path)
     assert manifest["training"]["init_from"].endswith("parent:1")
     rows = json.loads((run / "progress.json").read_text())
     assert [r["iteration"] for r in rows] == [0, 1] and "f1" in rows[1]["all"]
+
+
+def test_far_non_lattice_atoms_become_background_near_ones_ignored():
+    from trainer.relabel import FrameAtoms, _background_atoms
+
+    xy = np.array([[10.0, 10], [20, 10], [30, 10], [100, 100], [45, 10]])
+    fa = FrameAtoms(0, xy, np.zeros(5), np.array([0, 0, 1, 1, 2], np.uint8))
+    auto = _background_atoms(fa, RelabelConfig(dropped_as="auto", background_dist=0.5), 40)
+    assert auto.tolist() == [False, False, False, True, False]   # 10 px from a kept atom: ignore
+    every = _background_atoms(fa, RelabelConfig(dropped_as="background"), 40)
+    assert every.tolist() == [False, False, True, True, False]   # uncertain (2) never background
+    assert not _background_atoms(fa, RelabelConfig(dropped_as="ignore"), 40).any()

@@ -110,8 +110,11 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
     g.add_argument("--std-max", type=float, help="drop atoms whose ensemble std exceeds this")
     g.add_argument("--dropped-as", choices=["auto", "ignore", "background"], default=d.dropped_as,
                    help="atoms the GMM calls 'not lattice': auto (default) = background when far "
-                   "(> 0.45 patch) from every kept atom, else ignored by the loss; or all ignored; "
+                   "(> 0.55 patch) from every kept atom, else ignored by the loss; or all ignored; "
                    "or all background. Uncertain atoms are always ignored")
+    g.add_argument("--keep-bright", type=float, default=d.keep_bright,
+                   help="never let the GMM drop atoms brighter than this many times the median "
+                   "atom (dopants; default 1.6; 0 = off)")
     g.add_argument("--tile", type=_pos_int, default=d.tile_px, help="tile size in px (multiple of 8)")
     g.add_argument("--tiles-per-frame", type=_pos_int, default=d.tiles_per_frame)
     g.add_argument("--relabel-seed", type=int, default=0)
@@ -123,7 +126,8 @@ def relabel_config(args, n_classes: int = 1):
     q = None if args.std_quantile is None or args.std_quantile >= 1 else args.std_quantile
     return RelabelConfig(frames=args.frames, source=args.source, patch_px=args.patch_px,
                          gmm_keep=args.gmm_keep, std_quantile=q, std_max=args.std_max,
-                         dropped_as=args.dropped_as, n_classes=n_classes, tile_px=args.tile,
+                         dropped_as=args.dropped_as, keep_bright=args.keep_bright or None,
+                         n_classes=n_classes, tile_px=args.tile,
                          tiles_per_frame=args.tiles_per_frame, seed=args.relabel_seed)
 
 

@@ -33,7 +33,12 @@ become background). ``"auto"`` (default) tells them apart by distance: a GMM-dro
 than ``background_dist`` × patch side from every kept atom lies inside a non-lattice region and
 becomes background; nearer ones are ignored. ``"ignore"``: all ignored; ``"background"``: all
 background (the paper). Reasons in ``FrameAtoms.reason``: 0 kept, 1 GMM → ignore, 2 uncertainty →
-ignore, 3 GMM → background.
+ignore, 3 GMM → background, 4 faint blob → ignore.
+
+Two guards against the loop "forgetting" atoms from one iteration to the next: atoms brighter than
+``keep_bright`` × the frame's median atom (dopants) are never dropped by the GMM (their patches are
+unlike the lattice's, but they are atoms), and faint blobs of the source map (peak probability in
+``[weak_threshold, 0.5)``, not at a found atom) are ignored rather than taught as background.
 """
 from __future__ import annotations
 
@@ -63,7 +68,9 @@ class RelabelConfig:
     std_quantile: float | None = 0.9     # drop atoms above this quantile of uncertainty ...
     std_max: float | None = None         # ... or above this absolute std (both may apply)
     dropped_as: str = "auto"             # auto | ignore | background (GMM-dropped atoms)
-    background_dist: float = 0.45        # "auto": background beyond this × patch from kept atoms
+    background_dist: float = 0.55        # "auto": background beyond this × patch from kept atoms
+    keep_bright: float | None = 1.6      # never GMM-drop atoms brighter than this × median atom
+    weak_threshold: float | None = 0.25  # faint blobs (peak in [this, 0.5)) are ignored
     ignore_radius_factor: float = 1.6
     n_classes: int = 1
     tile_px: int = 96                    # training tile side (multiple of 8)
@@ -84,7 +91,7 @@ class RelabelConfig:
 @dataclass
 class FrameAtoms:
     """Atoms of one frame on the frame's own grid; ``reason``: 0 kept, 1 GMM (ignored),
-    2 uncertainty (ignored), 3 GMM (background)."""
+    2 uncertainty (ignored), 3 GMM (background), 4 faint blob (ignored)."""
     frame: int
     xy: np.ndarray
     std: np.ndarray
@@ -179,6 +186,9 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
         patches.append(patch_features(patch_stack(_unit(an.frames[pos]), xy, patch),
                                       cfg.gmm_symmetrise, cfg.gmm_window))
     lattice, info = _gmm_over_frames(patches, cfg)
+    bright = _bright_atoms(an, per_frame, cfg.keep_bright)
+    info["bright_rescued"] = int((bright & ~lattice).sum())
+    lattice = lattice | bright
     all_std = np.concatenate([fa.std for fa in per_frame])
     limit = np.inf
     if cfg.std_quantile is not None and len(all_std):
@@ -192,11 +202,47 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
         fa.reason = np.where(~ok, 1, np.where(fa.std > limit, 2, 0)).astype(np.uint8)
         fa.reason[_background_atoms(fa, cfg, patch)] = 3
         fa.cls = np.ones(len(fa.xy), np.uint8)
-    info.update(std_limit=None if np.isinf(limit) else limit, patch_px_on_frames=patch,
+    weak = _add_weak_blobs(per_frame, source, an.atom_radius_px, cfg.weak_threshold)
+    info.update(weak_blobs_ignored=weak,std_limit=None if np.isinf(limit) else limit, patch_px_on_frames=patch,
                 kept=int(sum(fa.kept.sum() for fa in per_frame)),
                 dropped_uncertainty=int(sum((fa.reason == 2).sum() for fa in per_frame)),
                 dropped_as_background=int(sum((fa.reason == 3).sum() for fa in per_frame)))
     return per_frame, info
+
+
+def _bright_atoms(an: Analysis, atoms: list[FrameAtoms], keep_bright: float | None) -> np.ndarray:
+    """Atoms brighter than ``keep_bright`` × the frame's median atom (dopants, heavy columns):
+    the patch GMM must not drop them (their patches differ from the lattice's)."""
+    from trainer.multiclass import atom_intensities
+
+    if keep_bright is None:
+        return np.zeros(sum(len(fa.xy) for fa in atoms), bool)
+    where = {int(f): i for i, f in enumerate(an.frame_index)}
+    values = [atom_intensities(an.frames[where[fa.frame]], fa.xy, an.atom_radius_px) for fa in atoms]
+    return np.concatenate(values) > keep_bright if values else np.zeros(0, bool)
+
+
+def _add_weak_blobs(atoms: list[FrameAtoms], source: np.ndarray, radius_px: float,
+                    threshold: float | None) -> int:
+    """Blobs of ``source`` above ``threshold`` (but not 0.5) away from every found atom are added
+    with reason 4 (ignored): a faint atom must not be taught as background."""
+    from scipy.spatial import cKDTree
+
+    from trainer.experiment import blob_centres
+
+    if threshold is None:
+        return 0
+    total = 0
+    for fa, src in zip(atoms, source):
+        weak = blob_centres(src, radius_px, threshold=threshold)
+        if len(fa.xy) and len(weak):
+            weak = weak[cKDTree(fa.xy).query(weak)[0] > 1.5 * radius_px]
+        fa.xy = np.concatenate([fa.xy, weak]).astype(np.float32)
+        fa.std = np.concatenate([fa.std, np.full(len(weak), np.nan)])
+        fa.reason = np.concatenate([fa.reason, np.full(len(weak), 4, np.uint8)])
+        fa.cls = np.concatenate([fa.cls, np.ones(len(weak), np.uint8)])
+        total += len(weak)
+    return total
 
 
 def _background_atoms(fa: FrameAtoms, cfg: RelabelConfig, patch_px: int) -> np.ndarray:
@@ -299,7 +345,7 @@ def build_dataset(an: Analysis, atoms: list[FrameAtoms], cfg: RelabelConfig, nom
         if min(scaled.shape) < cfg.tile_px * (1 + cfg.scale_jitter):
             raise ValueError(f"frames are {scaled.shape} px at the artifact's scale, too small for "
                              f"{cfg.tile_px}-px tiles; use a smaller --tile")
-        kept, dropped = fa.xy[fa.kept] * g, fa.xy[(fa.reason == 1) | (fa.reason == 2)] * g
+        kept, dropped = fa.xy[fa.kept] * g, fa.xy[np.isin(fa.reason, (1, 2, 4))] * g
         for _ in range(cfg.tiles_per_frame):
             img, mask, xy, cls, factor = augment_tile(rng, scaled, kept, fa.cls[fa.kept], dropped,
                                                       cfg, radius_nominal_px)
@@ -336,7 +382,8 @@ def kept_dropped_png(an: Analysis, atoms: list[FrameAtoms], path: Path, k: int =
         for reason, colour, marker, label in ((0, "lime", "o", "kept"),
                                               (1, "red", "x", "GMM: not lattice → ignore"),
                                               (3, "magenta", "x", "GMM: not lattice → background"),
-                                              (2, "orange", "+", "high uncertainty → ignore")):
+                                              (2, "orange", "+", "high uncertainty → ignore"),
+                                              (4, "cyan", "+", "faint blob → ignore")):
             sel = fa.reason == reason
             ax.scatter(fa.xy[sel, 0], fa.xy[sel, 1], s=6 if reason == 0 else 14, c=colour,
                        marker=marker, linewidths=0.8 if reason else 0,
