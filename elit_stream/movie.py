@@ -120,6 +120,16 @@ def load_movie(path) -> Movie:
                      list(np.split(z["cls"], splits)), float(z["pixel_size_pm"]))
 
 
+def interior(xy: np.ndarray, shape: tuple[int, int], margin_px: float) -> np.ndarray:
+    """Mask of positions at least `margin_px` inside the frame. Score detections on the interior
+    only: atoms centred just outside the frame show up as partial blobs whose centres fall inside,
+    and are (rightly) not in the truth."""
+    xy = np.asarray(xy).reshape(-1, 2)
+    h, w = shape
+    return ((xy[:, 0] >= margin_px) & (xy[:, 0] <= w - 1 - margin_px)
+            & (xy[:, 1] >= margin_px) & (xy[:, 1] <= h - 1 - margin_px))
+
+
 def match_atoms(pred_xy: np.ndarray, true_xy: np.ndarray, max_dist_px: float
                 ) -> tuple[int, int, int]:
     """(tp, fp, fn) of a one-to-one matching minimising total distance among pairs closer

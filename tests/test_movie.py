@@ -4,7 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from elit_stream.movie import CC_BOND_PM, Movie, load_movie, make_movie, match_atoms, save_movie
+from elit_stream.movie import (
+    CC_BOND_PM,
+    Movie,
+    interior,
+    load_movie,
+    make_movie,
+    match_atoms,
+    save_movie,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +90,9 @@ def test_match_atoms_counts():
     # one-to-one and optimal: greedy nearest would pair (4.9 -> 5) and lose one
     pred = np.array([[4.9, 0], [5.8, 0]])
     assert match_atoms(pred, np.array([[4.0, 0], [5.0, 0]]), 1.0) == (2, 0, 0)
+
+
+def test_interior_margin():
+    xy = np.array([[0.0, 5.0], [3.0, 3.0], [5.0, 9.0], [5.0, 7.0]])
+    assert interior(xy, (10, 8), 3).tolist() == [False, True, False, False]
+    assert interior(np.zeros((0, 2)), (10, 8), 3).shape == (0,)
