@@ -4,6 +4,7 @@ Not a test. Prints a table of median / min milliseconds over N repeats, plus the
 (the numbers mean little on a busy machine). Usage:
 
     .venv/bin/python benchmarks/bench_model_side.py [--repeats 15] [--size 512] [--no-default]
+                                                    [--artifact models/NAME]
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--no-default", action="store_true")
+    ap.add_argument("--artifact", type=Path, help="time this artifact instead of models/default")
     args = ap.parse_args()
     n = args.size
     frame = np.random.default_rng(0).poisson(40, (n, n)).astype(np.uint16)
@@ -66,10 +68,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tiny = load_artifact(build_tiny_artifact(tmp, n_members=8))
         rows += engine_rows("tiny", tiny, frame, args.repeats, spin_both=True)
-    default = ROOT / "models" / "default"
+    default = args.artifact or ROOT / "models" / "default"
     if not args.no_default and (default / "manifest.json").exists():
-        rows += engine_rows("default", load_artifact(default), frame, max(3, args.repeats // 3),
-                            spin_both=True)
+        art = load_artifact(default)
+        rows += engine_rows(art.name, art, frame, max(3, args.repeats // 3), spin_both=True)
     probs = synthetic_probs(8, 2, n)
     act = np.arange(8)
     p = Params()
