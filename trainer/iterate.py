@@ -167,8 +167,10 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
         if i == cfg.iterations:
             break
         if sel is None:
-            log(f"\nreview {it / 'report' / 'report.md'} and {it / 'report' / 'grid.png'}, then continue:"
-                f"\n  {command} --select M1,M2,... [--best M]   (or --select suggested)")
+            hint = load_selection(it / "report" / "suggested.json")
+            log(f"\nreview {it / 'report' / 'report.md'} and {it / 'report' / 'grid.png'}; the rule "
+                f"suggests members {hint.members}, best {hint.best}. Continue with your choice:"
+                f"\n  {command} --select {','.join(map(str, hint.members))} --best {hint.best}")
             return rows
         select, best = None, None                      # an operator's choice applies once
         child = it.parent / f"iter_{i + 1}"
