@@ -188,6 +188,7 @@ def write_artifact(out_dir: Path, members: list[UNet], results: list[MemberResul
             shutil.copytree(report_dir, tmp / "report")
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        tmp.chmod(0o755)          # mkdtemp makes it private; an artifact is for everyone to read
         tmp.rename(out_dir)
         tmp.mkdir()           # TemporaryDirectory cleans up a folder of its own name
     return out_dir / "manifest.json"
