@@ -360,7 +360,7 @@ DEFAULT_MODEL = REPO / "models" / "default"
 # its atom than to any neighbour, so one-to-one matching cannot pair it with the wrong atom.
 MATCH_FRACTION_OF_BOND = 0.5
 # Thresholds (see the test's docstring for why these numbers).
-MIN_PRECISION, MIN_RECALL = 0.90, 0.85
+MIN_PRECISION, MIN_RECALL = 0.90, 0.95
 
 
 @pytest.mark.slow
@@ -370,12 +370,14 @@ MIN_PRECISION, MIN_RECALL = 0.90, 0.85
 def test_detection_precision_recall_on_a_synthetic_movie():
     """A movie with known atoms, drift and a growing hole, replayed through the real service.
 
-    Thresholds: the ground truth counts every atom whose centre lies inside the frame, including
-    atoms cut by the border (about half a probe width of them visible) and atoms on the hole's
-    rim; on a 256 px frame at ~14 pm/px those are roughly 5-8 % of all atoms. A model that finds
-    every interior atom therefore scores recall ~0.92-0.95; 0.85 leaves room for noise without
-    letting a model that misses whole regions pass. False positives have no such excuse (vacuum
-    in the hole, background gradient), so precision must stay above 0.90.
+    Measured with the shipped 8-member ensemble (movie seeds 11 and 3, 6 frames of 256 px at the
+    model's pixel size): recall 1.000, precision 0.943 / 0.938. Two thirds of the false positives
+    (113 of 171) lie within the match radius of the frame border: atoms whose centres are just
+    outside the frame, half visible, which the ground truth does not count (it keeps atoms with
+    centres inside the frame). So a perfect model scores about 0.96 here; the remaining ~2 % are
+    detections on the hole's rim and doubles. Thresholds: recall >= 0.95 (every interior atom is
+    clearly visible at this dose: losing 5 % means a real regression), precision >= 0.90 (room
+    for the border effect plus twice today's interior false positives, no more).
     """
     from elit_stream.manifest import load_artifact
     from elit_stream.movie import CC_BOND_PM, make_movie, match_atoms
