@@ -51,6 +51,9 @@ def run_demo(args) -> int:
                             pixel_size_pm=art.pixel_size_pm)
     print(f"model {art.name}: {art.n_members} members, classes {', '.join(art.class_names)}; "
           f"movie: {len(mov.frames)} frames of {args.size}x{args.size} px", flush=True)
+    print("per frame: atoms found, their mean uncertainty, time inside the service, and time "
+          "since the frame was sent (includes waiting in the queue when frames are sent faster "
+          "than they are processed)", flush=True)
     try:
         service = ServiceProcess(["--model", str(model), "--device", args.device,
                                   "--delivery", args.delivery], timeout_s=120)
