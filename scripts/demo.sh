@@ -7,6 +7,8 @@ VENV=${ELIT_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e .
+"$VENV/bin/python" -m pip install -q --upgrade pip > /dev/null 2>&1 || true
+echo "installing into $VENV (log: $VENV/install.log) ..." >&2
+"$VENV/bin/python" -m pip install -q -e . > "$VENV/install.log" 2>&1 \
+    || { cat "$VENV/install.log" >&2; echo "installation failed (see above)" >&2; exit 1; }
 exec "$VENV/bin/elit-stream" demo "$@"

@@ -7,8 +7,10 @@ VENV=${ELIT_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --upgrade pip > /dev/null 2>&1 || true
 # Pinned CPU wheel first, so the `train` extra does not pull several GB of CUDA packages.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[train,test]"
+echo "installing into $VENV (log: $VENV/install.log) ..." >&2
+"$VENV/bin/python" -m pip install -q -e ".[train,test]" > "$VENV/install.log" 2>&1 \
+    || { cat "$VENV/install.log" >&2; echo "installation failed (see above)" >&2; exit 1; }
 exec "$VENV/bin/python" -m pytest "$@"
