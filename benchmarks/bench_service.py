@@ -42,10 +42,11 @@ def pick_model(arg: str | None) -> Path:
     return build_tiny_artifact(Path(tempfile.mkdtemp()), n_members=3)
 
 
-def baseline(model: Path, frames: np.ndarray, threads: int | None) -> dict[str, list[float]]:
+def baseline(model: Path, frames: np.ndarray, threads: int | None,
+             device: str = "cpu") -> dict[str, list[float]]:
     """The same stages in-process: prepare, run, analyse (+ coordinate mapping)."""
     art = load_artifact(model)
-    eng = Engine(art, device="cpu", threads=threads)
+    eng = Engine(art, device=device, threads=threads)
     eng.warm_up(frames.shape[1:])
     params, active = Params(), np.arange(art.n_members)
     out: dict[str, list[float]] = {s: [] for s in ("prepare", "infer", "analyse", "total")}
@@ -63,8 +64,9 @@ def baseline(model: Path, frames: np.ndarray, threads: int | None) -> dict[str, 
     return out
 
 
-def through_service(model: Path, frames: np.ndarray, threads: int | None, pixel_size_pm: float):
-    args = ["--model", str(model), "--device", "cpu"] + (["--threads", str(threads)] if threads
+def through_service(model: Path, frames: np.ndarray, threads: int | None, pixel_size_pm: float,
+                    device: str = "cpu"):
+    args = ["--model", str(model), "--device", device] + (["--threads", str(threads)] if threads
                                                          else [])
     stages: dict[str, list[float]] = {s: [] for s in (*STAGES, "round trip")}
     with ServiceProcess(args, timeout_s=120) as sp, \
@@ -116,14 +118,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     a = ap.parse_args()
     model = pick_model(a.model)
     ps = load_artifact(model, check_probe=False).pixel_size_pm
     frames = make_movie(n_frames=a.frames, size_px=a.size, seed=0, pixel_size_pm=ps).frames
-    base = baseline(model, frames, a.threads)
-    served, n_atoms = through_service(model, frames, a.threads, ps)
+    base = baseline(model, frames, a.threads, a.device)
+    served, n_atoms = through_service(model, frames, a.threads, ps, a.device)
     print(f"\nmodel {model.name}, {a.frames} frames {a.size}x{a.size} uint16 ({n_atoms} atoms in "
-          f"the last), CPU, {a.threads or 'default'} threads, load average "
+          f"the last), {a.device}, {a.threads or 'default'} threads, load average "
           f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs\n")
     print("| stage | in-process baseline, ms (median / p90) | service, ms (median / p90) |")
     print("|---|---|---|")
