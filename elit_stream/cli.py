@@ -22,6 +22,9 @@ examples:
   elit-stream ctl set_params threshold=0.4
   elit-stream ctl load_model models/v2         swap the ensemble without dropping frames
   elit-stream config --print                   show the effective configuration
+  elit-stream keys /etc/elit-stream/keys --client scope --client operator
+  elit-stream serve --auth control --keys /etc/elit-stream/keys
+  elit-stream ctl status --client-key scope.key_secret --server-key server.key
 
 The wire protocol (for microscope software) is in docs/protocol.md.
 """
@@ -70,7 +73,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print it as TOML (the default action)")
     c.set_defaults(func=cmd_config)
     _demo_parser(sub)
+    _keys_parser(sub)
     return p
+
+
+def _curve_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client-key", metavar="FILE", help="CURVE: this client's key pair "
+                   "(NAME.key_secret from `elit-stream keys`); needs --server-key")
+    p.add_argument("--server-key", metavar="FILE", help="CURVE: the service's public key "
+                   "(server.key)")
+
+
+def _client_curve(args):
+    """--client-key/--server-key -> ClientCurve or None (CliError if only one is given)."""
+    if not (args.client_key or args.server_key):
+        return None
+    if not (args.client_key and args.server_key):
+        raise CliError("CURVE needs both --client-key and --server-key")
+    from .auth import AuthError, ClientCurve
+    try:
+        return ClientCurve.from_files(args.client_key, args.server_key)
+    except AuthError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _keys_parser(sub) -> None:
+    k = sub.add_parser("keys", help="create CURVE key pairs: the server's and one per client",
+                       description="Create DIR/server.key (public: give it to clients) and "
+                       "DIR/server.key_secret (stays on the server), and for each --client NAME "
+                       "a key pair DIR/clients/NAME.key(_secret) whose public key is copied to "
+                       "DIR/allowed/ (the clients the service accepts). Existing keys are kept. "
+                       "Then: elit-stream serve --auth all --keys DIR.")
+    k.add_argument("dir", metavar="DIR")
+    k.add_argument("--client", action="append", default=[], metavar="NAME",
+                   help="make (or re-allow) a client key pair (repeatable)")
+    k.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args) -> int:
+    from .auth import AuthError, create_keys
+    try:
+        written = create_keys(args.dir, args.client)
+    except (AuthError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    root = Path(args.dir)
+    for name, public in written.items():
+        print(f"created {name}: {public} (+ .key_secret, mode 600)")
+    print(f"allowed clients: {sorted(p.stem for p in (root / 'allowed').glob('*.key'))}")
+    print(f"server public key for clients: {root / 'server.key'}")
+    return 0
 
 
 def _endpoint_args(p: argparse.ArgumentParser, defaults: bool) -> None:
@@ -105,6 +156,9 @@ def _serve_parser(sub) -> None:
     s.add_argument("--maps", choices=["subscribe", "always", "never"],
                    help="publish mean/std maps: when a subscriber asks (topic 'maps'), always, "
                         "never")
+    s.add_argument("--auth", metavar="SOCKETS", help="require CURVE authentication on these "
+                   "sockets: all, or a comma list of ingest,results,control (e.g. control)")
+    s.add_argument("--keys", metavar="DIR", help="CURVE key folder (`elit-stream keys DIR`)")
     s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.set_defaults(func=cmd_serve)
 
@@ -126,6 +180,7 @@ def _replay_parser(sub) -> None:
                    help="seconds to wait for the last answers (default 60)")
     r.add_argument("--quiet", action="store_true", help="no line per frame")
     _endpoint_args(r, defaults=True)
+    _curve_client_args(r)
     r.set_defaults(func=cmd_replay)
 
 
@@ -138,6 +193,7 @@ def _ctl_parser(sub) -> None:
     c.add_argument("args", nargs="*", metavar="ARG", help="member ids, a path, or KEY=VALUE")
     c.add_argument("--control", metavar="ADDR", default="tcp://127.0.0.1:5557")
     c.add_argument("--timeout", type=float, default=120.0, metavar="S")
+    _curve_client_args(c)
     c.set_defaults(func=cmd_ctl)
 
 
@@ -168,7 +224,8 @@ def cmd_serve(args) -> int:
         "endpoints.ingest": args.ingest, "endpoints.results": args.results,
         "endpoints.control": args.control, "metrics.host": args.metrics_host,
         "metrics.port": args.metrics_port, "metrics.enabled": False if args.no_metrics else None,
-        "maps.mode": args.maps, "log_level": args.log_level}
+        "maps.mode": args.maps, "log_level": args.log_level, "auth.keys_dir": args.keys,
+        **_auth_overrides(args.auth)}
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
@@ -182,8 +239,11 @@ def cmd_serve(args) -> int:
         where = cfg.model.path or default_artifact_path()
         raise CliError(f"cannot load the model at {where}: {exc}\n"
                        "  (train one with `elit-train`, or pass --model DIR)") from None
+    from .auth import AuthError
     try:
         endpoints = service.bind()
+    except AuthError as exc:
+        raise CliError(f"CURVE keys: {exc}") from None
     except (zmq.ZMQError, OSError) as exc:
         raise CliError(f"cannot bind: {exc} (is another elit-stream running? change the "
                        "port with --ingest/--results/--control/--metrics-port)") from None
@@ -191,6 +251,19 @@ def cmd_serve(args) -> int:
                       "provider": service.state.engine.provider}), flush=True)
     logging.getLogger("elit_stream").info("listening: %s", endpoints)
     return service.run()
+
+
+def _auth_overrides(spec: str | None) -> dict:
+    """--auth all | ingest,control -> {"auth.ingest": True, ...}."""
+    if not spec:
+        return {}
+    names = {"ingest", "results", "control"} if spec == "all" else \
+        {n.strip() for n in spec.split(",") if n.strip()}
+    bad = names - {"ingest", "results", "control"}
+    if bad:
+        raise CliError(f"--auth: unknown socket(s) {sorted(bad)}; use all or "
+                       "ingest,results,control")
+    return {f"auth.{n}": True for n in names}
 
 
 def cmd_config(args) -> int:
@@ -230,12 +303,16 @@ def parse_ctl_args(cmd: str, args: list[str]) -> dict:
 def cmd_ctl(args) -> int:
     from .client import ControlClient
     kwargs = parse_ctl_args(args.cmd, args.args)
-    with ControlClient(args.control, timeout_s=args.timeout) as ctl:
+    curve = _client_curve(args)
+    with ControlClient(args.control, timeout_s=args.timeout, curve=curve) as ctl:
         try:
             reply = ctl.call(args.cmd, **kwargs)
         except TimeoutError:
+            hint = "is the service running? does it require CURVE keys (--client-key, " \
+                "--server-key)?" if curve is None else "is the service running? is this " \
+                "client's public key in the service's allowed folder?"
             raise CliError(f"no reply from {args.control} within {args.timeout} s "
-                           "(is the service running?)") from None
+                           f"({hint})") from None
     print(json.dumps(reply, indent=2))
     return 0 if reply.get("ok") else 1
 
@@ -254,7 +331,8 @@ def cmd_replay(args) -> int:
     try:
         rep = replay(frames, endpoints, acquisition=args.acquisition, rate_fps=args.rate,
                      pixel_size_pm=args.pixel_size_pm or ps, wait_s=args.wait,
-                     record=Path(args.record) if args.record else None, on_message=show)
+                     record=Path(args.record) if args.record else None, on_message=show,
+                     curve=_client_curve(args))
     except TimeoutError as exc:
         raise CliError(f"{exc} (is the service running at {args.control}?)") from None
     print(f"sent {rep.sent}: {len(rep.results)} results, {len(rep.dropped)} dropped, "

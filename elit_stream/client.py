@@ -7,6 +7,12 @@
     msg = results.recv(timeout_s=5)          # {"topic": "result", "frame_id": 0, "atoms": {...}}
     ControlClient("tcp://127.0.0.1:5557").call("deselect", members=[3])
 
+With CURVE authentication (docs/service.md, Security), pass the same `curve` to every client:
+
+    from elit_stream.auth import ClientCurve
+    curve = ClientCurve.from_files("keys/clients/scope.key_secret", "keys/server.key")
+    sender = FrameSender("tcp://gpu-workstation:5555", curve=curve)
+
 Depends on pyzmq, msgpack and numpy only (through `wire`); see docs/protocol.md.
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import zmq
 
 from . import wire
+from .auth import ClientCurve
 
 
 class ControlError(RuntimeError):
@@ -37,11 +44,13 @@ class FrameSender:
     (lossless back-pressure) unless `timeout_s` is given (then TimeoutError)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", hwm: int = 4,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: ClientCurve | None = None):
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 2000)
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(address)
 
     def send(self, frame: np.ndarray, frame_id: int, acquisition: str, *,
@@ -78,11 +87,13 @@ class ResultSubscriber:
 
     def __init__(self, address: str = "tcp://127.0.0.1:5556",
                  topics: tuple[str, ...] = ("result", "event."), maps: bool = False,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: ClientCurve | None = None):
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.socket)
         for t in topics + (("maps",) if maps else ()):
             self.socket.setsockopt(zmq.SUBSCRIBE, t.encode())
         self.socket.connect(address)
@@ -129,10 +140,12 @@ class ControlClient:
     `ok: false` if `check=True` (default False: the reply is returned as it is)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5557", timeout_s: float = 10.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: ClientCurve | None = None):
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(address)
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)

@@ -110,6 +110,18 @@ class Maps(Section):
     downsample: int = Field(1, ge=1, le=64)
 
 
+class Auth(Section):
+    """CURVE authentication + encryption, per socket (elit_stream.auth; docs/service.md)."""
+
+    ingest: bool = False                  # frames in: only allowed clients may send
+    results: bool = False                 # results out: only allowed clients may subscribe
+    control: bool = False                 # commands: only allowed clients (can be the only one)
+    keys_dir: Path | None = None          # made by `elit-stream keys DIR --client NAME`
+
+    def required(self) -> set[str]:
+        return {name for name in ("ingest", "results", "control") if getattr(self, name)}
+
+
 _FILE_DATA: ContextVar[dict] = ContextVar("_FILE_DATA", default={})
 
 
@@ -140,6 +152,7 @@ class ServiceConfig(BaseSettings):
     postprocess: Postprocess = Postprocess()
     policy: Policy = Policy()
     maps: Maps = Maps()
+    auth: Auth = Auth()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -171,6 +184,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     finally:
         _FILE_DATA.reset(token)
     _check_model_side(cfg)
+    _check_auth(cfg)
     warn_if_exposed(cfg)
     return cfg
 
@@ -185,6 +199,22 @@ def _check_model_side(cfg: ServiceConfig) -> None:
             build()
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"bad configuration:\n  {section}.{exc}") from None
+
+
+def _check_auth(cfg: ServiceConfig) -> None:
+    """CURVE on any socket needs a key folder with the server's key pair and `allowed/`."""
+    a = cfg.auth
+    if not a.required():
+        return
+    if a.keys_dir is None:
+        raise ConfigError("bad configuration:\n  auth.keys_dir: required when auth."
+                          + "/".join(sorted(a.required())) + " is true (make one with "
+                          "`elit-stream keys DIR --client NAME`; environment variable "
+                          "ELIT_AUTH__KEYS_DIR)")
+    for need in (a.keys_dir / "server.key_secret", a.keys_dir / "allowed"):
+        if not need.exists():
+            raise ConfigError(f"bad configuration:\n  auth.keys_dir: {need} does not exist "
+                              f"(make it with `elit-stream keys {a.keys_dir} --client NAME`)")
 
 
 def _nest(flat: dict) -> dict:
@@ -220,10 +250,14 @@ def is_loopback(host: str) -> bool:
         return False  # a host name or interface name: assume reachable from outside
 
 
-def exposed_addresses(cfg: ServiceConfig) -> list[str]:
-    """Addresses that bind beyond the loopback interface."""
+def exposed_addresses(cfg: ServiceConfig, unauthenticated_only: bool = False) -> list[str]:
+    """Addresses that bind beyond the loopback interface (optionally: only those without
+    CURVE authentication; the metrics endpoint never has any)."""
     out = []
+    secured = cfg.auth.required() if unauthenticated_only else set()
     for name, addr in cfg.endpoints.model_dump().items():
+        if name in secured:
+            continue
         if addr.startswith("tcp://") and not is_loopback(urlsplit(addr).hostname or "*"):
             out.append(f"{name} {addr}")
     if cfg.metrics.enabled and not is_loopback(cfg.metrics.host):
@@ -232,9 +266,16 @@ def exposed_addresses(cfg: ServiceConfig) -> list[str]:
 
 
 def warn_if_exposed(cfg: ServiceConfig) -> None:
-    for what in exposed_addresses(cfg):
-        log.warning("binding %s beyond loopback: anyone on the network can send frames or "
-                    "commands (no authentication). Use 127.0.0.1 unless you mean it.", what)
+    for what in exposed_addresses(cfg, unauthenticated_only=True):
+        if what.startswith("metrics"):
+            log.warning("binding %s beyond loopback: anyone on the network can read the "
+                        "metrics (HTTP, no authentication; read-only). Prefer 127.0.0.1 and a "
+                        "Prometheus on the same host, or a firewall.", what)
+        else:
+            log.warning("binding %s beyond loopback WITHOUT authentication: anyone on the "
+                        "network can send frames, read results or send commands. Use "
+                        "127.0.0.1, or CURVE: auth.%s = true with auth.keys_dir "
+                        "(docs/service.md, Security).", what, what.split()[0])
 
 
 def _unset_defaults() -> dict[tuple[str, str], str]:

@@ -62,6 +62,7 @@ class State:
     outbox: list = field(default_factory=list)   # (event name, payload) to publish
     loader: ModelLoader | None = None
     stop_reason: str | None = None
+    auth: dict = field(default_factory=dict)      # socket -> requires CURVE
 
     @property
     def artifact(self) -> Artifact:
@@ -138,7 +139,7 @@ def status(state: State, req: m.Request) -> dict:
         **_active_dict(state.active), "delivery": state.delivery, "counts": dict(state.counts),
         "queue_depth": state.queue_depth, "params": params_dict(state.params),
         "maps": {"mode": state.maps_mode, "downsample": state.maps_downsample},
-        "loading": state.loader is not None,
+        "loading": state.loader is not None, "auth": dict(state.auth),
     }
 
 

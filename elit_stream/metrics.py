@@ -48,6 +48,14 @@ class ServiceMetrics:
                                buckets=_ATOM_BUCKETS, registry=r)
         self.mean_uncertainty = Gauge("elit_mean_uncertainty", "Mean per-atom uncertainty of "
                                       "the last frame", registry=r)
+        self.auth_failures = Counter("elit_auth_failures", "Connections refused by CURVE "
+                                     "authentication, by socket and reason (refused_key, "
+                                     "no_curve, crypto, protocol, handshake)", ["socket", "reason"],
+                                     registry=r)
+        self.socket_auth = Gauge("elit_socket_curve", "1 if the socket requires CURVE "
+                                 "authentication, else 0", ["socket"], registry=r)
+        self.provider_fallback = Gauge("elit_provider_fallback", "1 if the requested GPU "
+                                       "provider failed and the ensemble runs on CPU", registry=r)
         self.model = Info("elit_model", "Loaded model artifact and provider", registry=r)
         self._stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
         for reason in ("bad_msgpack", "bad_header", "size_mismatch", "non_finite", "too_large"):
@@ -66,9 +74,11 @@ class ServiceMetrics:
         if not math.isnan(mean_uncertainty):
             self.mean_uncertainty.set(mean_uncertainty)
 
-    def set_model(self, name: str, sha256: str, provider: str, n_members: int) -> None:
+    def set_model(self, name: str, sha256: str, provider: str, n_members: int,
+                  fallback_reason: str | None = None) -> None:
         self.model.info({"name": name, "sha256": sha256, "provider": provider,
                          "members": str(n_members)})
+        self.provider_fallback.set(1 if fallback_reason else 0)
 
     def set_active(self, n_active: int, version: int) -> None:
         self.active_members.set(n_active)

@@ -98,13 +98,15 @@ class ReplayReport:
 def replay(frames: Iterable[np.ndarray], endpoints: dict, *, acquisition: str | None = None,
            rate_fps: float | None = None, pixel_size_pm: float | None = None,
            record: Path | None = None, on_message: Callable[[dict, ReplayReport], None] | None = None,
-           wait_s: float = 60.0, first_id: int = 0) -> ReplayReport:
-    """Send `frames`, collect answers; `on_message(msg, report)` sees every message live."""
+           wait_s: float = 60.0, first_id: int = 0, curve=None) -> ReplayReport:
+    """Send `frames`, collect answers; `on_message(msg, report)` sees every message live.
+    `curve`: an auth.ClientCurve when the service requires CURVE."""
     acq = acquisition or f"replay-{int(time.time() * 1000)}"
     rep = ReplayReport()
     out = open(record, "w") if record else None
-    with FrameSender(endpoints["ingest"]) as sender, ResultSubscriber(endpoints["results"]) as sub, \
-            ControlClient(endpoints["control"]) as ctl:
+    with FrameSender(endpoints["ingest"], curve=curve) as sender, \
+            ResultSubscriber(endpoints["results"], curve=curve) as sub, \
+            ControlClient(endpoints["control"], curve=curve) as ctl:
         sub.wait_ready(ctl)
 
         def take(timeout_s: float) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from . import control, wire
+from .auth import ServerAuth
 from .config import ServiceConfig
 from .engine import Engine, EngineError
 from .ensemble import ActiveSet
@@ -58,6 +59,7 @@ class Service:
             threads=cfg.model.threads, maps_mode=cfg.maps.mode,
             maps_downsample=cfg.maps.downsample, warm_shape=tuple(cfg.model.warmup_shape_px))
         self.endpoints: dict[str, str] = {}
+        self.auth: ServerAuth | None = None
         self._event_seq = 0
         self._frame_seq = 0
         self._last_id: tuple[str, int] | None = None
@@ -80,12 +82,22 @@ class Service:
         """Bind all sockets (and the metrics endpoint); returns the actual endpoints."""
         self.ctx = zmq.Context()
         ep, hwm = self.cfg.endpoints, self.cfg.delivery.ingest_hwm
+        need = self.cfg.auth.required()
+        self.auth = ServerAuth(self.cfg.auth.keys_dir, need, self.metrics.auth_failures) \
+            if need else None
+        if self.auth is not None:
+            self.auth.start(self.ctx)
+        for name in ("ingest", "results", "control"):
+            self.metrics.socket_auth.labels(socket=name).set(int(name in need))
+        self.state.auth = {name: name in need for name in ("ingest", "results", "control")}
         self.ingest = self._socket(zmq.PULL, ep.ingest, "ingest", rcvhwm=hwm)
         self.results = self._socket(zmq.XPUB, ep.results, "results", sndhwm=100_000)
         self.control = self._socket(zmq.ROUTER, ep.control, "control")
         self.poller = zmq.Poller()
         for s in (self.control, self.results, self.ingest):
             self.poller.register(s, zmq.POLLIN)
+        if self.auth is not None:
+            self.auth.watch()
         if self.cfg.metrics.enabled:
             port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
             self.endpoints["metrics"] = f"http://{self.cfg.metrics.host}:{port}/metrics"
@@ -97,6 +109,8 @@ class Service:
         s.setsockopt(zmq.RCVHWM, rcvhwm)
         s.setsockopt(zmq.SNDHWM, sndhwm)
         s.setsockopt(zmq.LINGER, 1000)
+        if self.auth is not None:
+            self.auth.secure(s, name)
         s.bind(zmq_bind_address(addr))
         self.endpoints[name] = s.getsockopt_string(zmq.LAST_ENDPOINT)
         return s
@@ -142,6 +156,8 @@ class Service:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.auth is not None:
+            self.auth.stop()
         for s in (self.ingest, self.results, self.control):
             s.close(linger=1000)
         self.ctx.term()
@@ -345,7 +361,8 @@ class Service:
     def _model_metrics(self) -> None:
         st = self.state
         self.metrics.set_model(st.artifact.name, st.artifact.manifest_sha256,
-                               st.engine.provider, st.artifact.n_members)
+                               st.engine.provider, st.artifact.n_members,
+                               getattr(st.engine, "fallback_reason", None))
         self.metrics.set_active(len(st.active.active), st.active.version)
 
     def _track_subscriptions(self) -> None:
