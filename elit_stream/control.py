@@ -52,6 +52,7 @@ class State:
     allowed_dirs: list[Path]
     device: str = "auto"
     threads: int | None = None
+    cpu_fallback: bool = True
     maps_mode: str = "subscribe"
     maps_downsample: int = 1
     counts: dict = field(default_factory=lambda: dict(received=0, processed=0, dropped=0,
@@ -228,7 +229,7 @@ def load_model(state: State, req: m.LoadModelRequest) -> Deferred:
         raise Refused("busy", f"still loading {state.loader.path}; try again when it is done")
     path = resolve_model_path(req.path, state.allowed_dirs)
     state.loader = ModelLoader(path, state.allowed_dirs, state.device, state.threads,
-                               state.warm_shape)
+                               state.warm_shape, state.cpu_fallback)
     state.loader.start()
     return Deferred(state.loader, "load_model", req.id)
 
@@ -274,10 +275,11 @@ class ModelLoader(threading.Thread):
     The service polls `done` between frames and swaps the engine in at a frame boundary."""
 
     def __init__(self, path: Path, allowed_dirs: list[Path], device: str,
-                 threads: int | None, warm_shape: tuple):
+                 threads: int | None, warm_shape: tuple, cpu_fallback: bool = True):
         super().__init__(name="elit-model-loader", daemon=True)
         self.path, self.allowed_dirs = path, allowed_dirs
         self.device, self.threads, self.warm_shape = device, threads, tuple(warm_shape)
+        self.cpu_fallback = cpu_fallback
         self.engine: Engine | None = None
         self.error: str | None = None
         self.seconds = 0.0
@@ -287,7 +289,8 @@ class ModelLoader(threading.Thread):
         t0 = time.perf_counter()
         try:
             artifact = load_artifact(self.path, allowed_dirs=self.allowed_dirs)
-            engine = Engine(artifact, device=self.device, threads=self.threads)
+            engine = Engine(artifact, device=self.device, threads=self.threads,
+                            cpu_fallback=self.cpu_fallback)
             engine.warm_up(self.warm_shape)
             self.engine = engine
         except Exception as exc:  # ArtifactError, EngineError, or anything else: report it

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100
 MAX_DRAIN = 10_000
+MAX_ACQUISITIONS = 256      # acquisitions whose last frame id is remembered (frame_gap)
 
 
 def zmq_bind_address(addr: str) -> str:
@@ -56,13 +57,14 @@ class Service:
             policy=SelectionPolicy(policy_cfg, list(art.member_ids)), policy_cfg=policy_cfg,
             delivery=cfg.delivery.mode, run_uid=uuid.uuid4().hex,
             allowed_dirs=list(cfg.model.allowed_dirs), device=cfg.model.device,
-            threads=cfg.model.threads, maps_mode=cfg.maps.mode,
+            threads=cfg.model.threads, cpu_fallback=cfg.model.cpu_fallback,
+            maps_mode=cfg.maps.mode,
             maps_downsample=cfg.maps.downsample, warm_shape=tuple(cfg.model.warmup_shape_px))
         self.endpoints: dict[str, str] = {}
         self.auth: ServerAuth | None = None
         self._event_seq = 0
         self._frame_seq = 0
-        self._last_id: tuple[str, int] | None = None
+        self._last_ids: dict[str, int] = {}     # acquisition -> last frame id (LRU order)
         self._maps_subs: set[bytes] = set()
         self._pending: list[tuple[list, control.Deferred]] = []
         self._stop = threading.Event()
@@ -71,7 +73,8 @@ class Service:
     @staticmethod
     def _initial_engine(cfg: ServiceConfig) -> Engine:
         art = load_artifact(cfg.model.path or default_artifact_path())
-        engine = Engine(art, device=cfg.model.device, threads=cfg.model.threads)
+        engine = Engine(art, device=cfg.model.device, threads=cfg.model.threads,
+                        cpu_fallback=cfg.model.cpu_fallback)
         engine.warm_up(tuple(cfg.model.warmup_shape_px))
         log.info("model %s (%d members, classes %s) on %s", art.name, art.n_members,
                  ",".join(art.class_names), engine.provider)
@@ -313,10 +316,15 @@ class Service:
                     kept={"acquisition": kept.acquisition, "frame_id": kept.frame_id})
 
     def _check_gap(self, frame: wire.Frame) -> None:
-        last, self._last_id = self._last_id, (frame.acquisition, frame.frame_id)
-        if last is not None and last[0] == frame.acquisition and frame.frame_id != last[1] + 1:
+        """frame_gap when an id is not the acquisition's previous id + 1, or when the first frame
+        of an acquisition this run sees is not frame 0 (e.g. the service restarted mid-way)."""
+        last = self._last_ids.pop(frame.acquisition, -1)
+        self._last_ids[frame.acquisition] = frame.frame_id        # most recent at the end
+        if len(self._last_ids) > MAX_ACQUISITIONS:
+            self._last_ids.pop(next(iter(self._last_ids)))
+        if frame.frame_id != last + 1:
             self.metrics.gaps.inc()
-            self._event("frame_gap", acquisition=frame.acquisition, expected=last[1] + 1,
+            self._event("frame_gap", acquisition=frame.acquisition, expected=last + 1,
                         got=frame.frame_id)
 
     def _event(self, name: str, **payload) -> None:

@@ -1,0 +1,216 @@
+"""Faults, each with real processes: a killed and restarted service, clients that vanish
+mid-reply, a bad artifact given to load_model mid-stream, a GPU provider that cannot start.
+(SIGTERM: tests/test_service_integration.py::test_sigterm_publishes_stop_with_counts_and_exits_zero.)
+
+No timed assertions: timeouts only keep a broken service from hanging the run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import onnxruntime as ort
+import pytest
+
+from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.launcher import ServiceProcess, ServiceStartError
+from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
+
+TIMEOUT_S = 30.0
+FRAME = gaussian_blobs((64, 64), seed=2)[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault-models")
+    return {"root": root, "tiny": build_tiny_artifact(root, n_members=3, name="tiny")}
+
+
+def start(models, *args) -> ServiceProcess:
+    return ServiceProcess(["--model", str(models["tiny"]), "--threads", "1",
+                           "--allowed-dir", str(models["root"]), *args])
+
+
+def collect(sub, until, sp, timeout_s=TIMEOUT_S) -> list[dict]:
+    msgs: list[dict] = []
+    while not until(msgs):
+        msg = sub.recv(timeout_s)
+        assert msg is not None, f"silent for {timeout_s} s after {len(msgs)}:\n{sp.log_tail()}"
+        msgs.append(msg)
+    return msgs
+
+
+def result_ids(msgs, acquisition):
+    return [m["frame_id"] for m in msgs if m["topic"] == "result"
+            and m["acquisition"] == acquisition]
+
+
+def metric(sp, name) -> float:
+    text = urllib.request.urlopen(sp.endpoints["metrics"], timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_service_reports_the_gap_and_loses_nothing_after(models):
+    first = start(models)
+    ep = first.endpoints
+    same_ports = ["--ingest", ep["ingest"], "--results", ep["results"], "--control", ep["control"]]
+    sender = FrameSender(ep["ingest"])               # one sender for both runs: it reconnects
+    try:
+        with ControlClient(ep["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(ep["results"]) as sub:
+            sub.wait_ready(ctl)
+            for i in range(5):
+                sender.send(FRAME, i, "scan", timeout_s=TIMEOUT_S)
+            collect(sub, lambda ms: len(result_ids(ms, "scan")) == 5, first)
+        first.proc.kill()                             # SIGKILL: no stop document, no clean-up
+        first.wait(TIMEOUT_S)
+        second = start(models, *same_ports)
+        try:
+            with ControlClient(ep["control"], timeout_s=TIMEOUT_S) as ctl, \
+                    ResultSubscriber(ep["results"]) as sub:
+                sub.wait_ready(ctl)
+                for i in range(8, 20):                # frames 5..7 were never sent: a gap
+                    sender.send(FRAME, i, "scan", timeout_s=TIMEOUT_S)
+                msgs = collect(sub, lambda ms: len(result_ids(ms, "scan")) == 12, second)
+                assert result_ids(msgs, "scan") == list(range(8, 20))   # all, once, in order
+                gaps = [m for m in msgs if m.get("event") == "frame_gap"]
+                assert [(g["acquisition"], g["expected"], g["got"]) for g in gaps] == \
+                    [("scan", 0, 8)]
+                assert ctl.call("status")["counts"] == {"received": 12, "processed": 12,
+                                                        "dropped": 0, "rejected": 0}
+                assert metric(second, "elit_frame_id_gaps_total") == 1
+        finally:
+            second.close()
+    finally:
+        sender.close()
+        first.close()
+
+
+VANISHING_CLIENT = """
+import os, signal, sys, zmq, msgpack
+ctx = zmq.Context()
+ctl = ctx.socket(zmq.DEALER); ctl.connect(sys.argv[1])
+sub = ctx.socket(zmq.SUB); sub.setsockopt(zmq.SUBSCRIBE, b""); sub.setsockopt(zmq.RCVHWM, 1)
+sub.connect(sys.argv[2])
+for i in range(200):   # requests whose replies nobody will read
+    ctl.send_multipart([b"", msgpack.packb({"cmd": "status" if i % 2 else "members", "id": i})])
+ctl.send_multipart([b"", msgpack.packb({"cmd": "ping", "id": "last", "token": "vanish"})])
+while True:            # wait until the service has answered the last one, then die mid-stream
+    msg = sub.recv_multipart()
+    if msg[0] == b"event.ping" and msgpack.unpackb(msg[1]).get("token") == "vanish":
+        break
+print("ready", flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_subscriber_and_control_client_that_vanish_leave_the_service_unaffected(models):
+    with start(models) as sp:
+        ep = sp.endpoints
+        client = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, ep["control"],
+                                   ep["results"]], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            with ControlClient(ep["control"], timeout_s=TIMEOUT_S) as ctl, \
+                    ResultSubscriber(ep["results"]) as sub, FrameSender(ep["ingest"]) as sender:
+                sub.wait_ready(ctl)
+                assert client.stdout.readline().strip() == "ready"
+                for i in range(10):                   # results flow to both subscribers ...
+                    sender.send(FRAME, i, "vanish", timeout_s=TIMEOUT_S)
+                client.stdin.write("\n")
+                client.stdin.flush()                  # ... and one of them is SIGKILLed
+                assert client.wait(TIMEOUT_S) == -9
+                for i in range(10, 30):
+                    sender.send(FRAME, i, "vanish", timeout_s=TIMEOUT_S)
+                msgs = collect(sub, lambda ms: len(result_ids(ms, "vanish")) == 30, sp)
+                assert result_ids(msgs, "vanish") == list(range(30))
+                st = ctl.call("status")
+                assert st["counts"]["processed"] == 30 and st["counts"]["rejected"] == 0
+                assert sp.proc.poll() is None and ctl.call("ping")["ok"]
+        finally:
+            client.kill()
+            client.wait(10)
+        assert sp.terminate(TIMEOUT_S) == 0
+
+
+def _corrupted(models, name):
+    bad = models["root"] / name
+    shutil.copytree(models["tiny"], bad)
+    data = bytearray((bad / "ensemble.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "ensemble.onnx").write_bytes(bytes(data))
+    return bad
+
+
+def _incompatible(models, name):
+    bad = models["root"] / name
+    shutil.copytree(models["tiny"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["format_version"] = "2.0"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+@pytest.mark.slow
+def test_bad_artifacts_are_refused_mid_stream_and_the_old_ensemble_keeps_serving(models):
+    corrupted, incompatible = _corrupted(models, "corrupt"), _incompatible(models, "v2")
+    with start(models) as sp:
+        ep = sp.endpoints
+        with ControlClient(ep["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(ep["results"]) as sub, FrameSender(ep["ingest"]) as sender:
+            sub.wait_ready(ctl)
+            done, sent = threading.Event(), []
+
+            def stream():
+                while not done.is_set() and len(sent) < 5000:
+                    sender.send(FRAME, len(sent), "swap", timeout_s=TIMEOUT_S)
+                    sent.append(len(sent))
+
+            feeder = threading.Thread(target=stream)
+            feeder.start()
+            try:
+                replies = [ctl.call("load_model", path=str(p), timeout_s=120)
+                           for p in (corrupted, incompatible)]
+            finally:
+                done.set()
+                feeder.join(TIMEOUT_S)
+            assert [r["error"]["code"] for r in replies] == ["model_error", "model_error"]
+            assert "ensemble.onnx" in replies[0]["error"]["message"]
+            assert "sha256" in replies[0]["error"]["message"]
+            assert "format_version" in replies[1]["error"]["message"]
+            msgs = collect(sub, lambda ms: len(result_ids(ms, "swap")) == len(sent), sp)
+            assert result_ids(msgs, "swap") == sent                      # no frame lost
+            assert {m["model"]["name"] for m in msgs if m["topic"] == "result"} == {"tiny"}
+            errors = [m for m in msgs if m.get("event") == "error"]
+            assert len(errors) == 2 and all(e["code"] == "model_error" for e in errors)
+            assert ctl.call("status")["model"]["name"] == "tiny"
+
+
+NO_CUDA = "CUDAExecutionProvider" not in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this onnxruntime has CUDA: cannot simulate its failure")
+def test_cuda_that_cannot_start_falls_back_to_cpu_visibly(models):
+    with start(models, "--device", "cuda") as sp:
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl:
+            model = ctl.call("status")["model"]
+        assert model["provider"] == "CPUExecutionProvider"
+        assert "CUDA" in model["fallback_reason"]
+        assert metric(sp, "elit_provider_fallback") == 1
+        assert "falling back to CPU" in sp.log_tail(20000)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this onnxruntime has CUDA: cannot simulate its failure")
+def test_cuda_that_cannot_start_refuses_to_serve_when_fallback_is_off(models):
+    with pytest.raises(ServiceStartError) as exc:
+        ServiceProcess(["--model", str(models["tiny"]), "--device", "cuda"],
+                       env={"ELIT_MODEL__CPU_FALLBACK": "false"})
+    assert "CUDA requested but unavailable" in str(exc.value)
+    assert "Traceback" not in str(exc.value)
