@@ -213,3 +213,37 @@ def test_warm_up_and_threads(tiny_artifact):
     eng = Engine(load_artifact(tiny_artifact, check_probe=False), device="cpu", spin=True)
     assert eng.threads == physical_cores() >= 1
     eng.warm_up((64, 64))
+
+
+def test_io_binding_runner_matches_plain_run_on_cpu(tiny_artifact):
+    """The CUDA path's IO-binding runner, exercised on the CPU provider: same numbers, buffers
+    reused per shape (a ring of two), several shapes."""
+    art = load_artifact(tiny_artifact)
+    plain, bound = Engine(art, device="cpu"), Engine(art, device="cpu", bind=True)
+    rng = np.random.default_rng(3)
+    seen = []
+    for shape in [(64, 64), (48, 80), (64, 64), (64, 64)]:
+        x, _ = plain.prepare(rng.random(shape, dtype=np.float32))
+        want = plain.run(x).copy()
+        got = bound.run(x)
+        np.testing.assert_array_equal(got, want)
+        seen.append(got)
+    assert seen[2] is not seen[0] and seen[3] is seen[0]      # ring of two per shape
+
+
+@pytest.mark.gpu
+def test_cuda_engine_matches_cpu(tiny_artifact):
+    """On a CUDA machine (onnxruntime-gpu): IO binding on the device, same output as CPU."""
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (install the gpu extra)")
+    art = load_artifact(tiny_artifact)
+    try:
+        gpu = Engine(art, device="cuda", cpu_fallback=False)
+    except EngineError as exc:
+        pytest.skip(f"no usable CUDA device: {exc}")
+    cpu = Engine(art, device="cpu")
+    assert gpu.provider == "CUDAExecutionProvider" and gpu._bound is not None
+    x, _ = cpu.prepare(np.random.default_rng(4).random((128, 96), dtype=np.float32))
+    for _ in range(3):
+        np.testing.assert_allclose(gpu.run(x), cpu.run(x), atol=1e-4)
