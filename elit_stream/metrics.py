@@ -56,6 +56,10 @@ class ServiceMetrics:
                                  "authentication, else 0", ["socket"], registry=r)
         self.provider_fallback = Gauge("elit_provider_fallback", "1 if the requested GPU "
                                        "provider failed and the ensemble runs on CPU", registry=r)
+        self.advisories = Counter("elit_drift_advisories", "drift_advisory events published, by "
+                                  "kind (drift, outlier)", ["advisory"], registry=r)
+        for kind in ("drift", "outlier"):
+            self.advisories.labels(advisory=kind)
         self.model = Info("elit_model", "Loaded model artifact and provider", registry=r)
         self._stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
         for reason in ("bad_msgpack", "bad_header", "size_mismatch", "non_finite", "too_large"):

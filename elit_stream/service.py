@@ -283,6 +283,7 @@ class Service:
         self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty)
         st = self.state
         for adv in st.policy.observe(fa, active):
+            self.metrics.advisories.labels(advisory=adv.kind).inc()
             self._event("drift_advisory", advisory=adv.kind, members=list(adv.members),
                         message=adv.message, figures=dict(adv.figures),
                         frame_id=frame.frame_id, acquisition=frame.acquisition)
