@@ -20,7 +20,7 @@ from elit_stream.launcher import ServiceProcess
 from tests.fixtures.tiny_artifact import gaussian_blobs
 
 TIMEOUT_S = 30.0
-SILENCE_S = 2.0   # how long a refused client waits before we call it refused
+SILENCE_S = 1.0   # how long a refused client waits before we call it refused
 
 
 @pytest.fixture(scope="module")
