@@ -64,7 +64,7 @@ class ModelSection(Section):
     path: Path | None = None              # artifact folder; None: the shipped default
     allowed_dirs: list[Path] = [REPO_MODELS_DIR]  # load_model accepts artifacts only under these
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_fallback: bool = True             # device=cuda but CUDA fails: CPU (logged) | refuse to start
+    cpu_fallback: bool = True             # device=cuda but CUDA fails: CPU (logged) or refuse
     threads: int | None = Field(None, ge=1, le=256)  # onnxruntime intra-op threads
     warmup_shape_px: tuple[int, int] = (256, 256)
 

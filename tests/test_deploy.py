@@ -12,11 +12,11 @@ import configparser
 import json
 import re
 import shlex
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from elit_stream.auth import create_keys
 from elit_stream.cli import build_parser

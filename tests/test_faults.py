@@ -1,6 +1,6 @@
 """Faults, each with real processes: a killed and restarted service, clients that vanish
 mid-reply, a bad artifact given to load_model mid-stream, a GPU provider that cannot start.
-(SIGTERM: tests/test_service_integration.py::test_sigterm_publishes_stop_with_counts_and_exits_zero.)
+(SIGTERM: test_sigterm_publishes_stop_with_counts_and_exits_zero in test_service_integration.)
 
 No timed assertions: timeouts only keep a broken service from hanging the run.
 """
