@@ -253,15 +253,20 @@ def _member_figures(member_on: np.ndarray, mask: np.ndarray,
 
 def active_maps(probs: np.ndarray, act: np.ndarray, vh: int, vw: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (ddof=0) over active members, per class, cropped: two [C, vh, vw] float32."""
+    """Mean and std (ddof=0) over active members, per class, cropped: two [C, vh, vw] float32.
+
+    Two passes (mean, then squared deviations): E[x^2] - E[x]^2 in float32 cancels where members
+    agree and its square root then errs by ~3e-4 (measured at 512², 4 members)."""
     crop = probs[:, :, :vh, :vw]
     mean = np.zeros(crop.shape[1:], np.float32)
-    sq = np.zeros_like(mean)
     for m in act:
         mean += crop[m]
-        sq += np.square(crop[m])
     mean /= act.size
+    sq = np.zeros_like(mean)
+    dev = np.empty_like(mean)
+    for m in act:
+        np.subtract(crop[m], mean, out=dev)
+        dev *= dev
+        sq += dev
     sq /= act.size
-    sq -= np.square(mean)
-    np.maximum(sq, 0.0, out=sq)
     return mean, np.sqrt(sq, out=sq)
