@@ -231,3 +231,12 @@ def test_far_non_lattice_atoms_become_background_near_ones_ignored():
     every = _background_atoms(fa, RelabelConfig(dropped_as="background"), 40)
     assert every.tolist() == [False, False, True, True, False]   # uncertain (2) never background
     assert not _background_atoms(fa, RelabelConfig(dropped_as="ignore"), 40).any()
+
+
+def test_a_tiny_tight_cluster_is_not_taken_for_the_lattice():
+    rng = np.random.default_rng(0)
+    lattice = rng.normal(0, 1.0, (200, 4, 4))
+    clones = np.repeat(rng.normal(5, 1, (1, 4, 4)), 8, 0) + rng.normal(0, 0.01, (8, 4, 4))
+    keep, info = gmm_lattice_filter(np.concatenate([lattice, clones]), "tight")
+    assert info["component_sizes"][info["lattice_component"]] > 100   # the big one, not the clones
+    assert keep[:200].mean() > 0.85 and not keep[200:].any()

@@ -18,7 +18,9 @@ contrast changes do not matter); then flattened, reduced by PCA to ``pca_dims`` 
 conditions can change within a movie, and a joint fit then splits "before" from "after").
 Patches around lattice atoms are near-copies of each other; patches in amorphous or contaminated
 regions all differ. So the lattice component is the **tighter** one: the component whose
-covariance has the smaller log-determinant (``gmm_keep="tight"``, default). Overrides: ``"large"``
+covariance has the smaller log-determinant (``gmm_keep="tight"``, default), among components
+holding at least 25 % of the frame's atoms (a handful of near-identical patches, e.g. at the frame
+edge, can form a tiny very tight component; seen on the test movie). Overrides: ``"large"``
 (the component holding more atoms), ``"0"``/``"1"`` (a component by index, after inspecting the
 picture), ``"none"`` (no GMM filtering). It is deliberately conservative: lattice atoms next to
 holes, dopants, contamination and the frame edge are often dropped too (they become "ignore").
@@ -141,7 +143,7 @@ def patch_features(patches: np.ndarray, symmetrise: bool = True, window: float =
 
 
 def gmm_lattice_filter(patches: np.ndarray, keep: str = "tight", pca_dims: int = 10,
-                       seed: int = 0) -> tuple[np.ndarray, dict]:
+                       seed: int = 0, min_lattice_frac: float = 0.25) -> tuple[np.ndarray, dict]:
     """Keep mask ``[n]`` (True = lattice) from a 2-component GMM on PCA-reduced standardised
     patches (pass them through ``patch_features`` first for the documented preprocessing)."""
     from sklearn.decomposition import PCA
@@ -157,7 +159,9 @@ def gmm_lattice_filter(patches: np.ndarray, keep: str = "tight", pca_dims: int =
     comp = gmm.predict(feats)
     logdet = np.array([np.linalg.slogdet(c)[1] for c in gmm.covariances_])
     sizes = np.bincount(comp, minlength=2)
-    lattice = {"tight": int(np.argmin(logdet)), "large": int(np.argmax(sizes))}.get(keep)
+    big_enough = sizes >= min_lattice_frac * n              # a tiny tight cluster is not the lattice
+    tight = int(np.argmin(np.where(big_enough, logdet, np.inf))) if big_enough.any() else 0
+    lattice = {"tight": tight, "large": int(np.argmax(sizes))}.get(keep)
     lattice = int(keep) if lattice is None else lattice
     info = {"gmm": keep, "lattice_component": lattice, "component_sizes": sizes.tolist(),
             "component_logdet": logdet.round(2).tolist(), "atoms": n,

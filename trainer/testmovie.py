@@ -277,15 +277,66 @@ def detection_scores(pred_xy: list[np.ndarray], truth_xy: list[np.ndarray], shap
             "recall": float(recall), "f1": float(f1)}
 
 
+def feature_centres_px(cfg: MovieConfig, frame: int) -> dict:
+    """Centres (with drift) of the amorphous patch and the hole in ``frame`` (pixels)."""
+    centre = np.array([cfg.size_px / 2] * 2)
+    drift = np.array(cfg.drift_px_per_frame) * frame
+    return {"amorphous": centre + np.array([0.28, -0.27]) * cfg.size_px + drift,
+            "hole": centre + np.array([-0.2, 0.18]) * cfg.size_px + drift}
+
+
+def breakdown(movie_path: Path, analysis_dirs: list[Path]) -> str:
+    """Markdown: per analysis, first/second half of the movie: precision, recall, false detections
+    per frame in the amorphous patch and in the hole, missed atoms per frame."""
+    from trainer.experiment import load_analysis
+    from trainer.iterate import detections
+
+    truth = load_truth(movie_path)
+    with np.load(movie_path, allow_pickle=False) as z:
+        cfg = MovieConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in json.loads(str(z["config"])).items()})
+    change = round(cfg.change_frame_frac * cfg.frames)
+    lines = [("| analysis | frames | precision | recall | false/frame | in amorphous | in hole | "
+              "missed/frame |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for path in analysis_dirs:
+        an = load_analysis(path)
+        rows = []
+        for p, f in zip(detections(an)[0], an.frame_index):
+            t = truth["xy"][int(f)]
+            p, t = p[inside_margin(p, an.frames.shape[1:], 4)], t[inside_margin(t, an.frames.shape[1:], 4)]
+            ok, _ = match_atoms(p, t, 0.4 * truth["bond_px"])
+            c = feature_centres_px(cfg, int(f))
+            fp = p[~ok]
+            rows.append([f, ok.sum(), len(p), len(t), len(fp),
+                         (np.hypot(*(fp - c["amorphous"]).T) < cfg.amorphous_radius_px + 4).sum(),
+                         (np.hypot(*(fp - c["hole"]).T) < cfg.hole_max_radius_px).sum()])
+        r = np.array(rows, float)
+        for name, sel in ((f"0–{change - 1}", r[:, 0] < change), (f"{change}–{cfg.frames - 1}", r[:, 0] >= change)):
+            s = r[sel].sum(0)
+            n = max(sel.sum(), 1)
+            lines.append(f"| {path} | {name} | {s[1] / max(s[2], 1):.3f} | {s[1] / max(s[3], 1):.3f} | "
+                         f"{s[4] / n:.1f} | {s[5] / n:.1f} | {s[6] / n:.1f} | {(s[3] - s[1]) / n:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.testmovie", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output .npz")
+    p.add_argument("--out", type=Path, help="output .npz")
+    p.add_argument("--breakdown", type=Path, nargs="+", metavar="ANALYSIS_DIR",
+                   help="instead: score these analysis folders against the movie given by --movie "
+                   "(first/second half, false detections in the amorphous patch / hole)")
+    p.add_argument("--movie", type=Path, help="with --breakdown: the movie file")
     p.add_argument("--frames", type=int, default=MovieConfig.frames)
     p.add_argument("--size", type=int, default=MovieConfig.size_px, help="frame size in px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preview", type=Path, help="PNG of a few frames with the truth overlaid")
     args = p.parse_args(argv)
+    if args.breakdown:
+        print(breakdown(args.movie, args.breakdown))
+        return 0
+    if args.out is None:
+        p.error("--out is required")
     movie = make_movie(MovieConfig(frames=args.frames, size_px=args.size, seed=args.seed))
     save_movie(movie, args.out)
     print(f"wrote {args.frames} frames {args.size}×{args.size} px at {movie.config.pixel_size_pm} pm/px, "
