@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
 import soak  # noqa: E402
+
 from elit_stream.manifest import load_artifact  # noqa: E402
 from elit_stream.movie import make_movie  # noqa: E402
 
