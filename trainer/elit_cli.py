@@ -139,6 +139,8 @@ def _retrain_args(p) -> None:
     g.add_argument("--members", type=_pos_int, default=d.members, help=f"new ensemble size ({d.members})")
     g.add_argument("--epochs", type=_pos_int, default=d.epochs, help=f"maximum epochs ({d.epochs})")
     g.add_argument("--swa-epochs", type=_pos_int, default=d.swa_epochs)
+    g.add_argument("--patience", type=_pos_int, default=d.patience,
+                   help="early stopping: epochs without validation improvement")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--n-val", type=_pos_int, default=d.n_val, help="validation tiles")
     g.add_argument("--n-test", type=_pos_int, default=d.n_test, help="test tiles (last frames)")
@@ -152,6 +154,7 @@ def retrain_config(args):
     from trainer.iterate import RetrainConfig
 
     return RetrainConfig(members=args.members, epochs=args.epochs, swa_epochs=args.swa_epochs,
+                         patience=args.patience,
                          lr=args.lr, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
                          from_scratch=args.from_scratch, threads=args.threads)
 
