@@ -39,7 +39,22 @@ class ControlError(RuntimeError):
         super().__init__(f"{self.code}: {self.message}")
 
 
-class FrameSender:
+class _SocketClient:
+    """Owns `self.socket`; closes it on `close()` or at the end of a `with` block."""
+
+    socket: zmq.Socket
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FrameSender(_SocketClient):
     """PUSH frames to the service's ingest socket. `send` blocks while the service is behind
     (lossless back-pressure) unless `timeout_s` is given (then TimeoutError)."""
 
@@ -72,17 +87,8 @@ class FrameSender:
         else:
             wire.send(self.socket, parts)
 
-    def close(self) -> None:
-        self.socket.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class ResultSubscriber:
+class ResultSubscriber(_SocketClient):
     """SUB to results and events (and maps if `maps=True`). Yields decoded dicts."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5556",
@@ -123,17 +129,8 @@ class ResultSubscriber:
                     return
         raise TimeoutError(f"no subscription to the results socket within {timeout_s} s")
 
-    def close(self) -> None:
-        self.socket.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class ControlClient:
+class ControlClient(_SocketClient):
     """DEALER client of the control socket: `call(cmd, **args) -> reply dict`.
 
     Raises TimeoutError when no reply arrives within `timeout_s`, and ControlError on
@@ -174,12 +171,3 @@ class ControlClient:
         if not self.socket.poll(int(timeout_s * 1000)):
             raise TimeoutError("no reply")
         return wire.decode_reply(self.socket.recv_multipart())
-
-    def close(self) -> None:
-        self.socket.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
