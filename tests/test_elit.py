@@ -162,21 +162,9 @@ def test_parse_frames_and_matching():
 
 @pytest.fixture(scope="module")
 def parent_artifact(tmp_path_factory) -> Path:
-    from trainer.export import write_artifact
-    from trainer.synth import SynthConfig
-    from trainer.train import MemberResult, TrainConfig
-    from trainer.unet import UNet, UNetConfig
+    from tests.fixtures.trainer_artifacts import build_random_parent
 
-    cfg = TrainConfig(members=2, n_test=4, synth=SynthConfig(size_px=32),
-                      unet=UNetConfig(n_classes=2, base_filters=4))
-    members = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        members.append(UNet(cfg.unet).eval())
-    results = [MemberResult(i, 1000 + i, 1, 1, 1, 0.5, {}, 0.5) for i in range(2)]
-    out = tmp_path_factory.mktemp("models") / "parent"
-    write_artifact(out, members, results, cfg, "elit-train test", log=lambda *_: None)
-    return out
+    return build_random_parent(tmp_path_factory.mktemp("models") / "parent")
 
 
 def test_weights_read_back_from_onnx_match(parent_artifact):

@@ -16,11 +16,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber  # noqa: E402
-from elit_stream.engine import Engine  # noqa: E402
-from elit_stream.launcher import ServiceProcess  # noqa: E402
-from elit_stream.manifest import load_artifact  # noqa: E402
-from elit_stream.postprocess import Params, analyse  # noqa: E402
+from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.engine import Engine
+from elit_stream.launcher import ServiceProcess
+from elit_stream.manifest import load_artifact
+from elit_stream.postprocess import Params, analyse
 
 pytestmark = [pytest.mark.slow, pytest.mark.train]
 TIMEOUT_S = 60
@@ -28,23 +28,12 @@ TIMEOUT_S = 60
 
 @pytest.fixture(scope="module")
 def iterations(tmp_path_factory) -> dict:
+    from tests.fixtures.trainer_artifacts import build_random_parent
     from trainer.cli import main
-    from trainer.export import write_artifact
-    from trainer.synth import SynthConfig
     from trainer.testmovie import MovieConfig, make_movie, save_movie
-    from trainer.train import MemberResult, TrainConfig
-    from trainer.unet import UNet, UNetConfig
 
     root = tmp_path_factory.mktemp("elit")
-    cfg = TrainConfig(members=2, n_test=4, synth=SynthConfig(size_px=32),
-                      unet=UNetConfig(n_classes=2, base_filters=4))
-    members = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        members.append(UNet(cfg.unet).eval())
-    results = [MemberResult(i, 1000 + i, 1, 1, 1, 0.5, {}, 0.5) for i in range(2)]
-    parent = root / "parent"
-    write_artifact(parent, members, results, cfg, "elit-train test", log=lambda *_: None)
+    parent = build_random_parent(root / "parent")
     movie_path = root / "movie.npz"
     movie = make_movie(MovieConfig(frames=3, size_px=64, seed=3))
     save_movie(movie, movie_path)
