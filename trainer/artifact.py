@@ -64,15 +64,21 @@ def check_files(artifact_dir: Path, manifest: dict) -> None:
                                 f"file {digest[:12]}…): the file is corrupted or was changed")
 
 
+def normalise_minmax(raw: np.ndarray) -> np.ndarray:
+    """Per-frame min-max to [0, 1] in float32 (the manifest's ``minmax``/``frame``); a constant
+    frame becomes zeros."""
+    raw = raw.astype(np.float32)
+    lo, hi = float(raw.min()), float(raw.max())
+    return (raw - lo) / (hi - lo) if hi > lo else np.zeros_like(raw)
+
+
 def check_probe(artifact_dir: Path, manifest: dict) -> float:
     """Run the probe; returns max |probs − expected|, raises ArtifactError beyond ``atol``."""
     import onnxruntime as ort
 
     probe = np.load(Path(artifact_dir) / manifest["probe"]["file"])
     raw, net_input, expected = probe["raw"], probe["input"], probe["probs"]
-    lo, hi = float(raw.min()), float(raw.max())
-    normalised = ((raw.astype(np.float32) - lo) / (hi - lo))[None, None]
-    if not np.allclose(normalised, net_input, atol=1e-6):
+    if not np.allclose(normalise_minmax(raw)[None, None], net_input, atol=1e-6):
         raise ArtifactError(f"{artifact_dir}: probe input is not the min-max normalisation of raw")
     session = ort.InferenceSession(str(Path(artifact_dir) / manifest["model"]["file"]),
                                    providers=["CPUExecutionProvider"])

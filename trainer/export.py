@@ -21,7 +21,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from trainer.artifact import sha256_file
+from trainer.artifact import normalise_minmax, sha256_file
 from trainer.synth import make_sample
 from trainer.train import MemberResult, TrainConfig
 from trainer.unet import UNet, atom_probabilities
@@ -97,13 +97,6 @@ def inference_forward(unet: UNet, x: torch.Tensor) -> torch.Tensor:
 def reference_graph(graph: EnsembleGraph) -> EnsembleGraph:
     """The same members as the plain PyTorch model (``fast=False``), in eval mode."""
     return EnsembleGraph(list(graph.members), fast=False).eval()
-
-
-def normalise_minmax(raw: np.ndarray) -> np.ndarray:
-    """Per-frame min-max to [0, 1] in float32 (the manifest's ``minmax``/``frame``)."""
-    raw = raw.astype(np.float32)
-    lo, hi = float(raw.min()), float(raw.max())
-    return (raw - lo) / (hi - lo) if hi > lo else np.zeros_like(raw)
 
 
 def export_onnx(graph: EnsembleGraph, path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from trainer.artifact import read_manifest
+from trainer.artifact import normalise_minmax, read_manifest
 
 
 def read_frames(path: Path, key: str | None = None) -> np.ndarray:
@@ -74,8 +74,7 @@ class EnsembleRunner:
         frame = frame.astype(np.float32)
         scale = 1.0 if pixel_size_pm is None else pixel_size_pm / self.manifest["pixel_size_pm"]
         net = ndimage.zoom(frame, scale, order=1) if abs(scale - 1) > 0.01 else frame
-        lo, hi = float(net.min()), float(net.max())
-        net = (net - lo) / (hi - lo) if hi > lo else np.zeros_like(net)
+        net = normalise_minmax(net)
         h, w = net.shape
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
         padded = np.pad(net, ((0, ph), (0, pw)), mode="reflect")

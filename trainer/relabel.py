@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from trainer.artifact import normalise_minmax
 from trainer.experiment import Analysis, find_blobs
 from trainer.synth import Dataset, SynthConfig, paint_discs, save_dataset
 
@@ -187,7 +188,7 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
     for i, pos in enumerate(positions):
         xy, s = atoms_with_uncertainty(source[i], std[i], an.atom_radius_px)
         per_frame.append(FrameAtoms(int(an.frame_index[pos]), xy, s, np.zeros(len(xy), np.uint8)))
-        patches.append(patch_features(patch_stack(_unit(an.frames[pos]), xy, patch),
+        patches.append(patch_features(patch_stack(normalise_minmax(an.frames[pos]), xy, patch),
                                       cfg.gmm_symmetrise, cfg.gmm_window))
     lattice, info = _gmm_over_frames(patches, cfg)
     bright = _bright_atoms(an, per_frame, cfg.keep_bright)
@@ -281,11 +282,6 @@ def _positions(an: Analysis, frames: np.ndarray) -> list[int]:
     return [where[int(f)] for f in frames if int(f) in where]
 
 
-def _unit(image: np.ndarray) -> np.ndarray:
-    lo, hi = float(image.min()), float(image.max())
-    return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image, np.float32)
-
-
 # ----------------------------------------------------------------------------- masks and tiles
 
 
@@ -327,11 +323,11 @@ def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cl
         img, pts = img[:, ::-1], [p * [-1, 1] + [tile - 1, 0] for p in pts]
     if rng.random() < 0.5:
         img, pts = img[::-1], [p * [1, -1] + [0, tile - 1] for p in pts]
-    img = _unit(img) + rng.normal(0, rng.uniform(0, cfg.noise_max), img.shape)
+    img = normalise_minmax(img) + rng.normal(0, rng.uniform(0, cfg.noise_max), img.shape)
     r = radius_px * factor
     mask = label_mask(pts[0], cls, pts[1], r, r * cfg.ignore_radius_factor, tile)
     inside = np.all((pts[0] >= -0.5) & (pts[0] < tile - 0.5), axis=1)
-    return (_unit(img).astype(np.float32), mask, pts[0][inside].astype(np.float32),
+    return (normalise_minmax(img).astype(np.float32), mask, pts[0][inside].astype(np.float32),
             cls[inside], factor)
 
 
