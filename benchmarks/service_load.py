@@ -48,8 +48,10 @@ def _in_process(engine: Engine, frame: np.ndarray, ps: float) -> float:
 class ServiceBench:
     """A started service plus client sockets; use as a context manager."""
 
-    def __init__(self, model: Path, threads: int | None, device: str = "cpu"):
-        args = ["--model", str(model), "--device", device, "--delivery", "lossless"]
+    def __init__(self, model: Path, threads: int | None, device: str = "cpu",
+                 precision: str = "fp32"):
+        args = ["--model", str(model), "--device", device, "--delivery", "lossless",
+                "--precision", precision]
         self.sp = ServiceProcess(args + (["--threads", str(threads)] if threads else []),
                                  timeout_s=300)
 

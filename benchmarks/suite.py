@@ -4,11 +4,13 @@
     .venv/bin/python -m benchmarks.suite --smoke            # seconds: tiny U-Nets, tiny frames
 
 Builds N-member artifacts from --source (default models/default) with the real exporter, checks
-that the engine and the baseline agree (max |diff| of mean and std <= 1e-4) before timing
-anything, then times, as median and spread (min..max) over repeats after warm-up: engine and
-baseline per frame for each N, the engine at each frame size, post-processing, and the service
-end to end. Writes results.md, results.json and PNG plots to --out (default runs/bench/<time>).
-Ratios are the headline: each repeat times both sides back to back, so load drift hits both.
+that the fp32 engine and the baseline agree (max |diff| of mean and std <= 1e-4) and that the
+bf16 engine stays within BF16_ATOL of the fp32 engine before timing anything, then times, as
+median and spread (min..max) over repeats after warm-up: engine (each precision) and baseline per
+frame for each N, the engine at each frame size, post-processing, and the service end to end;
+and scores both precisions' atoms against a synthetic movie's ground truth. Writes results.md,
+results.json and PNG plots to --out (default runs/bench/<time>). Ratios are the headline: each
+repeat times all sides back to back, so load drift hits them alike.
 """
 from __future__ import annotations
 
@@ -30,12 +32,22 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.baseline import AtomAIStyleEnsemble          # noqa: E402
 from benchmarks import ensembles                              # noqa: E402
 from benchmarks.service_load import ServiceBench, rss_mb     # noqa: E402
-from elit_stream.engine import Engine                         # noqa: E402
+from elit_stream import movie as movies                        # noqa: E402
+from elit_stream.engine import BF16_PROBE_TOLERANCE, Engine   # noqa: E402
 from elit_stream.manifest import load_artifact                # noqa: E402
 from elit_stream.movie import make_movie                      # noqa: E402
 from elit_stream.postprocess import Params, active_maps, analyse   # noqa: E402
 
-PARITY_ATOL = 1e-4
+PARITY_ATOL = 1e-4                   # fp32 engine vs. baseline: max |diff| of mean and std maps
+BF16_ATOL = BF16_PROBE_TOLERANCE     # bf16 engine vs. fp32 engine, same maps
+
+
+def available_precisions() -> list[str]:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return ["fp32"]
+    return ["fp32", "bf16"]
 
 
 class ParityError(SystemExit):
@@ -85,43 +97,122 @@ def check_parity(engine: Engine, base: AtomAIStyleEnsemble, frame: np.ndarray) -
     return diff
 
 
-def members_sweep(arts: dict[int, Path], size: int, repeats: int, threads, log) -> dict:
-    """Engine vs. baseline per N at size x size: parity first, then interleaved repeats."""
+def check_bf16(bf16: Engine, fp32: Engine, frame: np.ndarray) -> dict:
+    """bf16 is another arithmetic: bounded (BF16_ATOL on the maps), never identical."""
+    mean_h, std_h = (a.copy() for a in engine_step(bf16, frame))
+    mean_f, std_f = engine_step(fp32, frame)
+    diff = {"mean": float(np.abs(mean_h - mean_f).max()),
+            "std": float(np.abs(std_h - std_f).max())}
+    if not max(diff.values()) <= BF16_ATOL:
+        raise ParityError(f"bf16 and fp32 engines disagree ({diff}, limit {BF16_ATOL}): no timings")
+    return diff
+
+
+def engines(art, threads, precisions) -> dict[str, Engine]:
+    return {p: Engine(art, device="cpu", threads=threads, precision=p) for p in precisions}
+
+
+def members_sweep(arts: dict[int, Path], size: int, repeats: int, threads, precisions,
+                  log) -> dict:
+    """Engine (each precision) vs. baseline per N at size x size: agreement first, then
+    interleaved repeats."""
     out = {}
     for n, path in arts.items():
         art = load_artifact(path)
         rss0 = rss_mb()["VmRSS"]
-        engine = Engine(art, device="cpu", threads=threads)
+        engs = engines(art, threads, precisions)
         base = AtomAIStyleEnsemble.from_artifact(path, art.manifest)
         frame = frame_of(size, art.pixel_size_pm)
-        parity = check_parity(engine, base, frame)
-        t_e, t_b = [], []
+        parity = check_parity(engs["fp32"], base, frame)
+        bf16 = check_bf16(engs["bf16"], engs["fp32"], frame) if "bf16" in engs else None
+        for eng in engs.values():
+            eng.warm_up((size, size))
+        t_e, t_b = {p: [] for p in engs}, []
         for _ in range(repeats):
-            t_e += timed(lambda: engine_step(engine, frame), 1, warmup=0)
+            for p, eng in engs.items():
+                t_e[p] += timed(lambda: engine_step(eng, frame), 1, warmup=0)
             t_b += timed(lambda: base.predict(frame), 1, warmup=0)
-        run = timed(lambda: engine.run(engine.prepare(frame)[0]), repeats, warmup=0)
-        ratios = np.asarray(t_b) / np.asarray(t_e)
-        out[n] = {"engine": stats_ms(t_e), "baseline": stats_ms(t_b), "engine_run": stats_ms(run),
-                  "ratio": {"median": float(np.median(ratios)), "min": float(ratios.min()),
-                            "max": float(ratios.max())},
-                  "parity": parity, "rss_engine_mb": rss_mb()["VmRSS"] - rss0, "load": load_now()}
-        log(f"N={n:2d} {size}px: engine {out[n]['engine']['median']:8.1f} ms, baseline "
-            f"{out[n]['baseline']['median']:8.1f} ms, ratio {out[n]['ratio']['median']:.2f} "
-            f"(parity {max(parity.values()):.1e}; load {load_now()})")
-        del engine, base
+        run = {p: stats_ms(timed(lambda: eng.run(eng.prepare(frame)[0]), repeats, warmup=0))
+               for p, eng in engs.items()}
+        ratios = {p: np.asarray(t_b) / np.asarray(t) for p, t in t_e.items()}
+        out[n] = {"engine": {p: stats_ms(t) for p, t in t_e.items()}, "baseline": stats_ms(t_b),
+                  "engine_run": run,
+                  "ratio": {p: {"median": float(np.median(r)), "min": float(r.min()),
+                                "max": float(r.max())} for p, r in ratios.items()},
+                  "parity": parity, "bf16_vs_fp32": bf16,
+                  "rss_engines_mb": rss_mb()["VmRSS"] - rss0, "load": load_now()}
+        log(f"N={n:2d} {size}px: " + ", ".join(
+            f"engine {p} {out[n]['engine'][p]['median']:7.1f} ms (x{out[n]['ratio'][p]['median']:.2f})"
+            for p in engs) + f", baseline {out[n]['baseline']['median']:8.1f} ms (parity "
+            f"{max(parity.values()):.1e}{f', bf16 {max(bf16.values()):.1e}' if bf16 else ''}; "
+            f"load {load_now()})")
+        del engs, base
     return out
 
 
-def sizes_sweep(path: Path, sizes: list[int], repeats: int, threads, log) -> dict:
+def sizes_sweep(path: Path, sizes: list[int], repeats: int, threads, precisions, log) -> dict:
     art = load_artifact(path)
-    engine = Engine(art, device="cpu", threads=threads)
+    engs = engines(art, threads, precisions)
     out = {}
     for size in sizes:
         frame = frame_of(size, art.pixel_size_pm)
-        t = timed(lambda: engine_step(engine, frame), repeats)
-        out[size] = {"engine": stats_ms(t), "load": load_now()}
-        log(f"N={art.n_members} {size}px: engine {out[size]['engine']['median']:8.1f} ms")
+        out[size] = {"engine": {p: stats_ms(timed(lambda: engine_step(eng, frame), repeats))
+                                for p, eng in engs.items()}, "load": load_now()}
+        log(f"N={art.n_members} {size}px: " + ", ".join(
+            f"engine {p} {out[size]['engine'][p]['median']:8.1f} ms" for p in engs))
     return out
+
+
+def detection_accuracy(path: Path, size: int, n_frames: int, threads, precisions) -> dict:
+    """Atoms of each precision against a synthetic movie's ground truth (precision, recall, F1
+    on the frame interior, match radius half a C-C bond), and bf16's atoms against fp32's."""
+    art = load_artifact(path)
+    mov = make_movie(n_frames=n_frames, size_px=size, seed=11, pixel_size_pm=art.pixel_size_pm)
+    radius = 0.5 * movies.CC_BOND_PM / mov.pixel_size_pm
+    act, params = np.arange(art.n_members), Params()
+    out, atoms = {}, {}
+    for p, eng in engines(art, threads, precisions).items():
+        tp = fp = fn = 0
+        atoms[p] = []
+        for frame, truth in zip(mov.frames, mov.xy):
+            x, geom = eng.prepare(frame, mov.pixel_size_pm)
+            fa = analyse(eng.run(x), act, params, geom.valid_shape)
+            xy = np.column_stack(geom.to_frame_xy(fa.x, fa.y))
+            atoms[p].append((xy, fa.uncertainty))
+            keep_p = movies.interior(xy, frame.shape, 2 * radius)
+            keep_t = movies.interior(truth, frame.shape, 2 * radius)
+            t, f, n = movies.match_atoms(xy[keep_p], np.asarray(truth)[keep_t], radius)
+            tp, fp, fn = tp + t, fp + f, fn + n
+        prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        out[p] = {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-12),
+                  "tp": tp, "fp": fp, "fn": fn}
+    if "bf16" in atoms:
+        out["bf16_vs_fp32"] = _atom_agreement(atoms["fp32"], atoms["bf16"])
+    out.update(frames=n_frames, size=size, members=art.n_members, radius_px=radius)
+    return out
+
+
+def _atom_agreement(ref: list, other: list, max_px: float = 1.0) -> dict:
+    """Atoms of `other` matched one to one to `ref` within max_px: counts, shifts, uncertainty."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+    n_ref = n_other = matched = 0
+    shift, d_unc = [], []
+    for (xy_a, u_a), (xy_b, u_b) in zip(ref, other):
+        n_ref, n_other = n_ref + len(xy_a), n_other + len(xy_b)
+        if len(xy_a) and len(xy_b):
+            d = cdist(xy_a, xy_b)
+            d[d > max_px] = 1e6
+            r, c = linear_sum_assignment(d)
+            ok = d[r, c] <= max_px
+            matched += int(ok.sum())
+            shift += d[r, c][ok].tolist()
+            d_unc += np.abs(u_a[r[ok]] - u_b[c[ok]]).tolist()
+    return {"atoms_fp32": n_ref, "atoms_bf16": n_other, "matched": matched,
+            "shift_px_p99": float(np.percentile(shift, 99)) if shift else 0.0,
+            "shift_px_max": float(max(shift, default=0.0)),
+            "uncertainty_abs_diff_median": float(np.median(d_unc)) if d_unc else 0.0,
+            "uncertainty_abs_diff_p99": float(np.percentile(d_unc, 99)) if d_unc else 0.0}
 
 
 def postprocess_times(path: Path, size: int, repeats: int, threads) -> dict:
@@ -140,13 +231,14 @@ def postprocess_times(path: Path, size: int, repeats: int, threads) -> dict:
             "size": size, "load": load_now()}
 
 
-def service_figures(path: Path, size: int, n_frames: int, threads, log) -> dict:
+def service_figures(path: Path, size: int, n_frames: int, threads, log,
+                    precision: str = "fp32") -> dict:
     art = load_artifact(path)
     ps = art.pixel_size_pm
     frames = make_movie(n_frames=n_frames, size_px=size, seed=1, pixel_size_pm=ps).frames
-    engine = Engine(art, device="cpu", threads=threads)
+    engine = Engine(art, device="cpu", threads=threads, precision=precision)
     engine.warm_up((size, size))
-    with ServiceBench(path, threads) as sb:
+    with ServiceBench(path, threads, precision=precision) as sb:
         served, local = sb.closed_loop(frames, ps, engine)
         interval = 1.5 * float(np.median(local))
         fixed, got_f, sent_f, _ = sb.open_loop(frames, ps, interval, "bench-fixed")
@@ -157,8 +249,8 @@ def service_figures(path: Path, size: int, n_frames: int, threads, log) -> dict:
            "overhead": overhead, "fixed_rate_hz": 1 / interval, "fixed": stats_ms(fixed),
            "fixed_received": f"{got_f}/{sent_f}", "flood": stats_ms(flood),
            "flood_received": f"{got}/{sent}", "sustained_fps": got / wall, "service_rss_mb": mem,
-           "members": art.n_members, "size": size, "load": load_now()}
-    log(f"service N={art.n_members} {size}px: round trip p50 {out['closed_loop']['median']:.1f} ms"
+           "members": art.n_members, "size": size, "precision": precision, "load": load_now()}
+    log(f"service {precision} N={art.n_members} {size}px: round trip p50 {out['closed_loop']['median']:.1f} ms"
         f" vs in-process {out['in_process']['median']:.1f} ms (overhead {100 * overhead:+.1f} %),"
         f" lossless flood {got}/{sent} at {out['sustained_fps']:.2f} frames/s")
     return out
@@ -170,16 +262,19 @@ def _fmt(st: dict) -> str:
     return f"{st['median']:.1f} ({st['min']:.1f}–{st['max']:.1f})"
 
 
-def slopes(members: dict, sizes: dict) -> dict:
+def slopes(members: dict, sizes: dict, precisions: list[str]) -> dict:
+    """Per precision: ms per member and fixed ms (linear fit over N), and the exponent of
+    latency vs. pixels (log-log fit over frame sizes; 1 = linear)."""
     out = {}
-    if len(members) >= 2:
-        n = np.array(sorted(members), float)
-        t = np.array([members[k]["engine"]["median"] for k in sorted(members)])
-        out["ms_per_member"], out["ms_fixed"] = map(float, np.polyfit(n, t, 1))
-    if len(sizes) >= 2:
-        px = np.array(sorted(sizes), float) ** 2
-        t = np.array([sizes[k]["engine"]["median"] for k in sorted(sizes)])
-        out["pixel_exponent"] = float(np.polyfit(np.log(px), np.log(t), 1)[0])
+    for p in precisions:
+        if len(members) >= 2:
+            n = np.array(sorted(members), float)
+            t = np.array([members[k]["engine"][p]["median"] for k in sorted(members)])
+            out[f"{p}_ms_per_member"], out[f"{p}_ms_fixed"] = map(float, np.polyfit(n, t, 1))
+        if len(sizes) >= 2:
+            px = np.array(sorted(sizes), float) ** 2
+            t = np.array([sizes[k]["engine"][p]["median"] for k in sorted(sizes)])
+            out[f"{p}_pixel_exponent"] = float(np.polyfit(np.log(px), np.log(t), 1)[0])
     return out
 
 
@@ -187,40 +282,67 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Benchmark results ({res['created']})", "",
              f"Command: `{res['command']}`  ", f"Machine: {m['cpu']}, {m['cpus']} logical CPUs, "
-             f"onnxruntime {m['onnxruntime']}, torch {m['torch']} ({m['torch_threads']} threads); "
-             f"engine threads {m['engine_threads']}  ",
+             f"onnxruntime {m['onnxruntime']}, OpenVINO {m.get('openvino', 'not installed')}, "
+             f"torch {m['torch']} ({m['torch_threads']} threads); engine threads "
+             f"{m['engine_threads']}; bf16 computed as: {m.get('bf16_runs_as', '-')}  ",
              f"Load average: {res['load_start']} at start, {res['load_end']} at end  ",
              f"Source: {res['source']}", ""]
+    precs = res["precisions"]
     if res["members"]:
         size = res["members_size"]
         lines += [f"## Engine vs. AtomAI-style baseline, {size}×{size}, per frame "
                   "(ms: median (min–max))", "",
-                  "| members | engine (prepare+run+mean/std) | engine run only | baseline | "
-                  "ratio baseline/engine | parity max diff | engine RSS MiB | load |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "fp32 = onnxruntime, identical to the baseline (max |diff| of mean and std maps "
+                  f"≤ {PARITY_ATOL:g}); bf16 = OpenVINO, within {BF16_ATOL:g} of fp32 (column "
+                  "'bf16 vs fp32'; detection below).", "",
+                  "| members | " + " | ".join(f"engine {p}" for p in precs) + " | baseline | "
+                  + " | ".join(f"ratio baseline/engine {p}" for p in precs)
+                  + " | parity fp32 | bf16 vs fp32 | RSS MiB (engines) | load |",
+                  "|---:|" + "---:|" * (2 * len(precs) + 4) + "---|"]
         for n, r in sorted(res["members"].items(), key=lambda kv: int(kv[0])):
-            q = r["ratio"]
-            lines.append(f"| {n} | {_fmt(r['engine'])} | {_fmt(r['engine_run'])} | "
-                         f"{_fmt(r['baseline'])} | **{q['median']:.2f}×** ({q['min']:.2f}–"
-                         f"{q['max']:.2f}) | {max(r['parity'].values()):.1e} | "
-                         f"{r['rss_engine_mb']:.0f} | {r['load']} |")
+            ratios = [r["ratio"][p] for p in precs]
+            b = r["bf16_vs_fp32"]
+            lines.append(f"| {n} | " + " | ".join(_fmt(r["engine"][p]) for p in precs)
+                         + f" | {_fmt(r['baseline'])} | " + " | ".join(
+                             f"**{q['median']:.2f}×** ({q['min']:.2f}–{q['max']:.2f})"
+                             for q in ratios)
+                         + f" | {max(r['parity'].values()):.1e} | "
+                         f"{max(b.values()):.1e} | " if b else " | - | ")
+            lines[-1] += f"{r['rss_engines_mb']:.0f} | {r['load']} |"
         lines.append("")
     if res["sizes"]:
-        lines += ["## Engine vs. frame size (ms)", "", "| size | engine | load |",
-                  "|---:|---:|---|"]
-        lines += [f"| {s} | {_fmt(r['engine'])} | {r['load']} |"
-                  for s, r in sorted(res["sizes"].items(), key=lambda kv: int(kv[0]))]
+        lines += ["## Engine vs. frame size (ms)", "",
+                  "| size | " + " | ".join(f"engine {p}" for p in precs) + " | load |",
+                  "|---:|" + "---:|" * len(precs) + "---|"]
+        lines += [f"| {sz} | " + " | ".join(_fmt(r["engine"][p]) for p in precs)
+                  + f" | {r['load']} |"
+                  for sz, r in sorted(res["sizes"].items(), key=lambda kv: int(kv[0]))]
         lines.append("")
     if res["slopes"]:
         lines += ["Slopes: " + ", ".join(f"{k} {v:.3g}" for k, v in res["slopes"].items()), ""]
+    if res["accuracy"]:
+        a = res["accuracy"]
+        lines += [f"## Detection on a synthetic movie ({a['frames']} frames, {a['size']}², "
+                  f"{a['members']} members; interior, match radius {a['radius_px']:.1f} px)", "",
+                  "| precision | detection precision | recall | F1 | tp | fp | fn |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p} | {a[p]['precision']:.4f} | {a[p]['recall']:.4f} | {a[p]['f1']:.4f} "
+                  f"| {a[p]['tp']} | {a[p]['fp']} | {a[p]['fn']} |" for p in precs]
+        if "bf16_vs_fp32" in a:
+            g = a["bf16_vs_fp32"]
+            lines += ["", f"bf16 vs fp32 atoms (all, one-to-one within 1 px): {g['atoms_fp32']} "
+                      f"fp32, {g['atoms_bf16']} bf16, {g['matched']} matched; shift p99 "
+                      f"{g['shift_px_p99']:.3f} px, max {g['shift_px_max']:.3f} px; |Δ uncertainty|"
+                      f" median {g['uncertainty_abs_diff_median']:.1e}, p99 "
+                      f"{g['uncertainty_abs_diff_p99']:.1e}."]
+        lines.append("")
     if res["postprocess"]:
         p = res["postprocess"]
         lines += [f"## Post-processing, {p['size']}², {p['members']} members, {p['n_atoms']} atoms "
                   f"(ms)", "", f"prepare {_fmt(p['prepare'])}; analyse {_fmt(p['analyse'])}; "
                   f"analyse + mean/std maps {_fmt(p['analyse+maps'])}", ""]
-    if res["service"]:
-        s = res["service"]
-        lines += [f"## Service end to end, {s['size']}², {s['members']} members (ms)", "",
+    for prec, s in (res["service"] or {}).items():
+        lines += [f"## Service end to end, {prec}, {s['size']}², {s['members']} members (ms)", "",
                   "| mode | p50 | p99 | min–max | frames |", "|---|---:|---:|---|---|",
                   f"| in-process pipeline (prepare+run+analyse) | {s['in_process']['median']:.1f} "
                   f"| {s['in_process']['p99']:.1f} | {s['in_process']['min']:.1f}–"
@@ -238,7 +360,7 @@ def markdown(res: dict) -> str:
                   f"1): **{100 * s['overhead']:+.1f} %**. Sustained (lossless flood): "
                   f"{s['sustained_fps']:.2f} frames/s. Service RSS {s['service_rss_mb']['VmRSS']:.0f}"
                   f" MiB (peak {s['service_rss_mb']['VmHWM']:.0f}). Load {s['load']}.", ""]
-    lines += ["GPU: not measured in this run (CPU provider).", ""]
+    lines += ["GPU: not measured in this run (CPU only).", ""]
     return "\n".join(lines)
 
 
@@ -246,16 +368,22 @@ def plots(res: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    label = {"fp32": "engine fp32 (onnxruntime)", "bf16": "engine bf16 (OpenVINO)"}
+
+    def series(ax, xs, rows):
+        for name, get in rows:
+            med = np.array([get(x)["median"] for x in xs])
+            lo = med - [get(x)["min"] for x in xs]
+            hi = np.array([get(x)["max"] for x in xs]) - med
+            ax.errorbar([int(x) for x in xs], med, yerr=[lo, hi], marker="o", capsize=3,
+                        label=name)
+
     if res["members"]:
         ns = sorted(res["members"], key=int)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key, label in (("engine", "engine (onnxruntime)"), ("baseline", "AtomAI-style")):
-            med = [res["members"][n][key]["median"] for n in ns]
-            lo = [res["members"][n][key]["min"] for n in ns]
-            hi = [res["members"][n][key]["max"] for n in ns]
-            x = [int(n) for n in ns]
-            ax.errorbar(x, med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], marker="o",
-                        capsize=3, label=label)
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        rows = [(label[p], lambda n, p=p: res["members"][n]["engine"][p])
+                for p in res["precisions"]]
+        series(ax, ns, rows + [("AtomAI-style (PyTorch)", lambda n: res["members"][n]["baseline"])])
         ax.set(xlabel="members", ylabel="ms per frame",
                title=f"latency vs. members, {res['members_size']} px")
         ax.legend()
@@ -264,10 +392,13 @@ def plots(res: dict, out: Path) -> None:
         plt.close(fig)
     if res["sizes"]:
         ss = sorted(res["sizes"], key=int)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.loglog([int(s) ** 2 for s in ss], [res["sizes"][s]["engine"]["median"] for s in ss],
-                  marker="o")
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for p in res["precisions"]:
+            ax.loglog([int(s) ** 2 for s in ss],
+                      [res["sizes"][s]["engine"][p]["median"] for s in ss], marker="o",
+                      label=label[p])
         ax.set(xlabel="pixels per frame", ylabel="ms per frame", title="engine latency vs. size")
+        ax.legend()
         fig.tight_layout()
         fig.savefig(out / "latency_vs_size.png", dpi=120)
         plt.close(fig)
@@ -292,7 +423,13 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--service-frames", type=int, default=12)
     ap.add_argument("--threads", type=int, help="engine intra-op threads (default: engine's)")
-    ap.add_argument("--skip", default="", help="comma list of: members,sizes,post,service")
+    ap.add_argument("--precisions", default=",".join(available_precisions()),
+                    help="engine precisions to time: fp32 (onnxruntime) and/or bf16 (OpenVINO; "
+                         "default when installed)")
+    ap.add_argument("--accuracy-frames", type=int, default=8,
+                    help="movie frames for the detection comparison of the precisions")
+    ap.add_argument("--skip", default="",
+                    help="comma list of: members,sizes,accuracy,post,service")
     ap.add_argument("--smoke", action="store_true", help="tiny U-Nets and frames (seconds)")
     return ap.parse_args(argv)
 
@@ -305,6 +442,10 @@ def main(argv=None) -> dict:
     if a.smoke:
         members, sizes, msize = SMOKE["members"], SMOKE["sizes"], SMOKE["members_size"]
         repeats, nsvc, size_n = SMOKE["repeats"], SMOKE["service_frames"], 2
+        a.accuracy_frames = 2
+    precisions = [p for p in a.precisions.split(",") if p]
+    if "fp32" not in precisions or not set(precisions) <= {"fp32", "bf16"}:
+        raise SystemExit(f"--precisions {a.precisions}: fp32 (the reference) plus optionally bf16")
     skip = set(a.skip.split(",")) - {""}
     out = a.out or ROOT / "runs" / "bench" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +453,7 @@ def main(argv=None) -> dict:
     res = {"created": dt.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join(["python -m benchmarks.suite", *(argv or sys.argv[1:])]),
            "load_start": load_now(), "members": {}, "sizes": {}, "postprocess": None,
-           "service": None, "members_size": msize}
+           "accuracy": None, "service": {}, "members_size": msize, "precisions": precisions}
     if a.smoke:
         src, cfg = ensembles.tiny_members(2)
         res["source"], key, cache = "random tiny U-Nets (smoke)", "smoke", out / "artifacts"
@@ -323,17 +464,21 @@ def main(argv=None) -> dict:
         key, cache = key["sha256"], ROOT / "runs" / "bench" / "artifacts"
     arts = {n: ensembles.build_artifact(src, cfg, n, cache, key, log)
             for n in sorted(set(members) | {size_n})}
-    res["machine"] = machine(arts[size_n], a.threads)
+    res["machine"] = machine(arts[size_n], a.threads, precisions)
     if "members" not in skip:
         res["members"] = members_sweep({n: arts[n] for n in members}, msize, repeats, a.threads,
-                                       log)
+                                       precisions, log)
     if "sizes" not in skip:
-        res["sizes"] = sizes_sweep(arts[size_n], sizes, repeats, a.threads, log)
+        res["sizes"] = sizes_sweep(arts[size_n], sizes, repeats, a.threads, precisions, log)
+    if "accuracy" not in skip:
+        res["accuracy"] = detection_accuracy(arts[size_n], msize, a.accuracy_frames, a.threads,
+                                             precisions)
     if "post" not in skip:
         res["postprocess"] = postprocess_times(arts[size_n], msize, repeats, a.threads)
     if "service" not in skip:
-        res["service"] = service_figures(arts[size_n], msize, nsvc, a.threads, log)
-    res["slopes"] = slopes(res["members"], res["sizes"])
+        res["service"] = {p: service_figures(arts[size_n], msize, nsvc, a.threads, log, p)
+                          for p in precisions}
+    res["slopes"] = slopes(res["members"], res["sizes"], precisions)
     res["load_end"] = load_now()
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     text = markdown(res)
@@ -344,7 +489,7 @@ def main(argv=None) -> dict:
     return res
 
 
-def machine(path: Path, threads) -> dict:
+def machine(path: Path, threads, precisions) -> dict:
     import onnxruntime
     import torch
     cpu = platform.processor() or "unknown CPU"
@@ -354,9 +499,15 @@ def machine(path: Path, threads) -> dict:
     except (OSError, StopIteration):
         pass
     eng = Engine(load_artifact(path), device="cpu", threads=threads)
-    return {"cpu": cpu, "cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "engine_threads": eng.threads, "python": platform.python_version()}
+    out = {"cpu": cpu, "cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "engine_threads": eng.threads, "python": platform.python_version()}
+    if "bf16" in precisions:
+        import openvino
+        out["openvino"] = openvino.__version__
+        out["bf16_runs_as"] = Engine(load_artifact(path), device="cpu", threads=threads,
+                                     precision="bf16").precision
+    return out
 
 
 if __name__ == "__main__":

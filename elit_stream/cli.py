@@ -144,6 +144,10 @@ def _serve_parser(sub) -> None:
     s.add_argument("--model", metavar="DIR", help="model artifact folder (default models/default)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the ensemble")
     s.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference")
+    s.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="fp32 (default; onnxruntime, matches the trainer) or bf16 (OpenVINO on "
+                        "CPUs with AMX/AVX-512 BF16: ~3.5x faster, checked against the fp32 "
+                        "probe; needs the openvino extra)")
     s.add_argument("--delivery", choices=["lossless", "latest"],
                    help="lossless: every frame, in order (slows the sender down if needed); "
                         "latest: skip stale frames to keep up (each one reported)")
@@ -208,6 +212,8 @@ def _demo_parser(sub) -> None:
                    "the service takes them)")
     d.add_argument("--delivery", choices=["lossless", "latest"], default="lossless")
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    d.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: OpenVINO on the CPU, faster, not bit-identical (see serve --help)")
     d.add_argument("--out", metavar="PNG", default="runs/demo/last_frame.png")
     d.set_defaults(func=cmd_demo)
 
@@ -220,6 +226,7 @@ def cmd_serve(args) -> int:
     from .manifest import ArtifactError, default_artifact_path
     overrides = {
         "model.path": args.model, "model.device": args.device, "model.threads": args.threads,
+        "model.precision": args.precision,
         "model.allowed_dirs": args.allowed_dir, "delivery.mode": args.delivery,
         "endpoints.ingest": args.ingest, "endpoints.results": args.results,
         "endpoints.control": args.control, "metrics.host": args.metrics_host,
@@ -248,7 +255,8 @@ def cmd_serve(args) -> int:
         raise CliError(f"cannot bind: {exc} (is another elit-stream running? change the "
                        "port with --ingest/--results/--control/--metrics-port)") from None
     print(json.dumps({"ready": True, "endpoints": endpoints, "model": service.state.model_ref(),
-                      "provider": service.state.engine.provider}), flush=True)
+                      "provider": service.state.engine.provider,
+                      "precision": service.state.engine.precision}), flush=True)
     logging.getLogger("elit_stream").info("listening: %s", endpoints)
     return service.run()
 

@@ -50,9 +50,6 @@ class State:
     delivery: str
     run_uid: str
     allowed_dirs: list[Path]
-    device: str = "auto"
-    threads: int | None = None
-    cpu_fallback: bool = True
     maps_mode: str = "subscribe"
     maps_downsample: int = 1
     counts: dict = field(default_factory=lambda: dict(received=0, processed=0, dropped=0,
@@ -136,7 +133,8 @@ def status(state: State, req: m.Request) -> dict:
         "uptime_s": round(time.time() - state.started_s, 3),
         "model": {**state.model_ref(), "path": str(art.path), "members": list(art.member_ids),
                   "classes": list(art.class_names), "pixel_size_pm": art.pixel_size_pm,
-                  "provider": eng.provider, "fallback_reason": eng.fallback_reason},
+                  "provider": eng.provider, "precision": eng.precision,
+                  "fallback_reason": eng.fallback_reason},
         **_active_dict(state.active), "delivery": state.delivery, "counts": dict(state.counts),
         "queue_depth": state.queue_depth, "params": params_dict(state.params),
         "maps": {"mode": state.maps_mode, "downsample": state.maps_downsample},
@@ -228,8 +226,7 @@ def load_model(state: State, req: m.LoadModelRequest) -> Deferred:
     if state.loader is not None:
         raise Refused("busy", f"still loading {state.loader.path}; try again when it is done")
     path = resolve_model_path(req.path, state.allowed_dirs)
-    state.loader = ModelLoader(path, state.allowed_dirs, state.device, state.threads,
-                               state.warm_shape, state.cpu_fallback)
+    state.loader = ModelLoader(path, state.allowed_dirs, state.engine.options, state.warm_shape)
     state.loader.start()
     return Deferred(state.loader, "load_model", req.id)
 
@@ -272,14 +269,14 @@ def resolve_model_path(path: str, allowed_dirs: list[Path]) -> Path:
 class ModelLoader(threading.Thread):
     """Verifies an artifact, builds its Engine and warms it up, off the hot path.
 
+    The new engine is opened with the running one's options (device, threads, precision...).
     The service polls `done` between frames and swaps the engine in at a frame boundary."""
 
-    def __init__(self, path: Path, allowed_dirs: list[Path], device: str,
-                 threads: int | None, warm_shape: tuple, cpu_fallback: bool = True):
+    def __init__(self, path: Path, allowed_dirs: list[Path], engine_options: dict,
+                 warm_shape: tuple):
         super().__init__(name="elit-model-loader", daemon=True)
         self.path, self.allowed_dirs = path, allowed_dirs
-        self.device, self.threads, self.warm_shape = device, threads, tuple(warm_shape)
-        self.cpu_fallback = cpu_fallback
+        self.engine_options, self.warm_shape = dict(engine_options), tuple(warm_shape)
         self.engine: Engine | None = None
         self.error: str | None = None
         self.seconds = 0.0
@@ -289,8 +286,7 @@ class ModelLoader(threading.Thread):
         t0 = time.perf_counter()
         try:
             artifact = load_artifact(self.path, allowed_dirs=self.allowed_dirs)
-            engine = Engine(artifact, device=self.device, threads=self.threads,
-                            cpu_fallback=self.cpu_fallback)
+            engine = Engine(artifact, **self.engine_options)
             engine.warm_up(self.warm_shape)
             self.engine = engine
         except Exception as exc:  # ArtifactError, EngineError, or anything else: report it
@@ -323,14 +319,15 @@ def swap_in(state: State, loader: ModelLoader, next_seq: int) -> dict:
     state.policy = new_policy(state.policy_cfg, art)
     state.outbox.append(("model_loaded", {"model": state.model_ref(), "path": str(art.path),
                                           "provider": engine.provider,
+                                          "precision": engine.precision,
                                           "members": list(art.member_ids),
                                           "classes": list(art.class_names),
                                           "from_frame_seq": next_seq}))
     state.outbox.append(("subset_changed", {**_active_dict(state.active),
                                             "cause": "model_loaded", "detail": art.name}))
     return {"ok": True, "cmd": "load_model", "model": state.model_ref(), "path": str(art.path),
-            "provider": engine.provider, "members": list(art.member_ids),
-            "load_s": round(loader.seconds, 3), "from_frame_seq": next_seq,
+            "provider": engine.provider, "precision": engine.precision,
+            "members": list(art.member_ids), "load_s": round(loader.seconds, 3), "from_frame_seq": next_seq,
             **_active_dict(state.active)}
 
 

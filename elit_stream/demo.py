@@ -56,6 +56,7 @@ def run_demo(args) -> int:
           "than they are processed)", flush=True)
     try:
         service = ServiceProcess(["--model", str(model), "--device", args.device,
+                                  "--precision", args.precision,
                                   "--delivery", args.delivery], timeout_s=120)
     except ServiceStartError as exc:
         raise DemoError(f"the service did not start: {exc}") from None

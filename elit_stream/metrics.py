@@ -79,9 +79,9 @@ class ServiceMetrics:
             self.mean_uncertainty.set(mean_uncertainty)
 
     def set_model(self, name: str, sha256: str, provider: str, n_members: int,
-                  fallback_reason: str | None = None) -> None:
+                  fallback_reason: str | None = None, precision: str = "fp32") -> None:
         self.model.info({"name": name, "sha256": sha256, "provider": provider,
-                         "members": str(n_members)})
+                         "precision": precision, "members": str(n_members)})
         self.provider_fallback.set(1 if fallback_reason else 0)
 
     def set_active(self, n_active: int, version: int) -> None:

@@ -56,9 +56,7 @@ class Service:
             params=Params().replace(**cfg.postprocess.overrides()),
             policy=SelectionPolicy(policy_cfg, list(art.member_ids)), policy_cfg=policy_cfg,
             delivery=cfg.delivery.mode, run_uid=uuid.uuid4().hex,
-            allowed_dirs=list(cfg.model.allowed_dirs), device=cfg.model.device,
-            threads=cfg.model.threads, cpu_fallback=cfg.model.cpu_fallback,
-            maps_mode=cfg.maps.mode,
+            allowed_dirs=list(cfg.model.allowed_dirs), maps_mode=cfg.maps.mode,
             maps_downsample=cfg.maps.downsample, warm_shape=tuple(cfg.model.warmup_shape_px))
         self.endpoints: dict[str, str] = {}
         self.auth: ServerAuth | None = None
@@ -74,10 +72,10 @@ class Service:
     def _initial_engine(cfg: ServiceConfig) -> Engine:
         art = load_artifact(cfg.model.path or default_artifact_path())
         engine = Engine(art, device=cfg.model.device, threads=cfg.model.threads,
-                        cpu_fallback=cfg.model.cpu_fallback)
+                        cpu_fallback=cfg.model.cpu_fallback, precision=cfg.model.precision)
         engine.warm_up(tuple(cfg.model.warmup_shape_px))
-        log.info("model %s (%d members, classes %s) on %s", art.name, art.n_members,
-                 ",".join(art.class_names), engine.provider)
+        log.info("model %s (%d members, classes %s) on %s, %s", art.name, art.n_members,
+                 ",".join(art.class_names), engine.provider, engine.precision)
         return engine
 
     # ------------------------------------------------------------------ sockets
@@ -126,6 +124,7 @@ class Service:
         st = self.state
         self._model_metrics()
         self._event("start", model=st.model_ref(), provider=st.engine.provider,
+                    precision=st.engine.precision,
                     delivery=st.delivery, endpoints=self.endpoints)
         status, reason = "success", "stopped"
         try:
@@ -371,7 +370,7 @@ class Service:
         st = self.state
         self.metrics.set_model(st.artifact.name, st.artifact.manifest_sha256,
                                st.engine.provider, st.artifact.n_members,
-                               getattr(st.engine, "fallback_reason", None))
+                               st.engine.fallback_reason, st.engine.precision)
         self.metrics.set_active(len(st.active.active), st.active.version)
 
     def _track_subscriptions(self) -> None:

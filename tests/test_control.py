@@ -29,7 +29,7 @@ def state(engine, tiny_artifact):
     return control.State(engine=engine, active=ActiveSet.full(ids), params=Params(),
                          policy=SelectionPolicy(PolicyConfig(), ids), policy_cfg=PolicyConfig(),
                          delivery="lossless", run_uid="test",
-                         allowed_dirs=[tiny_artifact.parent], device="cpu", threads=1)
+                         allowed_dirs=[tiny_artifact.parent])
 
 
 def call(state, **request):
