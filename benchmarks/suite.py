@@ -256,6 +256,42 @@ def service_figures(path: Path, size: int, n_frames: int, threads, log,
     return out
 
 
+def roofline(path: Path, size: int, members: dict, precisions: list[str],
+             gemm_n: int = 4096) -> dict:
+    """What the hardware allows: convolution GFLOP per member and frame (PyTorch's FLOP counter on
+    the artifact's U-Net), this machine's best dense GEMM rate per precision (torch matmul of
+    gemm_n² matrices, best of 5), the floor per member (GFLOP / rate), and what the engine reached
+    at the largest N of the member sweep."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from trainer.unet import UNet, UNetConfig
+    arch = load_artifact(path).manifest["model"]["architecture"]
+    net = UNet(UNetConfig.from_dict({k: v for k, v in arch.items() if k != "type"})).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(torch.zeros(1, 1, size, size))
+    gflop = fc.get_total_flops() / 1e9
+    rates = {}
+    for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if p not in precisions:
+            continue
+        a = torch.rand(gemm_n, gemm_n).to(dtype)
+        a @ a
+        best = min(timed(lambda: a @ a, 5, warmup=1))
+        rates[p] = 2 * gemm_n ** 3 / best / 1e9
+    out = {"size": size, "gflop_per_member": gflop, "gemm_gflops": rates,
+           "floor_ms_per_member": {p: 1e3 * gflop / r for p, r in rates.items()}}
+    if members:
+        n = max(members, key=int)
+        out["n"] = int(n)
+        out["engine_gflops"] = {p: int(n) * gflop / (members[n]["engine_run"][p]["median"] / 1e3)
+                                for p in precisions}
+        out["baseline_gflops"] = int(n) * gflop / (members[n]["baseline"]["median"] / 1e3)
+        out["best_ratio_at_floor"] = {
+            p: members[n]["baseline"]["median"] / (int(n) * out["floor_ms_per_member"][p])
+            for p in rates}
+    return out
+
+
 # --- report -------------------------------------------------------------------------------------
 
 def _fmt(st: dict) -> str:
@@ -320,6 +356,22 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res["slopes"]:
         lines += ["Slopes: " + ", ".join(f"{k} {v:.3g}" for k, v in res["slopes"].items()), ""]
+    if res["roofline"]:
+        r = res["roofline"]
+        lines += [f"## What the hardware allows ({r['size']}², {r['gflop_per_member']:.1f} GFLOP of "
+                  "convolution per member and frame)", "",
+                  "| precision | best GEMM rate, GFLOP/s | floor, ms per member | engine reaches, "
+                  "GFLOP/s | baseline/engine at the floor |", "|---|---:|---:|---:|---:|"]
+        for p in res["precisions"]:
+            if p in r["gemm_gflops"]:
+                lines.append(f"| {p} | {r['gemm_gflops'][p]:.0f} | "
+                             f"{r['floor_ms_per_member'][p]:.1f} | "
+                             f"{r.get('engine_gflops', {}).get(p, float('nan')):.0f} | "
+                             f"{r.get('best_ratio_at_floor', {}).get(p, float('nan')):.2f}× |")
+        if "baseline_gflops" in r:
+            lines.append(f"\nBaseline (PyTorch eager, fp32) at N = {r['n']}: "
+                         f"{r['baseline_gflops']:.0f} GFLOP/s.")
+        lines.append("")
     if res["accuracy"]:
         a = res["accuracy"]
         lines += [f"## Detection on a synthetic movie ({a['frames']} frames, {a['size']}², "
@@ -429,7 +481,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--accuracy-frames", type=int, default=8,
                     help="movie frames for the detection comparison of the precisions")
     ap.add_argument("--skip", default="",
-                    help="comma list of: members,sizes,accuracy,post,service")
+                    help="comma list of: members,sizes,accuracy,post,service,roofline")
     ap.add_argument("--smoke", action="store_true", help="tiny U-Nets and frames (seconds)")
     return ap.parse_args(argv)
 
@@ -453,7 +505,8 @@ def main(argv=None) -> dict:
     res = {"created": dt.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join(["python -m benchmarks.suite", *(argv or sys.argv[1:])]),
            "load_start": load_now(), "members": {}, "sizes": {}, "postprocess": None,
-           "accuracy": None, "service": {}, "members_size": msize, "precisions": precisions}
+           "accuracy": None, "service": {}, "members_size": msize, "precisions": precisions,
+           "roofline": None}
     if a.smoke:
         src, cfg = ensembles.tiny_members(2)
         res["source"], key, cache = "random tiny U-Nets (smoke)", "smoke", out / "artifacts"
@@ -479,6 +532,9 @@ def main(argv=None) -> dict:
         res["service"] = {p: service_figures(arts[size_n], msize, nsvc, a.threads, log, p)
                           for p in precisions}
     res["slopes"] = slopes(res["members"], res["sizes"], precisions)
+    if "roofline" not in skip:
+        res["roofline"] = roofline(arts[size_n], msize, res["members"], precisions,
+                                   1024 if a.smoke else 4096)
     res["load_end"] = load_now()
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     text = markdown(res)
