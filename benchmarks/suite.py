@@ -33,13 +33,13 @@ from benchmarks.baseline import AtomAIStyleEnsemble          # noqa: E402
 from benchmarks import ensembles                              # noqa: E402
 from benchmarks.service_load import ServiceBench, rss_mb     # noqa: E402
 from elit_stream import movie as movies                        # noqa: E402
-from elit_stream.engine import BF16_PROBE_TOLERANCE, Engine   # noqa: E402
+from elit_stream.engine import PROBE_TOLERANCE, Engine        # noqa: E402
 from elit_stream.manifest import load_artifact                # noqa: E402
 from elit_stream.movie import make_movie                      # noqa: E402
 from elit_stream.postprocess import Params, active_maps, analyse   # noqa: E402
 
 PARITY_ATOL = 1e-4                   # fp32 engine vs. baseline: max |diff| of mean and std maps
-BF16_ATOL = BF16_PROBE_TOLERANCE     # bf16 engine vs. fp32 engine, same maps
+BF16_ATOL = PROBE_TOLERANCE["bf16"]  # bf16 engine vs. fp32 engine, same maps
 
 
 def available_precisions() -> list[str]:
@@ -69,11 +69,11 @@ def frame_of(size: int, ps: float, seed: int = 0) -> np.ndarray:
     return make_movie(n_frames=1, size_px=size, seed=seed, pixel_size_pm=ps).frames[0]
 
 
-def engine_step(engine: Engine, frame: np.ndarray):
+def engine_step(eng: Engine, frame: np.ndarray):
     """What the engine side does per frame to match the baseline: prepare, run, mean/std maps."""
-    x, geom = engine.prepare(frame)
-    probs = engine.run(x)
-    return active_maps(probs, np.arange(engine.n_members), *geom.valid_shape)
+    x, geom = eng.prepare(frame)
+    probs = eng.run(x)
+    return active_maps(probs, np.arange(eng.n_members), *geom.valid_shape)
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
@@ -108,8 +108,17 @@ def check_bf16(bf16: Engine, fp32: Engine, frame: np.ndarray) -> dict:
     return diff
 
 
+DEVICE = {"device": "cpu"}           # --device: every engine and the service run there
+
+
+def engine(art, threads, precision: str = "fp32") -> Engine:
+    """An engine on --device; on cuda, a CUDA failure stops the run (no silent CPU figures)."""
+    return Engine(art, device=DEVICE["device"], threads=threads, precision=precision,
+                  cpu_fallback=DEVICE["device"] == "cpu")
+
+
 def engines(art, threads, precisions) -> dict[str, Engine]:
-    return {p: Engine(art, device="cpu", threads=threads, precision=p) for p in precisions}
+    return {p: engine(art, threads, p) for p in precisions}
 
 
 def members_sweep(arts: dict[int, Path], size: int, repeats: int, threads, precisions,
@@ -218,13 +227,13 @@ def _atom_agreement(ref: list, other: list, max_px: float = 1.0) -> dict:
 def postprocess_times(path: Path, size: int, repeats: int, threads) -> dict:
     """prepare and analyse (consensus, uncertainty, atoms) on the engine's real output."""
     art = load_artifact(path)
-    engine = Engine(art, device="cpu", threads=threads)
+    eng = engine(art, threads)
     frame = frame_of(size, art.pixel_size_pm)
-    x, geom = engine.prepare(frame)
-    probs = engine.run(x)
+    x, geom = eng.prepare(frame)
+    probs = eng.run(x)
     act, p, vs = np.arange(art.n_members), Params(), geom.valid_shape
     n = 3 * repeats
-    return {"prepare": stats_ms(timed(lambda: engine.prepare(frame), n)),
+    return {"prepare": stats_ms(timed(lambda: eng.prepare(frame), n)),
             "analyse": stats_ms(timed(lambda: analyse(probs, act, p, vs), n)),
             "analyse+maps": stats_ms(timed(lambda: analyse(probs, act, p, vs, want_maps=True), n)),
             "n_atoms": analyse(probs, act, p, vs).n_atoms, "members": art.n_members,
@@ -236,10 +245,10 @@ def service_figures(path: Path, size: int, n_frames: int, threads, log,
     art = load_artifact(path)
     ps = art.pixel_size_pm
     frames = make_movie(n_frames=n_frames, size_px=size, seed=1, pixel_size_pm=ps).frames
-    engine = Engine(art, device="cpu", threads=threads, precision=precision)
-    engine.warm_up((size, size))
-    with ServiceBench(path, threads, precision=precision) as sb:
-        served, local = sb.closed_loop(frames, ps, engine)
+    eng = engine(art, threads, precision)
+    eng.warm_up((size, size))
+    with ServiceBench(path, threads, device=DEVICE["device"], precision=precision) as sb:
+        served, local = sb.closed_loop(frames, ps, eng)
         interval = 1.5 * float(np.median(local))
         fixed, got_f, sent_f, _ = sb.open_loop(frames, ps, interval, "bench-fixed")
         flood, got, sent, wall = sb.open_loop(frames, ps, 0.0, "bench-flood")
@@ -412,7 +421,8 @@ def markdown(res: dict) -> str:
                   f"1): **{100 * s['overhead']:+.1f} %**. Sustained (lossless flood): "
                   f"{s['sustained_fps']:.2f} frames/s. Service RSS {s['service_rss_mb']['VmRSS']:.0f}"
                   f" MiB (peak {s['service_rss_mb']['VmHWM']:.0f}). Load {s['load']}.", ""]
-    lines += ["GPU: not measured in this run (CPU only).", ""]
+    if m["device"] == "cpu":
+        lines += ["GPU: not measured in this run (CPU only).", ""]
     return "\n".join(lines)
 
 
@@ -475,6 +485,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--service-frames", type=int, default=12)
     ap.add_argument("--threads", type=int, help="engine intra-op threads (default: engine's)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the engine and the service run (cuda: onnxruntime-gpu; fp32 and "
+                         "fp16 then; a CUDA failure stops the run)")
     ap.add_argument("--precisions", default=",".join(available_precisions()),
                     help="engine precisions to time: fp32 (onnxruntime) and/or bf16 (OpenVINO; "
                          "default when installed)")
@@ -496,8 +509,10 @@ def main(argv=None) -> dict:
         repeats, nsvc, size_n = SMOKE["repeats"], SMOKE["service_frames"], 2
         a.accuracy_frames = 2
     precisions = [p for p in a.precisions.split(",") if p]
-    if "fp32" not in precisions or not set(precisions) <= {"fp32", "bf16"}:
-        raise SystemExit(f"--precisions {a.precisions}: fp32 (the reference) plus optionally bf16")
+    if "fp32" not in precisions or not set(precisions) <= {"fp32", "bf16", "fp16"}:
+        raise SystemExit(f"--precisions {a.precisions}: fp32 (the reference) plus optionally "
+                         "bf16 (CPU) and fp16 (meant for cuda)")
+    DEVICE["device"] = a.device
     skip = set(a.skip.split(",")) - {""}
     out = a.out or ROOT / "runs" / "bench" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -554,15 +569,14 @@ def machine(path: Path, threads, precisions) -> dict:
                    if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    eng = Engine(load_artifact(path), device="cpu", threads=threads)
-    out = {"cpu": cpu, "cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+    eng = engine(load_artifact(path), threads)
+    out = {"device": DEVICE["device"], "provider": eng.provider, "cpu": cpu, "cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "engine_threads": eng.threads, "python": platform.python_version()}
     if "bf16" in precisions:
         import openvino
         out["openvino"] = openvino.__version__
-        out["bf16_runs_as"] = Engine(load_artifact(path), device="cpu", threads=threads,
-                                     precision="bf16").precision
+        out["bf16_runs_as"] = engine(load_artifact(path), threads, "bf16").precision
     return out
 
 

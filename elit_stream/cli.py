@@ -144,10 +144,10 @@ def _serve_parser(sub) -> None:
     s.add_argument("--model", metavar="DIR", help="model artifact folder (default models/default)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the ensemble")
     s.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference")
-    s.add_argument("--precision", choices=["fp32", "bf16"],
-                   help="fp32 (default; onnxruntime, matches the trainer) or bf16 (OpenVINO on "
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default; onnxruntime, matches the trainer); bf16 (OpenVINO on "
                         "CPUs with AMX/AVX-512 BF16: ~3.5x faster, checked against the fp32 "
-                        "probe; needs the openvino extra)")
+                        "probe; the openvino extra); fp16 (onnxruntime, for CUDA; the gpu extra)")
     s.add_argument("--delivery", choices=["lossless", "latest"],
                    help="lossless: every frame, in order (slows the sender down if needed); "
                         "latest: skip stale frames to keep up (each one reported)")
@@ -212,7 +212,7 @@ def _demo_parser(sub) -> None:
                    "the service takes them)")
     d.add_argument("--delivery", choices=["lossless", "latest"], default="lossless")
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    d.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    d.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="bf16: OpenVINO on the CPU, faster, not bit-identical (see serve --help)")
     d.add_argument("--out", metavar="PNG", default="runs/demo/last_frame.png")
     d.set_defaults(func=cmd_demo)

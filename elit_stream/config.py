@@ -67,8 +67,9 @@ class ModelSection(Section):
     cpu_fallback: bool = True             # device=cuda but CUDA fails: CPU (logged) or refuse
     threads: int | None = Field(None, ge=1, le=256)  # inference threads (default: physical cores)
     # fp32: onnxruntime, matches the trainer; bf16: OpenVINO on the CPU (AMX / AVX-512 BF16),
-    # ~3.5x faster, checked against the fp32 probe (the `openvino` extra; docs/benchmarks.md)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # ~3.5x faster, checked against the fp32 probe (the `openvino` extra; docs/benchmarks.md);
+    # fp16: onnxruntime on a float16 copy of the graph, for CUDA (the `gpu` extra)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     warmup_shape_px: tuple[int, int] = (256, 256)
 
 

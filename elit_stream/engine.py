@@ -9,10 +9,13 @@ On CUDA the engine runs through IO binding (`_BoundRunner`): a device-resident i
 network shape, updated in place, and preallocated host output buffers that onnxruntime writes
 into, bound once; no allocation per frame. The same runner works on the CPU provider (tests).
 
-`precision="bf16"` runs the same ONNX graph on the CPU through OpenVINO (`_OpenVinoRunner`,
-the `openvino` extra), which computes in bfloat16 on CPUs with AMX or AVX-512 BF16: about 3.5x
-faster than fp32 here, outputs within a checked tolerance of fp32 (not bit-identical; see
-docs/benchmarks.md). The default, fp32, is onnxruntime and matches the trainer to 1e-4.
+Precision. The default, fp32, is onnxruntime and matches the trainer to 1e-4. `bf16` runs the
+same ONNX graph on the CPU through OpenVINO (`_OpenVinoRunner`, the `openvino` extra), which
+computes in bfloat16 on CPUs with AMX or AVX-512 BF16: about 3.5x faster than fp32 here. `fp16`
+is onnxruntime on a copy of the graph converted to float16 at load (float32 in and out; meant for
+CUDA, slower than fp32 on a CPU; needs the `onnx` package). A reduced precision must keep the
+artifact's probe within PROBE_TOLERANCE of the fp32 reference, or the engine is refused; the
+difference found is `probe_diff` (docs/benchmarks.md has the accuracy on real detections).
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 OPENVINO = "OpenVINO:CPU"
-PRECISIONS = ("fp32", "bf16")
-BF16_PROBE_TOLERANCE = 0.05       # max |mean atom map - fp32 probe| accepted for a bf16 engine
+PRECISIONS = ("fp32", "bf16", "fp16")
+# max |member-mean atom map - fp32 probe| accepted per reduced precision (measured on
+# models/default: bf16 6.5e-3, fp16 7.4e-4)
+PROBE_TOLERANCE = {"bf16": 0.05, "fp16": 0.01}
 RESCALE_TOLERANCE = 0.01          # rescale only when pixel sizes differ by more than 1 %
 _WIDE = 1e30                      # |values| above / ranges below 1/_WIDE: float64 path (_tame)
 
@@ -204,11 +209,29 @@ def _session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
     return opts
 
 
-def _create(onnx_path: Path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+def _create(onnx_path: Path, opts: ort.SessionOptions, providers: list,
+            model: bytes | None = None) -> ort.InferenceSession:
+    """A session on `onnx_path`, or on `model` (serialised graph derived from it) if given."""
     try:
-        return ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        return ort.InferenceSession(model if model is not None else str(onnx_path), opts,
+                                    providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise EngineError(f"{onnx_path.name}: cannot create session: {exc}") from None
+
+
+def _float16_graph(onnx_path: Path) -> bytes:
+    """The graph with float16 weights and arithmetic, float32 input and output."""
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:
+        raise EngineError("precision fp16 needs the onnx package: pip install "
+                          "'elit-stream[gpu]' (or pip install onnx)") from None
+    try:
+        model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    except Exception as exc:  # noqa: BLE001
+        raise EngineError(f"{onnx_path.name}: cannot convert to float16: {exc}") from None
+    return model.SerializeToString()
 
 
 def run_probe(onnx_path: Path, net_input: np.ndarray) -> np.ndarray:
@@ -337,9 +360,10 @@ class Engine:
         if device not in ("auto", "cpu", "cuda"):
             raise EngineError(f"device must be auto, cpu or cuda, not {device!r}")
         if precision not in PRECISIONS:
-            raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        self.options = dict(device=device, threads=threads, cpu_fallback=cpu_fallback,
-                            precision=precision, spin=spin)
+            raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                              f"not {precision!r}")
+        self.options = {"device": device, "threads": threads, "cpu_fallback": cpu_fallback,
+                        "precision": precision, "spin": spin}
         self.artifact = artifact
         self.n_members, self.n_classes = artifact.n_members, artifact.n_classes
         self.fallback_reason: str | None = None
@@ -347,20 +371,26 @@ class Engine:
         self.session: ort.InferenceSession | None = None
         self._bound: _BoundRunner | None = None
         self._ov: _OpenVinoRunner | None = None
-        self.probe_diff: float | None = None       # bf16: max |mean atom map - fp32 probe|
+        self.probe_diff: float | None = None       # reduced precision: vs. the fp32 probe
         if precision == "bf16":
             self._open_openvino(device)
         else:
-            self._open_onnxruntime(device, threads, cpu_fallback, spin, bind)
+            self._open_onnxruntime(device, threads, cpu_fallback, spin, bind, precision)
+        if precision != "fp32":
+            self._check_probe(precision)
         log.info("engine: %s on %s, %s (%d threads%s)", artifact.name, self.provider,
                  self.precision, self.threads,
                  f"; fallback: {self.fallback_reason}" if self.fallback_reason else "")
 
-    def _open_onnxruntime(self, device, threads, cpu_fallback, spin, bind) -> None:
+    def _open_onnxruntime(self, device, threads, cpu_fallback, spin, bind, precision) -> None:
         opts = _session_options(threads, spin)
-        self.session = self._open(device, opts, cpu_fallback)
+        graph = _float16_graph(self.artifact.onnx_path) if precision == "fp16" else None
+        self.session = self._open(device, opts, cpu_fallback, graph)
         self.provider: str = self.session.get_providers()[0]
-        self.precision = "fp32"
+        self.precision = precision
+        if precision == "fp16" and self.provider != CUDA:
+            log.warning("engine: fp16 on the CPU provider is slower than fp32 (it is meant for "
+                        "CUDA); use bf16 for a faster CPU")
         self.threads = opts.intra_op_num_threads
         self._in_name = self.session.get_inputs()[0].name
         self._out_name = self.session.get_outputs()[0].name
@@ -376,46 +406,53 @@ class Engine:
         self._ov = _OpenVinoRunner(self.artifact.onnx_path, self.threads)
         self._check_io(*self._ov.io_names())
         self.provider = OPENVINO
+        self.precision = "bf16"          # until the first compile says what the CPU does
+
+    def _check_probe(self, precision: str) -> None:
+        """Run the artifact's probe; refuse if the mean atom map moved beyond the tolerance."""
         if self.artifact.probe_path is None:
-            raise EngineError("precision bf16 is checked against the artifact's probe; "
+            raise EngineError(f"precision {precision} is checked against the artifact's probe; "
                               "this artifact has none")
         with np.load(self.artifact.probe_path) as z:
             net_input, want = z["input"], z["probs"]
         got = self.run(net_input)
-        self.precision = self._ov.precision
-        if self.precision != "bf16":
-            log.warning("engine: this CPU has no bf16 instructions; OpenVINO computes in %s",
-                        self.precision)
+        if self._ov is not None:
+            self.precision = self._ov.precision
+            if self.precision != "bf16":
+                log.warning("engine: this CPU has no bf16 instructions; OpenVINO computes in %s",
+                            self.precision)
         self.probe_diff = float(np.abs(got.sum(axis=1).mean(axis=0)
                                        - want.sum(axis=1).mean(axis=0)).max())
-        if not self.probe_diff <= BF16_PROBE_TOLERANCE:
-            raise EngineError(f"bf16 changes the probe's mean atom map by {self.probe_diff:.3g} "
-                              f"(> {BF16_PROBE_TOLERANCE}); use precision fp32 for this model")
+        tol = PROBE_TOLERANCE[precision]
+        if not self.probe_diff <= tol:
+            raise EngineError(f"{precision} changes the probe's mean atom map by "
+                              f"{self.probe_diff:.3g} (> {tol}); use precision fp32 for this model")
 
-    def _open(self, device: str, opts, cpu_fallback: bool) -> ort.InferenceSession:
+    def _open(self, device: str, opts, cpu_fallback: bool, graph: bytes | None
+              ) -> ort.InferenceSession:
         path = self.artifact.onnx_path
         if device == "cpu":
-            return _create(path, opts, [CPU])
+            return _create(path, opts, [CPU], graph)
         if CUDA not in ort.get_available_providers():
             why = "onnxruntime has no CUDAExecutionProvider (install the gpu extra)"
-            return self._fallback(why, device == "cuda", cpu_fallback, path, opts)
+            return self._fallback(why, device == "cuda", cpu_fallback, path, opts, graph)
         cuda = (CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})
         try:
-            sess = _create(path, opts, [cuda, CPU])
+            sess = _create(path, opts, [cuda, CPU], graph)
         except EngineError as exc:
-            return self._fallback(str(exc), True, cpu_fallback, path, opts)
+            return self._fallback(str(exc), True, cpu_fallback, path, opts, graph)
         if sess.get_providers()[0] != CUDA:
             return self._fallback("CUDA provider failed to initialise (see onnxruntime log)",
-                                  True, cpu_fallback, path, opts)
+                                  True, cpu_fallback, path, opts, graph)
         return sess
 
-    def _fallback(self, why: str, wanted: bool, cpu_fallback: bool, path, opts):
+    def _fallback(self, why: str, wanted: bool, cpu_fallback: bool, path, opts, graph):
         if wanted and not cpu_fallback:
             raise EngineError(f"CUDA requested but unavailable: {why}")
         if wanted:
             self.fallback_reason = why
             log.warning("engine: CUDA unavailable (%s); falling back to CPU", why)
-        return _create(path, opts, [CPU])
+        return _create(path, opts, [CPU], graph)
 
     def _check_io(self, in_names: set, out_names: set) -> None:
         model = self.artifact.manifest["model"]

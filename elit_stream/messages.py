@@ -139,7 +139,7 @@ class StartEvent(EventBase):
     event: Literal["start"] = "start"
     model: ModelRef
     provider: str
-    precision: Literal["fp32", "bf16"] = "fp32"   # what the engine computes in
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # what the engine computes in
     delivery: Literal["lossless", "latest"]
     endpoints: dict[str, str]
 
@@ -156,7 +156,7 @@ class ModelLoadedEvent(EventBase):
     model: ModelRef
     path: str
     provider: str
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     members: list[int]
     classes: list[str]
     from_frame_seq: int  # first processed-frame seq that uses the model

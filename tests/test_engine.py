@@ -247,3 +247,22 @@ def test_cuda_engine_matches_cpu(tiny_artifact):
     x, _ = cpu.prepare(np.random.default_rng(4).random((128, 96), dtype=np.float32))
     for _ in range(3):
         np.testing.assert_allclose(gpu.run(x), cpu.run(x), atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_engine_stays_within_its_tolerance(tiny_artifact):
+    """On a CUDA machine: the float16 graph through IO binding, within the fp16 tolerance."""
+    import onnxruntime as ort
+    from elit_stream.engine import PROBE_TOLERANCE
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (install the gpu extra)")
+    art = load_artifact(tiny_artifact)
+    try:
+        gpu = Engine(art, device="cuda", cpu_fallback=False, precision="fp16")
+    except EngineError as exc:
+        pytest.skip(f"no usable CUDA device: {exc}")
+    cpu = Engine(art, device="cpu")
+    assert gpu.provider == "CUDAExecutionProvider" and gpu.precision == "fp16"
+    x, _ = cpu.prepare(np.random.default_rng(4).random((128, 96), dtype=np.float32))
+    for _ in range(3):
+        assert np.abs(gpu.run(x) - cpu.run(x)).max() <= PROBE_TOLERANCE["fp16"]

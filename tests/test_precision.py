@@ -1,12 +1,14 @@
-"""precision="bf16": the same ONNX graph through OpenVINO on the CPU, checked against fp32.
+"""Reduced precisions, checked against fp32: bf16 (the same ONNX graph through OpenVINO on the
+CPU) and fp16 (onnxruntime on a float16 copy of the graph; meant for CUDA, run here on the CPU).
 
-Skips when OpenVINO is not installed (it is, with the `openvino` extra that scripts/test.sh
-installs). On a CPU without bf16 instructions OpenVINO computes in fp32; the engine reports
-that, and these tests accept either.
+bf16 tests skip when OpenVINO is not installed (it is, with the `openvino` extra that
+scripts/test.sh installs). On a CPU without bf16 instructions OpenVINO computes in fp32; the
+engine reports that, and these tests accept either.
 """
 from __future__ import annotations
 
 import builtins
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,11 @@ from elit_stream.launcher import ServiceProcess
 from elit_stream.manifest import load_artifact
 from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
 
-pytest.importorskip("openvino")
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="OpenVINO not installed (the openvino extra)")
+BF16_TOL = engine_mod.PROBE_TOLERANCE["bf16"]
 
 TIMEOUT_S = 60.0
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cpu_has_bf16() -> bool:
@@ -40,29 +43,32 @@ def engines(tiny_artifact):
                                                         precision="bf16")
 
 
+@needs_openvino
 def test_bf16_engine_reports_what_it_runs_on(engines):
     _, bf16 = engines
     assert bf16.provider == engine_mod.OPENVINO and bf16.session is None
     assert bf16.precision == ("bf16" if _cpu_has_bf16() else "fp32")
-    assert 0.0 <= bf16.probe_diff <= engine_mod.BF16_PROBE_TOLERANCE
+    assert 0.0 <= bf16.probe_diff <= BF16_TOL
     assert bf16.options["precision"] == "bf16" and bf16.options["threads"] == 1
 
 
+@needs_openvino
 def test_bf16_matches_fp32_within_tolerance_on_several_shapes(engines):
     fp32, bf16 = engines
     rng = np.random.default_rng(7)
     for shape in [(64, 64), (48, 80), (64, 64)]:
         frame = gaussian_blobs(shape, n=12, seed=int(rng.integers(100)))[0]
-        x, geom = fp32.prepare(frame)
+        x = fp32.prepare(frame)[0]
         want = fp32.run(x)
         got = bf16.run(x)
         assert got.shape == want.shape and got.dtype == np.float32
         diff = np.abs(got.mean(axis=0) - want.mean(axis=0)).max()
-        assert diff <= engine_mod.BF16_PROBE_TOLERANCE, (shape, diff)
+        assert diff <= BF16_TOL, (shape, diff)
         if bf16.precision == "bf16":
             assert diff > 0                   # it really is another arithmetic, not fp32
 
 
+@needs_openvino
 def test_bf16_output_buffers_are_a_ring_of_two_per_shape(engines):
     """A result stays valid while one more frame runs (the service analyses before that)."""
     _, bf16 = engines
@@ -79,7 +85,7 @@ def test_bf16_is_refused_on_cuda_and_unknown_precisions_are_named(tiny_artifact)
     art = load_artifact(tiny_artifact)
     with pytest.raises(EngineError, match="bf16 runs on the CPU"):
         Engine(art, device="cuda", precision="bf16")
-    with pytest.raises(EngineError, match="precision must be one of fp32, bf16"):
+    with pytest.raises(EngineError, match="precision must be one of fp32, bf16, fp16"):
         Engine(art, precision="int4")
 
 
@@ -96,17 +102,19 @@ def test_without_openvino_bf16_says_which_extra_to_install(tiny_artifact, monkey
         Engine(load_artifact(tiny_artifact), precision="bf16")
 
 
+@needs_openvino
 def test_a_model_that_bf16_changes_too_much_is_refused(tiny_artifact, monkeypatch):
-    monkeypatch.setattr(engine_mod, "BF16_PROBE_TOLERANCE", -1.0)
+    monkeypatch.setitem(engine_mod.PROBE_TOLERANCE, "bf16", -1.0)
     with pytest.raises(EngineError, match="use precision fp32 for this model"):
         Engine(load_artifact(tiny_artifact), precision="bf16")
 
 
+@needs_openvino
 def test_service_in_bf16_reports_it_and_keeps_it_across_load_model(tmp_path):
     """The real service with --precision bf16: start event, status, results, and a load_model
     that opens the new artifact in bf16 too."""
     tiny = build_tiny_artifact(tmp_path, n_members=3, name="tiny")
-    tiny4 = build_tiny_artifact(tmp_path, n_members=4, seed=1, name="tiny4")
+    build_tiny_artifact(tmp_path, n_members=4, seed=1, name="tiny4")
     proc = ServiceProcess(["--model", str(tiny), "--threads", "1", "--precision", "bf16",
                            "--allowed-dir", str(tmp_path)])
     ep = proc.endpoints
@@ -135,3 +143,32 @@ def test_service_in_bf16_reports_it_and_keeps_it_across_load_model(tmp_path):
         for c in (sender, sub, ctl):
             c.close()
         proc.close()
+
+
+def test_fp16_engine_on_the_cpu_stays_within_its_tolerance(tiny_artifact):
+    """fp16 is for CUDA; on the CPU provider it still runs (slowly), which tests the conversion
+    (float16 weights and arithmetic, float32 in and out) and the probe check."""
+    pytest.importorskip("onnx")
+    art = load_artifact(tiny_artifact)
+    fp32 = Engine(art, device="cpu", threads=1)
+    fp16 = Engine(art, device="cpu", threads=1, precision="fp16")
+    assert fp16.provider == "CPUExecutionProvider" and fp16.precision == "fp16"
+    assert 0.0 < fp16.probe_diff <= engine_mod.PROBE_TOLERANCE["fp16"]
+    assert fp16.session.get_inputs()[0].type == "tensor(float)"
+    x = fp32.prepare(gaussian_blobs((48, 80), n=10, seed=2)[0])[0]
+    want, got = fp32.run(x), fp16.run(x)
+    assert got.dtype == np.float32
+    assert 0 < np.abs(got - want).max() <= engine_mod.PROBE_TOLERANCE["fp16"]
+
+
+def test_without_onnx_fp16_says_what_to_install(tiny_artifact, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ImportError("No module named 'onnx'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(EngineError, match="precision fp16 needs the onnx package"):
+        Engine(load_artifact(tiny_artifact), precision="fp16")
