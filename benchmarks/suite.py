@@ -39,7 +39,10 @@ from elit_stream.movie import make_movie                      # noqa: E402
 from elit_stream.postprocess import Params, active_maps, analyse   # noqa: E402
 
 PARITY_ATOL = 1e-4                   # fp32 engine vs. baseline: max |diff| of mean and std maps
-BF16_ATOL = PROBE_TOLERANCE["bf16"]  # bf16 engine vs. fp32 engine, same maps
+# bf16 engine vs. fp32 engine, max |diff| of the mean and std maps on the 512² frame: a gate
+# against a broken bf16 path, not an accuracy claim (the detection comparison is that). One
+# member's map moves by up to ~0.06 where it crosses 0.5 steeply; the mean of 8 by ~0.02.
+BF16_ATOL = 0.1
 
 
 def available_precisions() -> list[str]:
@@ -97,15 +100,18 @@ def check_parity(engine: Engine, base: AtomAIStyleEnsemble, frame: np.ndarray) -
     return diff
 
 
-def check_bf16(bf16: Engine, fp32: Engine, frame: np.ndarray) -> dict:
-    """bf16 is another arithmetic: bounded (BF16_ATOL on the maps), never identical."""
-    mean_h, std_h = (a.copy() for a in engine_step(bf16, frame))
+def check_reduced(low: Engine, fp32: Engine, frame: np.ndarray) -> dict:
+    """bf16 / fp16 are other arithmetics: bounded (BF16_ATOL on the maps), never identical."""
+    mean_h, std_h = (a.copy() for a in engine_step(low, frame))
     mean_f, std_f = engine_step(fp32, frame)
     diff = {"mean": float(np.abs(mean_h - mean_f).max()),
             "std": float(np.abs(std_h - std_f).max())}
+    typical = {"mean_p99.9": float(np.percentile(np.abs(mean_h - mean_f), 99.9)),
+               "std_p99.9": float(np.percentile(np.abs(std_h - std_f), 99.9))}
     if not max(diff.values()) <= BF16_ATOL:
-        raise ParityError(f"bf16 and fp32 engines disagree ({diff}, limit {BF16_ATOL}): no timings")
-    return diff
+        raise ParityError(f"{low.precision} and fp32 engines disagree ({diff}, limit "
+                          f"{BF16_ATOL}): no timings")
+    return {**diff, **typical}
 
 
 DEVICE = {"device": "cpu"}           # --device: every engine and the service run there
@@ -133,7 +139,8 @@ def members_sweep(arts: dict[int, Path], size: int, repeats: int, threads, preci
         base = AtomAIStyleEnsemble.from_artifact(path, art.manifest)
         frame = frame_of(size, art.pixel_size_pm)
         parity = check_parity(engs["fp32"], base, frame)
-        bf16 = check_bf16(engs["bf16"], engs["fp32"], frame) if "bf16" in engs else None
+        reduced = {p: check_reduced(e, engs["fp32"], frame) for p, e in engs.items()
+                   if p != "fp32"}
         for eng in engs.values():
             eng.warm_up((size, size))
         t_e, t_b = {p: [] for p in engs}, []
@@ -148,13 +155,14 @@ def members_sweep(arts: dict[int, Path], size: int, repeats: int, threads, preci
                   "engine_run": run,
                   "ratio": {p: {"median": float(np.median(r)), "min": float(r.min()),
                                 "max": float(r.max())} for p, r in ratios.items()},
-                  "parity": parity, "bf16_vs_fp32": bf16,
+                  "parity": parity, "vs_fp32": reduced,
                   "rss_engines_mb": rss_mb()["VmRSS"] - rss0, "load": load_now()}
         log(f"N={n:2d} {size}px: " + ", ".join(
             f"engine {p} {out[n]['engine'][p]['median']:7.1f} ms (x{out[n]['ratio'][p]['median']:.2f})"
             for p in engs) + f", baseline {out[n]['baseline']['median']:8.1f} ms (parity "
-            f"{max(parity.values()):.1e}{f', bf16 {max(bf16.values()):.1e}' if bf16 else ''}; "
-            f"load {load_now()})")
+            f"{max(parity.values()):.1e}" + "".join(f", {p} {v['mean']:.1e}/{v['std']:.1e}"
+                                                    for p, v in reduced.items())
+            + f"; load {load_now()})")
         del engs, base
     return out
 
@@ -195,8 +203,8 @@ def detection_accuracy(path: Path, size: int, n_frames: int, threads, precisions
         prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
         out[p] = {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-12),
                   "tp": tp, "fp": fp, "fn": fn}
-    if "bf16" in atoms:
-        out["bf16_vs_fp32"] = _atom_agreement(atoms["fp32"], atoms["bf16"])
+    out["vs_fp32"] = {p: _atom_agreement(atoms["fp32"], a) for p, a in atoms.items()
+                      if p != "fp32"}
     out.update(frames=n_frames, size=size, members=art.n_members, radius_px=radius)
     return out
 
@@ -217,7 +225,7 @@ def _atom_agreement(ref: list, other: list, max_px: float = 1.0) -> dict:
             matched += int(ok.sum())
             shift += d[r, c][ok].tolist()
             d_unc += np.abs(u_a[r[ok]] - u_b[c[ok]]).tolist()
-    return {"atoms_fp32": n_ref, "atoms_bf16": n_other, "matched": matched,
+    return {"atoms_fp32": n_ref, "atoms": n_other, "matched": matched,
             "shift_px_p99": float(np.percentile(shift, 99)) if shift else 0.0,
             "shift_px_max": float(max(shift, default=0.0)),
             "uncertainty_abs_diff_median": float(np.median(d_unc)) if d_unc else 0.0,
@@ -337,23 +345,24 @@ def markdown(res: dict) -> str:
         size = res["members_size"]
         lines += [f"## Engine vs. AtomAI-style baseline, {size}×{size}, per frame "
                   "(ms: median (min–max))", "",
-                  "fp32 = onnxruntime, identical to the baseline (max |diff| of mean and std maps "
-                  f"≤ {PARITY_ATOL:g}); bf16 = OpenVINO, within {BF16_ATOL:g} of fp32 (column "
-                  "'bf16 vs fp32'; detection below).", "",
+                  "fp32 = onnxruntime, identical to the baseline (parity: max |diff| of the mean "
+                  f"and std maps ≤ {PARITY_ATOL:g}); bf16 = OpenVINO, fp16 = onnxruntime on a "
+                  "float16 graph: their max |diff| from fp32 of the mean / std maps, and the "
+                  "99.9th percentile of the mean's (gate "
+                  f"{BF16_ATOL:g}; what it does to the atoms: the detection table below).", "",
                   "| members | " + " | ".join(f"engine {p}" for p in precs) + " | baseline | "
-                  + " | ".join(f"ratio baseline/engine {p}" for p in precs)
-                  + " | parity fp32 | bf16 vs fp32 | RSS MiB (engines) | load |",
-                  "|---:|" + "---:|" * (2 * len(precs) + 4) + "---|"]
+                  + " | ".join(f"ratio baseline/engine {p}" for p in precs) + " | parity fp32 | "
+                  + "".join(f"{p} vs fp32 | " for p in precs[1:]) + "RSS MiB (engines) | load |",
+                  "|---:|" + "---:|" * (3 * len(precs) + 2) + "---|"]
         for n, r in sorted(res["members"].items(), key=lambda kv: int(kv[0])):
-            ratios = [r["ratio"][p] for p in precs]
-            b = r["bf16_vs_fp32"]
-            lines.append(f"| {n} | " + " | ".join(_fmt(r["engine"][p]) for p in precs)
-                         + f" | {_fmt(r['baseline'])} | " + " | ".join(
-                             f"**{q['median']:.2f}×** ({q['min']:.2f}–{q['max']:.2f})"
-                             for q in ratios)
-                         + f" | {max(r['parity'].values()):.1e} | "
-                         f"{max(b.values()):.1e} | " if b else " | - | ")
-            lines[-1] += f"{r['rss_engines_mb']:.0f} | {r['load']} |"
+            cells = [_fmt(r["engine"][p]) for p in precs] + [_fmt(r["baseline"])]
+            cells += [f"**{q['median']:.2f}×** ({q['min']:.2f}–{q['max']:.2f})"
+                      for q in (r["ratio"][p] for p in precs)]
+            cells.append(f"{max(r['parity'].values()):.1e}")
+            cells += [f"{v['mean']:.1e} / {v['std']:.1e} (p99.9 {v['mean_p99.9']:.1e})"
+                      for v in (r["vs_fp32"][p] for p in precs[1:])]
+            cells += [f"{r['rss_engines_mb']:.0f}", r["load"]]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     if res["sizes"]:
         lines += ["## Engine vs. frame size (ms)", "",
@@ -389,10 +398,9 @@ def markdown(res: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {p} | {a[p]['precision']:.4f} | {a[p]['recall']:.4f} | {a[p]['f1']:.4f} "
                   f"| {a[p]['tp']} | {a[p]['fp']} | {a[p]['fn']} |" for p in precs]
-        if "bf16_vs_fp32" in a:
-            g = a["bf16_vs_fp32"]
-            lines += ["", f"bf16 vs fp32 atoms (all, one-to-one within 1 px): {g['atoms_fp32']} "
-                      f"fp32, {g['atoms_bf16']} bf16, {g['matched']} matched; shift p99 "
+        for prec, g in a["vs_fp32"].items():
+            lines += ["", f"{prec} vs fp32 atoms (all, one-to-one within 1 px): {g['atoms_fp32']} "
+                      f"fp32, {g['atoms']} {prec}, {g['matched']} matched; shift p99 "
                       f"{g['shift_px_p99']:.3f} px, max {g['shift_px_max']:.3f} px; |Δ uncertainty|"
                       f" median {g['uncertainty_abs_diff_median']:.1e}, p99 "
                       f"{g['uncertainty_abs_diff_p99']:.1e}."]
@@ -430,7 +438,8 @@ def plots(res: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    label = {"fp32": "engine fp32 (onnxruntime)", "bf16": "engine bf16 (OpenVINO)"}
+    label = {"fp32": "engine fp32 (onnxruntime)", "bf16": "engine bf16 (OpenVINO)",
+             "fp16": "engine fp16 (onnxruntime)"}
 
     def series(ax, xs, rows):
         for name, get in rows:

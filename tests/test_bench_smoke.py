@@ -25,5 +25,6 @@ def test_bench_smoke_runs_and_writes_results(tmp_path):
     precs = res["precisions"]
     assert set(res["service"]) == set(precs) and set(res["accuracy"]) >= set(precs)
     if "bf16" in precs:
-        assert all(max(r["bf16_vs_fp32"].values()) <= BF16_ATOL for r in res["members"].values())
+        assert all(max(r["vs_fp32"]["bf16"].values()) <= BF16_ATOL
+                   for r in res["members"].values())
     assert "ratio baseline/engine fp32" in (tmp_path / "results.md").read_text()
