@@ -84,7 +84,8 @@ def run_phase(name: str, args, frames, pixel_size_pm: float, duration_s: float,
               rate_fps: float | None, extra: list[str], env: dict) -> dict:
     how = f"max ({args.in_flight} in flight)" if rate_fps is None else f"{rate_fps:.2f} fps"
     print(f"== {name}: {duration_s / 60:.1f} min, rate {how}", flush=True)
-    svc_args = ["--model", str(args.model), "--threads", str(args.threads), *extra]
+    svc_args = ["--model", str(args.model), "--threads", str(args.threads),
+                "--precision", args.precision, *extra]
     with ServiceProcess(svc_args, timeout_s=300, env=env) as sp:
         ep, pid = sp.endpoints, sp.proc.pid
         ctl = ControlClient(ep["control"], timeout_s=60)
@@ -181,6 +182,7 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     p.add_argument("--size", type=int, default=128, help="frame side, px")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--lossless-min", type=float, default=10.0)
     p.add_argument("--latest-min", type=float, default=3.0)
     p.add_argument("--window-s", type=float, default=60.0)

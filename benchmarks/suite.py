@@ -79,11 +79,18 @@ def engine_step(eng: Engine, frame: np.ndarray):
     return active_maps(probs, np.arange(eng.n_members), *geom.valid_shape)
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+# Pause before each timed call: three runtimes (onnxruntime, OpenVINO's TBB, PyTorch's OpenMP)
+# share this process, and a pool that has just finished keeps its threads spinning for a while;
+# back to back, each side ran 10-20 % slower than alone (measured, docs/benchmarks.md).
+SETTLE_S = 0.3
+
+
+def timed(fn, repeats: int, warmup: int = 1, settle_s: float = SETTLE_S) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        time.sleep(settle_s)
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
@@ -241,9 +248,10 @@ def postprocess_times(path: Path, size: int, repeats: int, threads) -> dict:
     probs = eng.run(x)
     act, p, vs = np.arange(art.n_members), Params(), geom.valid_shape
     n = 3 * repeats
-    return {"prepare": stats_ms(timed(lambda: eng.prepare(frame), n)),
-            "analyse": stats_ms(timed(lambda: analyse(probs, act, p, vs), n)),
-            "analyse+maps": stats_ms(timed(lambda: analyse(probs, act, p, vs, want_maps=True), n)),
+    return {"prepare": stats_ms(timed(lambda: eng.prepare(frame), n, settle_s=0)),
+            "analyse": stats_ms(timed(lambda: analyse(probs, act, p, vs), n, settle_s=0)),
+            "analyse+maps": stats_ms(timed(lambda: analyse(probs, act, p, vs, want_maps=True), n,
+                                           settle_s=0)),
             "n_atoms": analyse(probs, act, p, vs).n_atoms, "members": art.n_members,
             "size": size, "load": load_now()}
 
@@ -293,7 +301,7 @@ def roofline(path: Path, size: int, members: dict, precisions: list[str],
             continue
         a = torch.rand(gemm_n, gemm_n).to(dtype)
         a @ a
-        best = min(timed(lambda: a @ a, 5, warmup=1))
+        best = min(timed(lambda: a @ a, 5, warmup=1, settle_s=0))
         rates[p] = 2 * gemm_n ** 3 / best / 1e9
     out = {"size": size, "gflop_per_member": gflop, "gemm_gflops": rates,
            "floor_ms_per_member": {p: 1e3 * gflop / r for p, r in rates.items()}}
@@ -491,7 +499,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--sizes", default="256,512,1024", help="frame sizes at --size-members")
     ap.add_argument("--size-members", type=int, default=8)
     ap.add_argument("--members-size", type=int, default=512, help="frame size of the N sweep")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--service-frames", type=int, default=12)
     ap.add_argument("--threads", type=int, help="engine intra-op threads (default: engine's)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
