@@ -73,15 +73,19 @@ class ServiceBench:
     def pid(self) -> int:
         return self.sp.proc.pid
 
-    def closed_loop(self, frames: np.ndarray, ps: float, engine: Engine, warmup: int = 3):
-        """(service round trips, in-process pipeline times), seconds, alternating per frame."""
+    def closed_loop(self, frames: np.ndarray, ps: float, engine: Engine, warmup: int = 3,
+                    settle_s: float = 0.3):
+        """(service round trips, in-process pipeline times), seconds, alternating per frame,
+        with a pause before each so that neither side's thread pool is still spinning."""
         served, local = [], []
         for i, f in enumerate(np.concatenate([frames[:warmup], frames])):
+            time.sleep(settle_s)
             t0 = time.perf_counter()
             self.snd.send(f, i, "bench-closed", pixel_size_pm=ps)
             _result(self.sub, 120)
             if i >= warmup:
                 served.append(time.perf_counter() - t0)
+                time.sleep(settle_s)
                 local.append(_in_process(engine, f, ps))
         return served, local
 
