@@ -242,10 +242,14 @@ def cmd_serve(args) -> int:
     from .service import Service
     try:
         service = Service(cfg)
-    except (ArtifactError, EngineError) as exc:
+    except ArtifactError as exc:
         where = cfg.model.path or default_artifact_path()
         raise CliError(f"cannot load the model at {where}: {exc}\n"
                        "  (train one with `elit-train`, or pass --model DIR)") from None
+    except EngineError as exc:
+        where = cfg.model.path or default_artifact_path()
+        raise CliError(f"cannot run the model at {where} (device {cfg.model.device}, precision "
+                       f"{cfg.model.precision}): {exc}") from None
     from .auth import AuthError
     try:
         endpoints = service.bind()

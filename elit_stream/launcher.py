@@ -33,6 +33,7 @@ class ServiceProcess:
         cmd = [sys.executable, "-m", "elit_stream.cli", "serve", *FREE_PORT_ARGS, *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log,
                                      env={**os.environ, **(env or {})})
+        self.ready: dict = {}                     # the service's whole `ready` line
         self.endpoints = self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> dict:
@@ -48,6 +49,7 @@ class ServiceProcess:
                     if line.startswith(b"{"):
                         doc = json.loads(line)
                         if doc.get("ready"):
+                            self.ready = doc
                             return doc["endpoints"]
             if self.proc.poll() is not None:
                 raise ServiceStartError(f"service exited with {self.proc.returncode}:\n"

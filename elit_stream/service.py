@@ -22,7 +22,7 @@ import zmq
 from . import control, wire
 from .auth import ServerAuth
 from .config import ServiceConfig
-from .engine import Engine, EngineError
+from .engine import Engine, EngineError, bf16_hint
 from .ensemble import ActiveSet
 from .manifest import default_artifact_path, load_artifact
 from .messages import error_reply
@@ -76,6 +76,8 @@ class Service:
         engine.warm_up(tuple(cfg.model.warmup_shape_px))
         log.info("model %s (%d members, classes %s) on %s, %s", art.name, art.n_members,
                  ",".join(art.class_names), engine.provider, engine.precision)
+        if (hint := bf16_hint(engine)) is not None:
+            log.info("%s", hint)
         return engine
 
     # ------------------------------------------------------------------ sockets

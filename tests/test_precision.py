@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,14 +27,6 @@ BF16_TOL = engine_mod.PROBE_TOLERANCE["bf16"]
 TIMEOUT_S = 60.0
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_artifact):
     art = load_artifact(tiny_artifact)
@@ -47,7 +38,7 @@ def engines(tiny_artifact):
 def test_bf16_engine_reports_what_it_runs_on(engines):
     _, bf16 = engines
     assert bf16.provider == engine_mod.OPENVINO and bf16.session is None
-    assert bf16.precision == ("bf16" if _cpu_has_bf16() else "fp32")
+    assert bf16.precision == ("bf16" if engine_mod.cpu_has_bf16() else "fp32")
     assert 0.0 <= bf16.probe_diff <= BF16_TOL
     assert bf16.options["precision"] == "bf16" and bf16.options["threads"] == 1
 
@@ -125,7 +116,7 @@ def test_service_in_bf16_reports_it_and_keeps_it_across_load_model(tmp_path):
         sub.wait_ready(ctl)
         status = ctl.call("status")
         assert status["model"]["provider"] == engine_mod.OPENVINO
-        assert status["model"]["precision"] == ("bf16" if _cpu_has_bf16() else "fp32")
+        assert status["model"]["precision"] == ("bf16" if engine_mod.cpu_has_bf16() else "fp32")
         img, true_xy = gaussian_blobs((64, 64), n=10, seed=3)
         sender.send(img, 0, "bf16", timeout_s=TIMEOUT_S)
         result = None
@@ -172,3 +163,13 @@ def test_without_onnx_fp16_says_what_to_install(tiny_artifact, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(EngineError, match="precision fp16 needs the onnx package"):
         Engine(load_artifact(tiny_artifact), precision="fp16")
+
+
+def test_the_bf16_hint_appears_only_where_bf16_would_run(engines):
+    fp32, bf16 = engines
+    hint = engine_mod.bf16_hint(fp32)
+    if engine_mod.cpu_has_bf16():
+        assert hint is not None and "--precision bf16" in hint
+    else:
+        assert hint is None
+    assert engine_mod.bf16_hint(bf16) is None
