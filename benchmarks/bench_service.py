@@ -43,10 +43,10 @@ def pick_model(arg: str | None) -> Path:
 
 
 def baseline(model: Path, frames: np.ndarray, threads: int | None,
-             device: str = "cpu") -> dict[str, list[float]]:
+             device: str = "cpu", precision: str = "fp32") -> dict[str, list[float]]:
     """The same stages in-process: prepare, run, analyse (+ coordinate mapping)."""
     art = load_artifact(model)
-    eng = Engine(art, device=device, threads=threads)
+    eng = Engine(art, device=device, threads=threads, precision=precision)
     eng.warm_up(frames.shape[1:])
     params, active = Params(), np.arange(art.n_members)
     out: dict[str, list[float]] = {s: [] for s in ("prepare", "infer", "analyse", "total")}
@@ -65,9 +65,9 @@ def baseline(model: Path, frames: np.ndarray, threads: int | None,
 
 
 def through_service(model: Path, frames: np.ndarray, threads: int | None, pixel_size_pm: float,
-                    device: str = "cpu"):
-    args = ["--model", str(model), "--device", device] + (["--threads", str(threads)] if threads
-                                                         else [])
+                    device: str = "cpu", precision: str = "fp32"):
+    args = ["--model", str(model), "--device", device, "--precision", precision] + (
+        ["--threads", str(threads)] if threads else [])
     stages: dict[str, list[float]] = {s: [] for s in (*STAGES, "round trip")}
     with ServiceProcess(args, timeout_s=120) as sp, \
             ControlClient(sp.endpoints["control"]) as ctl, \
@@ -119,14 +119,15 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     a = ap.parse_args()
     model = pick_model(a.model)
     ps = load_artifact(model, check_probe=False).pixel_size_pm
     frames = make_movie(n_frames=a.frames, size_px=a.size, seed=0, pixel_size_pm=ps).frames
-    base = baseline(model, frames, a.threads, a.device)
-    served, n_atoms = through_service(model, frames, a.threads, ps, a.device)
+    base = baseline(model, frames, a.threads, a.device, a.precision)
+    served, n_atoms = through_service(model, frames, a.threads, ps, a.device, a.precision)
     print(f"\nmodel {model.name}, {a.frames} frames {a.size}x{a.size} uint16 ({n_atoms} atoms in "
-          f"the last), {a.device}, {a.threads or 'default'} threads, load average "
+          f"the last), {a.device}, {a.precision}, {a.threads or 'default'} threads, load average "
           f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs\n")
     print("| stage | in-process baseline, ms (median / p90) | service, ms (median / p90) |")
     print("|---|---|---|")
