@@ -79,13 +79,30 @@ class FrameSender(_SocketClient):
         self.send_parts(parts, timeout_s, copy)
 
     def send_parts(self, parts: list, timeout_s: float | None = None, copy: bool = True) -> None:
-        """Send raw parts (also malformed ones, for tests)."""
-        if timeout_s is not None and not self.socket.poll(int(timeout_s * 1000), zmq.POLLOUT):
-            raise TimeoutError(f"service did not take a frame within {timeout_s} s")
+        """Send raw parts (also malformed ones, for tests).
+
+        With `timeout_s` the send never blocks past it: POLLOUT then a non-blocking send, again
+        until the deadline if the peer vanished in between (a refused CURVE handshake drops the
+        connection at any moment; a blocking send would then wait for ever)."""
+        if timeout_s is None:
+            self._send(parts, copy, 0)
+            return
+        deadline = time.monotonic() + timeout_s
+        while (left_ms := int(1000 * (deadline - time.monotonic()))) > 0:
+            if not self.socket.poll(left_ms, zmq.POLLOUT):
+                break
+            try:
+                self._send(parts, copy, zmq.NOBLOCK)   # later parts follow the first atomically
+                return
+            except zmq.Again:
+                continue
+        raise TimeoutError(f"service did not take a frame within {timeout_s} s")
+
+    def _send(self, parts: list, copy: bool, flags: int) -> None:
         if copy:
-            self.socket.send_multipart(parts)
+            self.socket.send_multipart(parts, flags=flags)
         else:
-            wire.send(self.socket, parts)
+            wire.send(self.socket, parts, flags)
 
 
 class ResultSubscriber(_SocketClient):

@@ -218,11 +218,11 @@ def _try_header(part: Any) -> dict:
 ZERO_COPY_MIN_BYTES = 65536
 
 
-def send(socket: Any, parts: list) -> None:
+def send(socket: Any, parts: list, flags: int = 0) -> None:
     """Send a multipart message: zero-copy when a part is large, copied otherwise (for small
     messages a copy is cheaper than the bookkeeping of a zero-copy send)."""
     big = any(getattr(p, "nbytes", 0) >= ZERO_COPY_MIN_BYTES for p in parts)
-    socket.send_multipart(parts, copy=not big)
+    socket.send_multipart(parts, flags=flags, copy=not big)
 
 
 # --------------------------------------------------------------------------- results / events

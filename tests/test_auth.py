@@ -165,3 +165,20 @@ def test_exposed_without_auth_warns_and_with_auth_does_not(clean_env, keys, capl
         load_config(None, {**exposed, "auth.control": True, "auth.keys_dir": str(keys["dir"])})
     assert "ingest tcp://0.0.0.0:5555 beyond loopback WITHOUT authentication" in caplog.text
     assert "control tcp://0.0.0.0" not in caplog.text
+
+
+@pytest.mark.slow
+def test_a_refused_sender_never_blocks_past_its_timeout(tiny_artifact, keys):
+    """A refused CURVE handshake drops the connection at any moment, also between the client's
+    POLLOUT and its send; with a timeout the send must still return (CI once hung here)."""
+    with serve(tiny_artifact, keys, "ingest") as sp:
+        frame = gaussian_blobs(seed=2)[0]
+        for curve in (None, keys["rogue"]):
+            with FrameSender(sp.endpoints["ingest"], hwm=1, curve=curve) as sender:
+                for i in range(40):
+                    try:
+                        sender.send(frame, i, "intruder", timeout_s=0.05)
+                    except TimeoutError:
+                        pass
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl:
+            assert ctl.call("status")["counts"]["received"] == 0     # none got through
