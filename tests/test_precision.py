@@ -80,15 +80,20 @@ def test_bf16_is_refused_on_cuda_and_unknown_precisions_are_named(tiny_artifact)
         Engine(art, precision="int4")
 
 
-def test_without_openvino_bf16_says_which_extra_to_install(tiny_artifact, monkeypatch):
+def _hide(monkeypatch, package: str) -> None:
+    """Make `import package` (and its submodules) fail, as on a machine without it."""
     real_import = builtins.__import__
 
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino" or name.startswith("openvino."):
-            raise ImportError("No module named 'openvino'")
+    def without(name, *args, **kwargs):
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named '{package}'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    monkeypatch.setattr(builtins, "__import__", without)
+
+
+def test_without_openvino_bf16_says_which_extra_to_install(tiny_artifact, monkeypatch):
+    _hide(monkeypatch, "openvino")
     with pytest.raises(EngineError, match=r"pip install 'elit-stream\[openvino\]'"):
         Engine(load_artifact(tiny_artifact), precision="bf16")
 
@@ -153,14 +158,7 @@ def test_fp16_engine_on_the_cpu_stays_within_its_tolerance(tiny_artifact):
 
 
 def test_without_onnx_fp16_says_what_to_install(tiny_artifact, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_onnx(name, *args, **kwargs):
-        if name == "onnx" or name.startswith("onnx."):
-            raise ImportError("No module named 'onnx'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    _hide(monkeypatch, "onnx")
     with pytest.raises(EngineError, match="precision fp16 needs the onnx package"):
         Engine(load_artifact(tiny_artifact), precision="fp16")
 
