@@ -148,6 +148,9 @@ def _serve_parser(sub) -> None:
                    help="fp32 (default; onnxruntime, matches the trainer); bf16 (OpenVINO on "
                         "CPUs with AMX/AVX-512 BF16: ~3.5x faster, checked against the fp32 "
                         "probe; the openvino extra); fp16 (onnxruntime, for CUDA; the gpu extra)")
+    s.add_argument("--warmup-shape", type=_shape_arg, metavar="HxW",
+                   help="frame size to prepare for before serving, e.g. 512x512 or 512 (default "
+                        "256x256): the first frame of a new size pays for set-up (bf16: 0.5-1 s)")
     s.add_argument("--delivery", choices=["lossless", "latest"],
                    help="lossless: every frame, in order (slows the sender down if needed); "
                         "latest: skip stale frames to keep up (each one reported)")
@@ -226,7 +229,7 @@ def cmd_serve(args) -> int:
     from .manifest import ArtifactError, default_artifact_path
     overrides = {
         "model.path": args.model, "model.device": args.device, "model.threads": args.threads,
-        "model.precision": args.precision,
+        "model.precision": args.precision, "model.warmup_shape_px": args.warmup_shape,
         "model.allowed_dirs": args.allowed_dir, "delivery.mode": args.delivery,
         "endpoints.ingest": args.ingest, "endpoints.results": args.results,
         "endpoints.control": args.control, "metrics.host": args.metrics_host,
@@ -263,6 +266,20 @@ def cmd_serve(args) -> int:
                       "precision": service.state.engine.precision}), flush=True)
     logging.getLogger("elit_stream").info("listening: %s", endpoints)
     return service.run()
+
+
+def _shape_arg(text: str) -> list[int]:
+    """'512x384' -> [512, 384]; '512' -> [512, 512]."""
+    parts = text.lower().split("x")
+    try:
+        shape = [int(v) for v in parts]
+    except ValueError:
+        shape = []
+    if len(shape) == 1:
+        shape *= 2
+    if len(shape) != 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HxW (e.g. 512x512) or one side (512)")
+    return shape
 
 
 def _auth_overrides(spec: str | None) -> dict:
