@@ -266,6 +266,26 @@ def run_probe(onnx_path: Path, net_input: np.ndarray) -> np.ndarray:
         raise EngineError(f"{Path(onnx_path).name}: probe run failed: {exc}") from None
 
 
+# --- per-shape buffers -----------------------------------------------------------------------------
+
+class _ShapeCache:
+    """Per network shape state (buffers, compiled models), the `size` most recently used kept."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: dict[tuple, list] = {}
+
+    def get(self, shape: tuple, build, *args) -> list:
+        """The entry for `shape`, made by `build(shape, *args)` the first time."""
+        entry = self._entries.pop(shape, None)
+        if entry is None:
+            entry = build(shape, *args)
+            if len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))    # least recently used
+        self._entries[shape] = entry                            # most recently used last
+        return entry
+
+
 # --- IO binding (CUDA; also runs on CPU for tests) ------------------------------------------------
 
 class _BoundRunner:
@@ -280,30 +300,23 @@ class _BoundRunner:
     def __init__(self, session: ort.InferenceSession, in_name: str, out_name: str,
                  device: str, ring: int = 2, max_shapes: int = 4):
         self.session, self.in_name, self.out_name = session, in_name, out_name
-        self.device, self.ring, self.max_shapes = device, ring, max_shapes
-        self._shapes: dict[tuple, list] = {}
+        self.device, self.ring = device, ring
+        self._shapes = _ShapeCache(max_shapes)
 
-    def _entry(self, in_shape: tuple, out_shape: tuple) -> list:
-        entry = self._shapes.pop(in_shape, None)
-        if entry is None:
-            x = ort.OrtValue.ortvalue_from_shape_and_type(list(in_shape), np.float32,
-                                                          self.device, 0)
-            outs, binds = [], []
-            for _ in range(self.ring):
-                out = np.empty(out_shape, np.float32)
-                io = self.session.io_binding()
-                io.bind_ortvalue_input(self.in_name, x)
-                io.bind_ortvalue_output(self.out_name, ort.OrtValue.ortvalue_from_numpy(out))
-                outs.append(out)
-                binds.append(io)
-            entry = [x, outs, binds, 0]
-            if len(self._shapes) >= self.max_shapes:
-                self._shapes.pop(next(iter(self._shapes)))
-        self._shapes[in_shape] = entry            # most recently used last
-        return entry
+    def _build(self, in_shape: tuple, out_shape: tuple) -> list:
+        x = ort.OrtValue.ortvalue_from_shape_and_type(list(in_shape), np.float32, self.device, 0)
+        outs, binds = [], []
+        for _ in range(self.ring):
+            out = np.empty(out_shape, np.float32)
+            io = self.session.io_binding()
+            io.bind_ortvalue_input(self.in_name, x)
+            io.bind_ortvalue_output(self.out_name, ort.OrtValue.ortvalue_from_numpy(out))
+            outs.append(out)
+            binds.append(io)
+        return [x, outs, binds, 0]
 
     def run(self, net_input: np.ndarray, out_shape: tuple) -> np.ndarray:
-        entry = self._entry(tuple(net_input.shape), tuple(out_shape))
+        entry = self._shapes.get(tuple(net_input.shape), self._build, tuple(out_shape))
         x, outs, binds, i = entry
         x.update_inplace(np.ascontiguousarray(net_input, np.float32))
         self.session.run_with_iobinding(binds[i])
@@ -330,7 +343,7 @@ class _OpenVinoRunner:
         except ImportError:
             raise EngineError("precision bf16 needs OpenVINO: pip install 'elit-stream[openvino]'"
                               ) from None
-        self.ring, self.max_shapes = ring, max_shapes
+        self.ring = ring
         self._core = openvino.Core()
         try:
             self._model = self._core.read_model(str(onnx_path))
@@ -341,28 +354,22 @@ class _OpenVinoRunner:
         self._config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
                         "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                         "ENABLE_CPU_PINNING": False}
-        self._shapes: dict[tuple, list] = {}
+        self._shapes = _ShapeCache(max_shapes)
         self.precision = "?"                       # what the CPU plugin actually computes in
 
     def io_names(self) -> tuple[set, set]:
         return self._model.inputs[0].get_names(), self._model.outputs[0].get_names()
 
-    def _entry(self, in_shape: tuple) -> list:
-        entry = self._shapes.pop(in_shape, None)
-        if entry is None:
-            model = self._model.clone()
-            model.reshape({0: list(in_shape)})
-            compiled = self._core.compile_model(model, "CPU", self._config)
-            kind = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-            self.precision = {"f32": "fp32", "f16": "fp16"}.get(kind, kind)    # bf16 stays
-            entry = [[compiled.create_infer_request() for _ in range(self.ring)], 0]
-            if len(self._shapes) >= self.max_shapes:
-                self._shapes.pop(next(iter(self._shapes)))
-        self._shapes[in_shape] = entry            # most recently used last
-        return entry
+    def _build(self, in_shape: tuple) -> list:
+        model = self._model.clone()
+        model.reshape({0: list(in_shape)})
+        compiled = self._core.compile_model(model, "CPU", self._config)
+        kind = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = {"f32": "fp32", "f16": "fp16"}.get(kind, kind)    # bf16 stays
+        return [[compiled.create_infer_request() for _ in range(self.ring)], 0]
 
     def run(self, net_input: np.ndarray) -> np.ndarray:
-        entry = self._entry(tuple(net_input.shape))
+        entry = self._shapes.get(tuple(net_input.shape), self._build)
         requests, i = entry
         request = requests[i]
         request.infer({0: np.ascontiguousarray(net_input, np.float32)}, share_inputs=True,

@@ -251,3 +251,18 @@ def test_cuda_engine_matches_cpu(tiny_artifact, precision, atol):
     x, _ = cpu.prepare(np.random.default_rng(4).random((128, 96), dtype=np.float32))
     for _ in range(3):
         assert np.abs(gpu.run(x) - cpu.run(x)).max() <= (atol or PROBE_TOLERANCE["fp16"])
+
+
+def test_shape_cache_builds_once_per_shape_and_drops_the_least_recently_used():
+    from elit_stream.engine import _ShapeCache
+    built = []
+    cache = _ShapeCache(2)
+    build = lambda shape, tag: built.append(shape) or [shape, tag]      # noqa: E731
+    a = cache.get((1, 8), build, "a")
+    assert cache.get((1, 8), build, "ignored") is a                   # built once
+    cache.get((2, 8), build, "b")
+    cache.get((1, 8), build, "a")                                      # (2, 8) now least recent
+    cache.get((3, 8), build, "c")                                      # drops (2, 8)
+    cache.get((1, 8), build, "a")
+    cache.get((2, 8), build, "b")
+    assert built == [(1, 8), (2, 8), (3, 8), (2, 8)]
