@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import cpu_has_bf16
+from .engine import bf16_hint
 from .launcher import ServiceProcess, ServiceStartError
 from .manifest import ArtifactError, default_artifact_path, load_artifact
 
@@ -67,9 +67,8 @@ def run_demo(args) -> int:
     with service:
         print(f"service ready: {service.endpoints}; {service.ready.get('provider')}, "
               f"{service.ready.get('precision')}", flush=True)
-        if service.ready.get("precision") == "fp32" and args.device != "cuda" and cpu_has_bf16():
-            print("  (this CPU has bf16 instructions: --precision bf16 is ~3.5x faster, "
-                  "not bit-identical; see docs/benchmarks.md)", flush=True)
+        if (hint := bf16_hint(service.ready.get("provider"), service.ready.get("precision"))):
+            print(f"  ({hint})", flush=True)
 
         def show(msg, rep):
             if msg["topic"] == "result":

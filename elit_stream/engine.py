@@ -188,9 +188,10 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def bf16_hint(engine: Engine) -> str | None:
-    """A one-line suggestion when an fp32 CPU engine could run bf16 here, else None."""
-    if engine.precision != "fp32" or engine.provider != CPU or not cpu_has_bf16() \
+def bf16_hint(provider: str | None, precision: str | None) -> str | None:
+    """A one-line suggestion when an engine running fp32 on the CPU provider could run bf16 on
+    this machine (bf16 instructions and OpenVINO present), else None."""
+    if precision != "fp32" or provider != CPU or not cpu_has_bf16() \
             or importlib.util.find_spec("openvino") is None:
         return None
     return ("this CPU has bf16 instructions: --precision bf16 runs ~3.5x faster, not bit-identical "

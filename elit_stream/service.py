@@ -76,7 +76,7 @@ class Service:
         engine.warm_up(tuple(cfg.model.warmup_shape_px))
         log.info("model %s (%d members, classes %s) on %s, %s", art.name, art.n_members,
                  ",".join(art.class_names), engine.provider, engine.precision)
-        if (hint := bf16_hint(engine)) is not None:
+        if (hint := bf16_hint(engine.provider, engine.precision)) is not None:
             log.info("%s", hint)
         return engine
 

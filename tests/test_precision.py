@@ -165,9 +165,9 @@ def test_without_onnx_fp16_says_what_to_install(tiny_artifact, monkeypatch):
 
 def test_the_bf16_hint_appears_only_where_bf16_would_run(engines):
     fp32, bf16 = engines
-    hint = engine_mod.bf16_hint(fp32)
+    hint = engine_mod.bf16_hint(fp32.provider, fp32.precision)
     if engine_mod.cpu_has_bf16():
         assert hint is not None and "--precision bf16" in hint
     else:
         assert hint is None
-    assert engine_mod.bf16_hint(bf16) is None
+    assert engine_mod.bf16_hint(bf16.provider, bf16.precision) is None
