@@ -7,13 +7,13 @@ Variants, each its own session on the same 1-member graph (built by benchmarks.e
 real exporter), timed as median (min-max) of --repeats runs after a warm-up, a pause between
 variants so that no thread pool is still spinning:
 
-- ort-fp32     onnxruntime CPU provider, the engine's settings (what the service runs by default)
+- ort-fp32     onnxruntime CPU provider, the engine's session options (the service's default)
 - ort-int8     onnxruntime static QDQ quantisation (per-channel int8 weights, uint8 activations,
                calibrated on 8 synthetic tiles)
-- ort-fp16     onnxruntime on the graph converted to float16 (float32 in/out): meant for CUDA
-- ov-fp32      OpenVINO CPU plugin, f32 inference precision
-- ov-bf16      OpenVINO CPU plugin, bf16, compiled for the frame's static shape (the engine's way)
-- ov-bf16-dyn  the same, compiled once for dynamic shapes
+- ort-fp16     onnxruntime on the engine's float16 copy of the graph (float32 in/out): for CUDA
+- ov-fp32      the engine's OpenVINO runner with f32 inference precision
+- ov-bf16      the engine's OpenVINO runner, bf16 (compiled for the frame's static shape)
+- ov-bf16-dyn  the same settings, compiled once for dynamic shapes
 
 For each: max |diff| of the atom map from ort-fp32 on the timed frame.
 """
@@ -32,29 +32,20 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import ensembles                              # noqa: E402
 from benchmarks.suite import frame_of                         # noqa: E402
-from elit_stream.engine import Engine, physical_cores        # noqa: E402
+from elit_stream import engine as eng                          # noqa: E402
 from elit_stream.manifest import load_artifact                # noqa: E402
 
 
-def ort_session(model, threads: int):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+def ort_session(path: Path, threads: int, graph: bytes | None = None):
+    """A session with the engine's options on `path` (or on `graph`, derived from it)."""
+    sess = eng._create(path, eng._session_options(threads, False), [eng.CPU], graph)
     return lambda x: sess.run(None, {"frame": x})[0]
 
 
-def ov_request(path: Path, threads: int, precision: str, shape=None):
-    import openvino
-    core = openvino.Core()
-    model = core.read_model(str(path))
-    if shape is not None:
-        model.reshape({0: list(shape)})
-    compiled = core.compile_model(model, "CPU", {
-        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
-        "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
+def ov_dynamic(path: Path, threads: int):
+    """The engine's OpenVINO settings, but one compile for dynamic shapes."""
+    runner = eng._OpenVinoRunner(path, threads)
+    compiled = runner._core.compile_model(runner._model, "CPU", runner._config)
     req = compiled.create_infer_request()
 
     def run(x):
@@ -83,19 +74,13 @@ def int8_model(path: Path, out: Path) -> Path:
     return out
 
 
-def fp16_model(path: Path) -> bytes:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    return convert_float_to_float16(onnx.load(str(path)), keep_io_types=True).SerializeToString()
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_runtimes",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--source", type=Path, default=ROOT / "models" / "default")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--threads", type=int, default=eng.physical_cores())
     a = ap.parse_args(argv)
     import json
     src, cfg = ensembles.source_members(a.source)
@@ -104,17 +89,16 @@ def main(argv=None) -> dict:
                                        print)
     art = load_artifact(art_dir)
     onnx_path = art.onnx_path
-    x, _ = Engine(art, device="cpu", threads=1).prepare(frame_of(a.size, art.pixel_size_pm))
-    shape = x.shape
+    x, _ = eng.Engine(art, device="cpu", threads=1).prepare(frame_of(a.size, art.pixel_size_pm))
     with tempfile.TemporaryDirectory() as tmp:
         variants = {
-            "ort-fp32": lambda: ort_session(str(onnx_path), a.threads),
-            "ort-int8": lambda: ort_session(str(int8_model(onnx_path, Path(tmp) / "q.onnx")),
+            "ort-fp32": lambda: ort_session(onnx_path, a.threads),
+            "ort-int8": lambda: ort_session(int8_model(onnx_path, Path(tmp) / "q.onnx"),
                                             a.threads),
-            "ort-fp16": lambda: ort_session(fp16_model(onnx_path), a.threads),
-            "ov-fp32": lambda: ov_request(onnx_path, a.threads, "f32", shape),
-            "ov-bf16": lambda: ov_request(onnx_path, a.threads, "bf16", shape),
-            "ov-bf16-dyn": lambda: ov_request(onnx_path, a.threads, "bf16"),
+            "ort-fp16": lambda: ort_session(onnx_path, a.threads, eng._float16_graph(onnx_path)),
+            "ov-fp32": lambda: eng._OpenVinoRunner(onnx_path, a.threads, "f32").run,
+            "ov-bf16": lambda: eng._OpenVinoRunner(onnx_path, a.threads, "bf16").run,
+            "ov-bf16-dyn": lambda: ov_dynamic(onnx_path, a.threads),
         }
         ref, rows = None, {}
         for name, make in variants.items():
