@@ -217,21 +217,16 @@ def detection_accuracy(path: Path, size: int, n_frames: int, threads, precisions
 
 
 def _atom_agreement(ref: list, other: list, max_px: float = 1.0) -> dict:
-    """Atoms of `other` matched one to one to `ref` within max_px: counts, shifts, uncertainty."""
-    from scipy.optimize import linear_sum_assignment
-    from scipy.spatial.distance import cdist
+    """Atoms of `other` matched one to one to `ref` within max_px (movie.match_pairs): counts,
+    shifts, uncertainty."""
     n_ref = n_other = matched = 0
     shift, d_unc = [], []
     for (xy_a, u_a), (xy_b, u_b) in zip(ref, other):
         n_ref, n_other = n_ref + len(xy_a), n_other + len(xy_b)
-        if len(xy_a) and len(xy_b):
-            d = cdist(xy_a, xy_b)
-            d[d > max_px] = 1e6
-            r, c = linear_sum_assignment(d)
-            ok = d[r, c] <= max_px
-            matched += int(ok.sum())
-            shift += d[r, c][ok].tolist()
-            d_unc += np.abs(u_a[r[ok]] - u_b[c[ok]]).tolist()
+        r, c, d = movies.match_pairs(xy_a, xy_b, max_px)
+        matched += len(r)
+        shift += d.tolist()
+        d_unc += np.abs(u_a[r] - u_b[c]).tolist()
     return {"atoms_fp32": n_ref, "atoms": n_other, "matched": matched,
             "shift_px_p99": float(np.percentile(shift, 99)) if shift else 0.0,
             "shift_px_max": float(max(shift, default=0.0)),

@@ -130,23 +130,34 @@ def interior(xy: np.ndarray, shape: tuple[int, int], margin_px: float) -> np.nda
             & (xy[:, 1] >= margin_px) & (xy[:, 1] <= h - 1 - margin_px))
 
 
-def match_atoms(pred_xy: np.ndarray, true_xy: np.ndarray, max_dist_px: float
-                ) -> tuple[int, int, int]:
-    """(tp, fp, fn) of a one-to-one matching minimising total distance among pairs closer
-    than `max_dist_px` (linear_sum_assignment over the candidates cKDTree finds)."""
+def match_pairs(pred_xy: np.ndarray, true_xy: np.ndarray, max_dist_px: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pred index, true index, distance) of a one-to-one matching minimising total distance
+    among pairs closer than `max_dist_px` (linear_sum_assignment over the candidates cKDTree
+    finds)."""
     pred = np.asarray(pred_xy, float).reshape(-1, 2)
     true = np.asarray(true_xy, float).reshape(-1, 2)
+    none = np.empty(0, np.intp), np.empty(0, np.intp), np.empty(0)
     if len(pred) == 0 or len(true) == 0:
-        return 0, len(pred), len(true)
+        return none
     pairs = cKDTree(pred).sparse_distance_matrix(cKDTree(true), max_dist_px,
                                                  output_type="ndarray")
     if len(pairs) == 0:
-        return 0, len(pred), len(true)
+        return none
     rows, ri = np.unique(pairs["i"], return_inverse=True)
     cols, ci = np.unique(pairs["j"], return_inverse=True)
     big = 1e6 * (max_dist_px + 1.0)
     cost = np.full((len(rows), len(cols)), big)
     cost[ri, ci] = pairs["v"]
     r, c = linear_sum_assignment(cost)
-    tp = int(np.count_nonzero(cost[r, c] < big))
-    return tp, len(pred) - tp, len(true) - tp
+    ok = cost[r, c] < big
+    return rows[r[ok]], cols[c[ok]], cost[r, c][ok]
+
+
+def match_atoms(pred_xy: np.ndarray, true_xy: np.ndarray, max_dist_px: float
+                ) -> tuple[int, int, int]:
+    """(tp, fp, fn) of the one-to-one matching of `match_pairs`."""
+    n_pred = len(np.asarray(pred_xy).reshape(-1, 2))
+    n_true = len(np.asarray(true_xy).reshape(-1, 2))
+    tp = len(match_pairs(pred_xy, true_xy, max_dist_px)[0])
+    return tp, n_pred - tp, n_true - tp
