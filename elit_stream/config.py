@@ -36,6 +36,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Overrides(Section):
+    """A section whose unset (None) keys keep the model side's defaults."""
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class Endpoints(Section):
     """ZeroMQ endpoints the service binds. Port 0 (or *) picks a free port (printed at start)."""
 
@@ -79,7 +86,7 @@ class Delivery(Section):
     max_frame_px: int = Field(4096 * 4096, ge=64)
 
 
-class Postprocess(Section):
+class Postprocess(_Overrides):
     """Overrides of postprocess.Params; unset keys keep the model side's defaults."""
 
     threshold: float | None = None
@@ -87,11 +94,8 @@ class Postprocess(Section):
     max_blob_px: int | None = None
     detect_threshold: float | None = None
 
-    def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
 
-
-class Policy(Section):
+class Policy(_Overrides):
     """Overrides of selection.PolicyConfig; unset keys keep the model side's defaults."""
 
     window: int | None = None
@@ -103,9 +107,6 @@ class Policy(Section):
     min_baseline: int | None = None
     drift_floor: float | None = None
     mad_floor: float | None = None
-
-    def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class Maps(Section):
