@@ -70,6 +70,12 @@ class Session:
             c.close()
         self.proc.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def check_against_the_spec(msg):
     """Every published document validates against its model in elit_stream.messages."""
@@ -85,9 +91,8 @@ def check_against_the_spec(msg):
 
 @pytest.fixture(scope="module")
 def lossless(models):
-    s = Session(models, env={"ELIT_DELIVERY__MAX_FRAME_PX": str(256 * 256)})
-    yield s
-    s.close()
+    with Session(models, env={"ELIT_DELIVERY__MAX_FRAME_PX": str(256 * 256)}) as s:
+        yield s
 
 
 def test_lossless_answers_every_frame_once_and_in_order(lossless):
@@ -257,8 +262,7 @@ def test_metrics_endpoint_reports_the_counts(lossless):
 # ---------------------------------------------------------------- own services
 @pytest.mark.slow
 def test_latest_mode_reports_every_skipped_frame(models):
-    s = Session(models, "--delivery", "latest", env={"ELIT_DELIVERY__INGEST_HWM": "1000"})
-    try:
+    with Session(models, "--delivery", "latest", env={"ELIT_DELIVERY__INGEST_HWM": "1000"}) as s:
         # A large first frame keeps the service busy while the small ones queue up; the last
         # frame is NaN, so the newest *valid* frame (49) must be the one processed.
         s.sender.send(gaussian_blobs((1024, 1024), n=200, seed=0)[0], 0, "late")
@@ -284,14 +288,11 @@ def test_latest_mode_reports_every_skipped_frame(models):
         c = s.ctl.call("status")["counts"]
         assert c["dropped"] == list(seen.values()).count("dropped")
         assert c["processed"] + c["dropped"] + c["rejected"] == c["received"] == 51
-    finally:
-        s.close()
 
 
 @pytest.mark.slow
 def test_sigterm_publishes_stop_with_counts_and_exits_zero(models):
-    s = Session(models)
-    try:
+    with Session(models) as s:
         s.sender.send_parts([b"junk", b""])
         s.send(range(5), acquisition="term")
         s.results(5)  # in order: the junk frame was taken first
@@ -300,18 +301,13 @@ def test_sigterm_publishes_stop_with_counts_and_exits_zero(models):
                     if m.get("event") == "stop")
         assert stop["exit_status"] == "success" and stop["reason"] == "SIGTERM"
         assert stop["counts"] == {"received": 6, "processed": 5, "dropped": 0, "rejected": 1}
-    finally:
-        s.close()
 
 
 @pytest.mark.slow
 def test_shutdown_command_stops_the_service(models):
-    s = Session(models)
-    try:
+    with Session(models) as s:
         assert s.ctl.call("shutdown")["ok"]
         assert s.proc.wait(TIMEOUT_S) == 0
-    finally:
-        s.close()
 
 
 def test_maps_only_when_asked(lossless):
