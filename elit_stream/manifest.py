@@ -284,11 +284,8 @@ def _check_file(folder: Path, fname: str, entry: FileEntry) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _to_artifact(folder: Path, raw: dict, digest: str, spec: Manifest) -> Artifact:

@@ -46,11 +46,8 @@ def validate_manifest(manifest: dict, where: Path | str = "manifest.json") -> No
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_files(artifact_dir: Path, manifest: dict) -> None:
