@@ -8,6 +8,7 @@ if detection breaks (no atoms, merged blobs, a wrong pixel-size rescale).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.skipif(not FRAME.exists(), reason="../shared/data not p
 PRECISIONS = ["fp32"] + (["bf16"] if importlib.util.find_spec("openvino") else [])
 
 
+@functools.cache
 def _analyse(precision: str):
     engine = Engine(load_artifact(REPO / "models" / "default"), device="cpu", precision=precision)
     frame = np.load(FRAME)
