@@ -97,28 +97,25 @@ def timed(fn, repeats: int, warmup: int = 1, settle_s: float = SETTLE_S) -> list
     return out
 
 
+def compare_maps(got: tuple, want: tuple, limit: float, what: str) -> dict:
+    """Max (and 99.9th percentile) |diff| of (mean, std) maps; no timings beyond `limit`."""
+    diffs = {k: np.abs(g - w) for k, g, w in zip(("mean", "std"), got, want)}
+    out = {k: float(d.max()) for k, d in diffs.items()}
+    if not max(out.values()) <= limit:
+        raise ParityError(f"{what} disagree ({out}, limit {limit}): no timings")
+    return {**out, **{f"{k}_p99.9": float(np.percentile(d, 99.9)) for k, d in diffs.items()}}
+
+
 def check_parity(engine: Engine, base: AtomAIStyleEnsemble, frame: np.ndarray) -> dict:
-    mean_e, std_e = engine_step(engine, frame)
     mean_b, var_b = base.predict(frame)
-    diff = {"mean": float(np.abs(mean_e - mean_b).max()),
-            "std": float(np.abs(std_e - np.sqrt(var_b)).max())}
-    if not max(diff.values()) <= PARITY_ATOL:
-        raise ParityError(f"engine and baseline disagree ({diff}, limit {PARITY_ATOL}): no timings")
-    return diff
+    return compare_maps(engine_step(engine, frame), (mean_b, np.sqrt(var_b)), PARITY_ATOL,
+                        "engine and baseline")
 
 
 def check_reduced(low: Engine, fp32: Engine, frame: np.ndarray) -> dict:
     """bf16 / fp16 are other arithmetics: bounded (BF16_ATOL on the maps), never identical."""
-    mean_h, std_h = (a.copy() for a in engine_step(low, frame))
-    mean_f, std_f = engine_step(fp32, frame)
-    diff = {"mean": float(np.abs(mean_h - mean_f).max()),
-            "std": float(np.abs(std_h - std_f).max())}
-    typical = {"mean_p99.9": float(np.percentile(np.abs(mean_h - mean_f), 99.9)),
-               "std_p99.9": float(np.percentile(np.abs(std_h - std_f), 99.9))}
-    if not max(diff.values()) <= BF16_ATOL:
-        raise ParityError(f"{low.precision} and fp32 engines disagree ({diff}, limit "
-                          f"{BF16_ATOL}): no timings")
-    return {**diff, **typical}
+    return compare_maps(engine_step(low, frame), engine_step(fp32, frame), BF16_ATOL,
+                        f"{low.precision} and fp32 engines")
 
 
 DEVICE = {"device": "cpu"}           # --device: every engine and the service run there
