@@ -384,8 +384,9 @@ class _OpenVinoRunner:
 class Engine:
     """All members of one artifact, one session, one pass per frame.
 
-    `precision`: "fp32" (onnxruntime, CPU or CUDA) or "bf16" (OpenVINO on the CPU; refused with
-    device="cuda"). `options` holds the arguments, so a new model is opened the same way.
+    `precision`: "fp32" (onnxruntime, CPU or CUDA), "bf16" (OpenVINO on the CPU; refused with
+    device="cuda") or "fp16" (onnxruntime on a float16 copy of the graph, for CUDA). `options`
+    holds the arguments, so a new model is opened the same way.
     """
 
     def __init__(self, artifact: Artifact, device: str = "auto", threads: int | None = None,
