@@ -20,6 +20,12 @@ from elit_stream.launcher import ServiceProcess
 from elit_stream.postprocess import Params, analyse
 
 
+# Pause before each timed call: onnxruntime's, OpenVINO's (TBB) and PyTorch's (OpenMP) thread
+# pools, in this process or the service's, keep spinning a while after their work; back to back,
+# each side ran 10-20 % slower than alone (measured, docs/benchmarks.md).
+SETTLE_S = 0.3
+
+
 def rss_mb(pid: int | str = "self") -> dict[str, float]:
     """VmRSS and VmHWM (peak) of a process, MiB (Linux)."""
     out = {}
@@ -74,7 +80,7 @@ class ServiceBench:
         return self.sp.proc.pid
 
     def closed_loop(self, frames: np.ndarray, ps: float, engine: Engine, warmup: int = 3,
-                    settle_s: float = 0.3):
+                    settle_s: float = SETTLE_S):
         """(service round trips, in-process pipeline times), seconds, alternating per frame,
         with a pause before each so that neither side's thread pool is still spinning."""
         served, local = [], []

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baseline import AtomAIStyleEnsemble          # noqa: E402
 from benchmarks import ensembles                              # noqa: E402
-from benchmarks.service_load import ServiceBench, rss_mb     # noqa: E402
+from benchmarks.service_load import SETTLE_S, ServiceBench, rss_mb   # noqa: E402
 from elit_stream import movie as movies                        # noqa: E402
 from elit_stream.engine import PROBE_TOLERANCE, Engine        # noqa: E402
 from elit_stream.manifest import load_artifact                # noqa: E402
@@ -77,12 +77,6 @@ def engine_step(eng: Engine, frame: np.ndarray):
     x, geom = eng.prepare(frame)
     probs = eng.run(x)
     return active_maps(probs, np.arange(eng.n_members), *geom.valid_shape)
-
-
-# Pause before each timed call: three runtimes (onnxruntime, OpenVINO's TBB, PyTorch's OpenMP)
-# share this process, and a pool that has just finished keeps its threads spinning for a while;
-# back to back, each side ran 10-20 % slower than alone (measured, docs/benchmarks.md).
-SETTLE_S = 0.3
 
 
 def timed(fn, repeats: int, warmup: int = 1, settle_s: float = SETTLE_S) -> list[float]:
