@@ -20,9 +20,10 @@ from elit_stream.launcher import ServiceProcess
 from elit_stream.postprocess import Params, analyse
 
 
-# Pause before each timed call: onnxruntime's, OpenVINO's (TBB) and PyTorch's (OpenMP) thread
-# pools, in this process or the service's, keep spinning a while after their work; back to back,
-# each side ran 10-20 % slower than alone (measured, docs/benchmarks.md).
+# Pause before each timed call, a precaution: onnxruntime's, OpenVINO's (TBB) and PyTorch's
+# (OpenMP) thread pools, in this process or the service's, may still spin after their work.
+# Not shown to matter on the shared test host (benchmarks/thread_interference.py,
+# docs/benchmarks.md); every side gets it, so it cannot bias a ratio.
 SETTLE_S = 0.3
 
 
