@@ -3,8 +3,8 @@
 Like AtomAI's ``EnsemblePredictor``: ONE PyTorch network in eager mode, the members run one after
 another by loading each member's state dict into it, every prediction copied into a float64 host
 array ``[M, C, H, W]``, and mean / variance over members taken in numpy. Same U-Net
-(``trainer.unet``) and the same weights as the artifact under test: read back from the artifact's
-ONNX initializers by name (``trainer.init_weights.onnx_member_state``).
+(``trainer.model.unet``) and the same weights as the artifact under test: read back from the artifact's
+ONNX initializers by name (``trainer.model.init_weights.onnx_member_state``).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.init_weights import onnx_member_state
-from trainer.unet import UNet, UNetConfig, atom_probabilities
+from trainer.model.init_weights import onnx_member_state
+from trainer.model.unet import UNet, UNetConfig, atom_probabilities
 
 
 class AtomAIStyleEnsemble:

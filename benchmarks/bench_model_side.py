@@ -22,9 +22,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from synthetic_probs import synthetic_probs
 
-from elit_stream.engine import Engine
-from elit_stream.manifest import load_artifact
-from elit_stream.postprocess import Params, analyse
+from elit_stream.core.engine import Engine
+from elit_stream.core.artifact import load_artifact
+from elit_stream.core.postprocess import Params, analyse
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

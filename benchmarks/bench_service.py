@@ -21,12 +21,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
-from elit_stream.engine import Engine
-from elit_stream.launcher import ServiceProcess
-from elit_stream.manifest import load_artifact
-from elit_stream.movie import make_movie
-from elit_stream.postprocess import Params, analyse
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.core.engine import Engine
+from elit_stream.tools.launcher import ServiceProcess
+from elit_stream.core.artifact import load_artifact
+from elit_stream.tools.movie import make_movie
+from elit_stream.core.postprocess import Params, analyse
 
 STAGES = ("decode", "prepare", "infer", "analyse", "total")
 

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ensembles import source_members          # noqa: E402
-from elit_stream.engine import CPU, _create, _session_options   # noqa: E402
-from trainer.export import EnsembleGraph, check_parity, export_onnx   # noqa: E402
+from elit_stream.core.engine import CPU, _create, _session_options   # noqa: E402
+from trainer.model.export import EnsembleGraph, check_parity, export_onnx   # noqa: E402
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import ensembles                              # noqa: E402
 from benchmarks.suite import frame_of                         # noqa: E402
-from elit_stream import engine as eng                          # noqa: E402
-from elit_stream.manifest import load_artifact                # noqa: E402
+from elit_stream.core import engine as eng                          # noqa: E402
+from elit_stream.core.artifact import load_artifact                # noqa: E402
 
 
 def ort_session(path: Path, threads: int, graph: bytes | None = None):
@@ -57,7 +57,7 @@ def ov_dynamic(path: Path, threads: int):
 def int8_model(path: Path, out: Path) -> Path:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
-    from trainer.synth import SynthConfig, make_dataset
+    from trainer.data.synth import SynthConfig, make_dataset
     tiles = make_dataset(8, 777, SynthConfig.from_dict({**SynthConfig().to_dict(),
                                                         "size_px": 256})).images
 

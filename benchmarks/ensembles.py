@@ -1,4 +1,4 @@
-"""N-member artifacts for the benchmark, built with the real exporter (trainer.export).
+"""N-member artifacts for the benchmark, built with the real exporter (trainer.model.export).
 
 Members come from a source artifact (read back from its ONNX initializers) and are repeated to
 reach N; a repeated member is scaled by (1 + 1e-6 k) in every float tensor (k = repeat index) so
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from trainer.export import write_artifact
-from trainer.init_weights import onnx_member_state
-from trainer.train import MemberResult, TrainConfig
-from trainer.unet import UNet, UNetConfig
+from trainer.model.export import write_artifact
+from trainer.model.init_weights import onnx_member_state
+from trainer.model.train import MemberResult, TrainConfig
+from trainer.model.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-_CODE = ("trainer/export.py", "trainer/unet.py", "benchmarks/ensembles.py")
+_CODE = ("trainer/model/export.py", "trainer/model/unet.py", "benchmarks/ensembles.py")
 
 
 def _code_key(extra: bytes) -> str:
@@ -44,7 +44,7 @@ def source_members(artifact_dir: Path) -> tuple[list[UNet], TrainConfig]:
 
 def tiny_members(n: int, seed: int = 0) -> tuple[list[UNet], TrainConfig]:
     """Random small U-Nets (4 base filters) with non-trivial BatchNorm statistics (smoke run)."""
-    from trainer.synth import SynthConfig
+    from trainer.data.synth import SynthConfig
     cfg = TrainConfig(members=n, n_test=0, unet=UNetConfig(base_filters=4),
                       synth=SynthConfig.from_dict({**SynthConfig().to_dict(), "size_px": 32}))
     torch.manual_seed(seed)

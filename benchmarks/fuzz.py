@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from elit_stream.client import ControlClient  # noqa: E402
-from elit_stream.launcher import ServiceProcess  # noqa: E402
+from elit_stream.protocol.client import ControlClient  # noqa: E402
+from elit_stream.tools.launcher import ServiceProcess  # noqa: E402
 from tests.fixtures.fuzz import run_fuzz  # noqa: E402
 from tests.fixtures.tiny_artifact import build_tiny_artifact  # noqa: E402
 

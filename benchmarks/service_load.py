@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
-from elit_stream.engine import Engine
-from elit_stream.launcher import ServiceProcess
-from elit_stream.postprocess import Params, analyse
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.core.engine import Engine
+from elit_stream.tools.launcher import ServiceProcess
+from elit_stream.core.postprocess import Params, analyse
 
 
 # Pause before each timed call, a precaution: onnxruntime's, OpenVINO's (TBB) and PyTorch's

@@ -28,10 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber  # noqa: E402
-from elit_stream.launcher import ServiceProcess  # noqa: E402
-from elit_stream.manifest import load_artifact  # noqa: E402
-from elit_stream.movie import make_movie  # noqa: E402
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber  # noqa: E402
+from elit_stream.tools.launcher import ServiceProcess  # noqa: E402
+from elit_stream.core.artifact import load_artifact  # noqa: E402
+from elit_stream.tools.movie import make_movie  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

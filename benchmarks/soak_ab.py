@@ -19,8 +19,8 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
 import soak  # noqa: E402
 
-from elit_stream.manifest import load_artifact  # noqa: E402
-from elit_stream.movie import make_movie  # noqa: E402
+from elit_stream.core.artifact import load_artifact  # noqa: E402
+from elit_stream.tools.movie import make_movie  # noqa: E402
 
 LATEST = (["--delivery", "latest"], {"ELIT_DELIVERY__INGEST_HWM": "100"})
 PHASES = [("latest", 16.0, *LATEST), ("lossless", None, ["--delivery", "lossless"], {}),

@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.baseline import AtomAIStyleEnsemble          # noqa: E402
 from benchmarks import ensembles                              # noqa: E402
 from benchmarks.service_load import SETTLE_S, ServiceBench, rss_mb   # noqa: E402
-from elit_stream import movie as movies                        # noqa: E402
-from elit_stream.engine import PROBE_TOLERANCE, Engine        # noqa: E402
-from elit_stream.manifest import load_artifact                # noqa: E402
-from elit_stream.movie import make_movie                      # noqa: E402
-from elit_stream.postprocess import Params, active_maps, analyse   # noqa: E402
+from elit_stream.tools import movie as movies                        # noqa: E402
+from elit_stream.core.engine import PROBE_TOLERANCE, Engine        # noqa: E402
+from elit_stream.core.artifact import load_artifact                # noqa: E402
+from elit_stream.tools.movie import make_movie                      # noqa: E402
+from elit_stream.core.postprocess import Params, active_maps, analyse   # noqa: E402
 
 PARITY_ATOL = 1e-4                   # fp32 engine vs. baseline: max |diff| of mean and std maps
 # bf16 engine vs. fp32 engine, max |diff| of the mean and std maps on the 512² frame: a gate
@@ -275,7 +275,7 @@ def roofline(path: Path, size: int, members: dict, precisions: list[str],
     at the largest N of the member sweep."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from trainer.unet import UNet, UNetConfig
+    from trainer.model.unet import UNet, UNetConfig
     arch = load_artifact(path).manifest["model"]["architecture"]
     net = UNet(UNetConfig.from_dict({k: v for k, v in arch.items() if k != "type"})).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:

@@ -22,8 +22,8 @@ from benchmarks import ensembles                              # noqa: E402
 from benchmarks.baseline import AtomAIStyleEnsemble          # noqa: E402
 from benchmarks.service_load import SETTLE_S                  # noqa: E402
 from benchmarks.suite import engine_step, frame_of            # noqa: E402
-from elit_stream.engine import Engine                         # noqa: E402
-from elit_stream.manifest import load_artifact                # noqa: E402
+from elit_stream.core.engine import Engine                         # noqa: E402
+from elit_stream.core.artifact import load_artifact                # noqa: E402
 
 
 def ms(fn) -> float:

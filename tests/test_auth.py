@@ -12,11 +12,11 @@ import urllib.request
 
 import pytest
 
-from elit_stream import cli
-from elit_stream.auth import AuthError, ClientCurve, create_keys
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
-from elit_stream.config import ConfigError, load_config
-from elit_stream.launcher import ServiceProcess
+from elit_stream.tools import cli
+from elit_stream.protocol.auth import AuthError, ClientCurve, create_keys
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.service.config import ConfigError, load_config
+from elit_stream.tools.launcher import ServiceProcess
 from tests.fixtures.tiny_artifact import gaussian_blobs
 
 TIMEOUT_S = 30.0

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from elit_stream.cli import parse_ctl_args
-from elit_stream.launcher import ServiceProcess
-from elit_stream.movie import make_movie, save_movie
-from elit_stream.replay import StackError, read_stack
+from elit_stream.tools.cli import parse_ctl_args
+from elit_stream.tools.launcher import ServiceProcess
+from elit_stream.tools.movie import make_movie, save_movie
+from elit_stream.tools.replay import StackError, read_stack
 
-CLI = [sys.executable, "-m", "elit_stream.cli"]
+CLI = [sys.executable, "-m", "elit_stream.tools.cli"]
 
 
 def run_cli(*args, timeout=120):

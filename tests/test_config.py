@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from elit_stream.config import ConfigError, dump_config, exposed_addresses, load_config
+from elit_stream.service.config import ConfigError, dump_config, exposed_addresses, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -102,22 +102,22 @@ def test_dump_round_trips_through_toml(tmp_path):
 
 
 def test_cli_config_print_and_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "elit_stream.cli", "config", "--print"],
+    out = subprocess.run([sys.executable, "-m", "elit_stream.tools.cli", "config", "--print"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "[delivery]" in out.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[delivery]\nmode = "fastest"\n')
-    out = subprocess.run([sys.executable, "-m", "elit_stream.cli", "config", "--config",
+    out = subprocess.run([sys.executable, "-m", "elit_stream.tools.cli", "config", "--config",
                           str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "delivery.mode" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_warmup_shape_option_parses_and_refuses_with_a_clear_message():
-    from elit_stream.cli import _shape_arg
+    from elit_stream.tools.cli import _shape_arg
     assert _shape_arg("512x384") == [512, 384] and _shape_arg("256") == [256, 256]
     assert load_config(None, {"model.warmup_shape_px": _shape_arg("64x48")}).model \
         .warmup_shape_px == (64, 48)
-    out = subprocess.run([sys.executable, "-m", "elit_stream.cli", "serve", "--warmup-shape",
+    out = subprocess.run([sys.executable, "-m", "elit_stream.tools.cli", "serve", "--warmup-shape",
                           "big"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "give HxW" in out.stderr and "Traceback" not in out.stderr

@@ -9,12 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elit_stream import control, messages
-from elit_stream.engine import Engine
-from elit_stream.ensemble import ActiveSet
-from elit_stream.manifest import load_artifact
-from elit_stream.postprocess import Params
-from elit_stream.selection import PolicyConfig, SelectionPolicy
+from elit_stream.protocol import messages
+from elit_stream.service import control
+from elit_stream.core.engine import Engine
+from elit_stream.core.ensemble import ActiveSet
+from elit_stream.core.artifact import load_artifact
+from elit_stream.core.postprocess import Params
+from elit_stream.service.selection import PolicyConfig, SelectionPolicy
 from tests.fixtures.tiny_artifact import build_tiny_artifact
 
 

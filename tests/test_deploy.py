@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from elit_stream.auth import create_keys
-from elit_stream.cli import build_parser
-from elit_stream.config import ServiceConfig, exposed_addresses, load_config
-from elit_stream.launcher import ServiceProcess
+from elit_stream.protocol.auth import create_keys
+from elit_stream.tools.cli import build_parser
+from elit_stream.service.config import ServiceConfig, exposed_addresses, load_config
+from elit_stream.tools.launcher import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -147,7 +147,7 @@ def _check_cli(argv: list[str]) -> None:
 
 def test_the_commands_the_images_and_the_unit_run_exist():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["elit-stream"] == "elit_stream.cli:main"
+    assert scripts["elit-stream"] == "elit_stream.tools.cli:main"
     for dockerfile in DOCKERFILES:
         cmds, env = _dockerfile_commands(dockerfile)
         assert len(cmds) == 2, dockerfile                       # CMD and HEALTHCHECK

@@ -10,9 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trainer.experiment import Analysis, member_figures, parse_frames
-from trainer.multiclass import split_by_intensity
-from trainer.relabel import (
+from trainer.elit.experiment import Analysis, member_figures, parse_frames
+from trainer.elit.multiclass import split_by_intensity
+from trainer.elit.relabel import (
     IGNORE,
     RelabelConfig,
     augment_tile,
@@ -21,8 +21,9 @@ from trainer.relabel import (
     patch_features,
     patch_stack,
 )
-from trainer.report import score_members
-from trainer.testmovie import honeycomb_pm, match_atoms
+from trainer.elit.report import score_members
+from trainer.data.testmovie import honeycomb_pm
+from trainer.elit.scoring import match_atoms
 
 BOND_PX = 10.0
 
@@ -168,8 +169,8 @@ def parent_artifact(tmp_path_factory) -> Path:
 
 
 def test_weights_read_back_from_onnx_match(parent_artifact):
-    from trainer.train import apply_init_state, onnx_member_state
-    from trainer.unet import UNet, UNetConfig
+    from trainer.model.train import apply_init_state, onnx_member_state
+    from trainer.model.unet import UNet, UNetConfig
 
     state = onnx_member_state(parent_artifact, 1)
     torch.manual_seed(2)
@@ -182,9 +183,9 @@ def test_weights_read_back_from_onnx_match(parent_artifact):
 
 
 def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path):
-    from trainer.artifact import sha256_file, verify_artifact
+    from trainer.model.artifact import sha256_file, verify_artifact
     from trainer.cli import main
-    from trainer.testmovie import MovieConfig, make_movie, save_movie
+    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
 
     movie = tmp_path / "movie.npz"
     save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
@@ -210,7 +211,7 @@ def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path)
 
 
 def test_far_non_lattice_atoms_become_background_near_ones_ignored():
-    from trainer.relabel import FrameAtoms, _background_atoms
+    from trainer.elit.relabel import FrameAtoms, _background_atoms
 
     xy = np.array([[10.0, 10], [20, 10], [30, 10], [100, 100], [45, 10]])
     fa = FrameAtoms(0, xy, np.zeros(5), np.array([0, 0, 1, 1, 2], np.uint8))

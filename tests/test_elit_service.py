@@ -16,11 +16,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
-from elit_stream.engine import Engine
-from elit_stream.launcher import ServiceProcess
-from elit_stream.manifest import load_artifact
-from elit_stream.postprocess import Params, analyse
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.core.engine import Engine
+from elit_stream.tools.launcher import ServiceProcess
+from elit_stream.core.artifact import load_artifact
+from elit_stream.core.postprocess import Params, analyse
 
 pytestmark = [pytest.mark.slow, pytest.mark.train]
 TIMEOUT_S = 60
@@ -30,7 +30,7 @@ TIMEOUT_S = 60
 def iterations(tmp_path_factory) -> dict:
     from tests.fixtures.trainer_artifacts import build_random_parent
     from trainer.cli import main
-    from trainer.testmovie import MovieConfig, make_movie, save_movie
+    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
 
     root = tmp_path_factory.mktemp("elit")
     parent = build_random_parent(root / "parent")

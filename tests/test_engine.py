@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from elit_stream.engine import Engine, EngineError, Geometry, normalise, physical_cores
-from elit_stream.manifest import load_artifact
-from elit_stream.postprocess import Params, analyse
+from elit_stream.core.engine import Engine, EngineError, Geometry, normalise, physical_cores
+from elit_stream.core.artifact import load_artifact
+from elit_stream.core.postprocess import Params, analyse
 from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM
 
 DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"
@@ -159,10 +159,10 @@ def test_default_artifact_probe_reproduces():
 
 
 def test_default_artifact_finds_graphene_atoms():
-    """The shipped ensemble on the independent synthetic movie (elit_stream.movie)."""
+    """The shipped ensemble on the independent synthetic movie (elit_stream.tools.movie)."""
     if not (DEFAULT / "manifest.json").exists():
         pytest.skip("models/default not built yet")
-    from elit_stream.movie import interior, make_movie, match_atoms
+    from elit_stream.tools.movie import interior, make_movie, match_atoms
     eng = Engine(load_artifact(DEFAULT, check_probe=False), device="cpu")
     movie = make_movie(n_frames=2, size_px=128, seed=11)
     tp = fp = fn = 0
@@ -237,7 +237,7 @@ def test_cuda_engine_matches_cpu(tiny_artifact, precision, atol):
     """On a CUDA machine (onnxruntime-gpu): IO binding on the device, the CPU's output within
     1e-4 (fp32) or the fp16 probe tolerance (the float16 graph)."""
     import onnxruntime as ort
-    from elit_stream.engine import PROBE_TOLERANCE
+    from elit_stream.core.engine import PROBE_TOLERANCE
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install the gpu extra)")
     art = load_artifact(tiny_artifact)
@@ -254,7 +254,7 @@ def test_cuda_engine_matches_cpu(tiny_artifact, precision, atol):
 
 
 def test_shape_cache_builds_once_per_shape_and_drops_the_least_recently_used():
-    from elit_stream.engine import _ShapeCache
+    from elit_stream.core.engine import _ShapeCache
     built = []
     cache = _ShapeCache(2)
     build = lambda shape, tag: built.append(shape) or [shape, tag]      # noqa: E731

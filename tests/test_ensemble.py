@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from elit_stream.ensemble import ActiveSet, SelectionError
+from elit_stream.core.ensemble import ActiveSet, SelectionError
 
 
 def test_full_and_versions():

@@ -17,8 +17,8 @@ import urllib.request
 import onnxruntime as ort
 import pytest
 
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
-from elit_stream.launcher import ServiceProcess, ServiceStartError
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.tools.launcher import ServiceProcess, ServiceStartError
 from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
 
 TIMEOUT_S = 30.0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from elit_stream.client import ControlClient
-from elit_stream.launcher import ServiceProcess
+from elit_stream.protocol.client import ControlClient
+from elit_stream.tools.launcher import ServiceProcess
 from tests.fixtures.fuzz import fuzz_request, run_fuzz
 
 

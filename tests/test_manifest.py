@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from elit_stream.manifest import ArtifactError, Manifest, default_artifact_path, load_artifact
+from elit_stream.core.manifest import ArtifactError, Manifest, default_artifact_path
+from elit_stream.core.artifact import load_artifact
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "models" / "manifest.schema.json").read_text())
 

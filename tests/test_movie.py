@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from elit_stream.movie import (
+from elit_stream.tools.movie import (
     CC_BOND_PM,
     Movie,
     interior,

@@ -1,4 +1,4 @@
-"""Unit tests of elit_stream.postprocess on synthetic ensemble maps with known blobs."""
+"""Unit tests of elit_stream.core.postprocess on synthetic ensemble maps with known blobs."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from elit_stream.postprocess import Params, analyse, check_active
+from elit_stream.core.postprocess import Params, analyse, check_active
 
 SHAPE = (48, 64)
 

@@ -13,11 +13,11 @@ import importlib.util
 import numpy as np
 import pytest
 
-from elit_stream import engine as engine_mod
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
-from elit_stream.engine import Engine, EngineError
-from elit_stream.launcher import ServiceProcess
-from elit_stream.manifest import load_artifact
+from elit_stream.core import engine as engine_mod
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.core.engine import Engine, EngineError
+from elit_stream.tools.launcher import ServiceProcess
+from elit_stream.core.artifact import load_artifact
 from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from elit_stream.engine import Engine
-from elit_stream.manifest import load_artifact
-from elit_stream.postprocess import Params, analyse
+from elit_stream.core.engine import Engine
+from elit_stream.core.artifact import load_artifact
+from elit_stream.core.postprocess import Params, analyse
 
 REPO = Path(__file__).resolve().parent.parent
 FRAME = REPO.parent / "shared" / "data" / "MoS2_stem_Exp-000-2.npy"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from elit_stream.ensemble import ActiveSet
-from elit_stream.postprocess import FrameAnalysis, Params, analyse
-from elit_stream.selection import PolicyConfig, SelectionPolicy
+from elit_stream.core.ensemble import ActiveSet
+from elit_stream.core.postprocess import FrameAnalysis, Params, analyse
+from elit_stream.service.selection import PolicyConfig, SelectionPolicy
 from tests.test_postprocess import probs_with
 
 

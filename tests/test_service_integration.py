@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elit_stream import messages, wire
-from elit_stream.client import ControlClient, FrameSender, ResultSubscriber
-from elit_stream.launcher import ServiceProcess
+from elit_stream.protocol import messages, wire
+from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.tools.launcher import ServiceProcess
 from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM, build_tiny_artifact, gaussian_blobs
 
 TIMEOUT_S = 30.0
@@ -78,7 +78,7 @@ class Session:
 
 
 def check_against_the_spec(msg):
-    """Every published document validates against its model in elit_stream.messages."""
+    """Every published document validates against its model in elit_stream.protocol.messages."""
     doc = {k: v for k, v in msg.items() if k not in ("topic", "atoms", "mean", "std")}
     if msg["topic"] == "result":
         messages.ResultHeader.model_validate(doc)
@@ -377,9 +377,9 @@ def test_detection_precision_recall_on_a_synthetic_movie():
     clearly visible at this dose: losing 5 % means a real regression), precision >= 0.90 (room
     for the border effect plus twice today's interior false positives, no more).
     """
-    from elit_stream.manifest import load_artifact
-    from elit_stream.movie import CC_BOND_PM, make_movie, match_atoms
-    from elit_stream.replay import replay
+    from elit_stream.core.artifact import load_artifact
+    from elit_stream.tools.movie import CC_BOND_PM, make_movie, match_atoms
+    from elit_stream.tools.replay import replay
 
     art = load_artifact(DEFAULT_MODEL, check_probe=False)
     mov = make_movie(n_frames=6, size_px=256, seed=11, pixel_size_pm=art.pixel_size_pm)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from elit_stream.client import ControlClient, ResultSubscriber
-from elit_stream.config import load_config
-from elit_stream.service import Service, zmq_bind_address
+from elit_stream.protocol.client import ControlClient, ResultSubscriber
+from elit_stream.service.config import load_config
+from elit_stream.service.loop import Service, zmq_bind_address
 
 
 class FakePolicy:
@@ -65,6 +65,6 @@ def test_maps_follow_subscriptions(service):
 def test_the_service_never_imports_torch():
     import subprocess
     import sys
-    code = ("import sys, elit_stream.cli, elit_stream.service, elit_stream.client, "
-            "elit_stream.replay, elit_stream.demo; assert 'torch' not in sys.modules")
+    code = ("import sys, elit_stream.tools.cli, elit_stream.service.loop, elit_stream.protocol.client, "
+            "elit_stream.tools.replay, elit_stream.tools.demo; assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], timeout=60, check=False).returncode == 0

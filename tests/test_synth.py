@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from trainer.lattice import CC_BOND_PM
-from trainer.synth import (
+from trainer.data.lattice import CC_BOND_PM
+from trainer.data.synth import (
     Dataset,
     DatasetFileError,
     SynthConfig,

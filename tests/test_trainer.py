@@ -10,13 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trainer.artifact import ArtifactError, verify_artifact  # noqa: E402
-from trainer.export import (EnsembleGraph, ExportError, check_parity, export_onnx,  # noqa: E402
+from trainer.model.artifact import ArtifactError, verify_artifact  # noqa: E402
+from trainer.model.export import (EnsembleGraph, ExportError, check_parity, export_onnx,  # noqa: E402
                             parity_frames, write_artifact)
-from trainer.synth import SynthConfig  # noqa: E402
-from trainer.train import (MemberResult, SplitData, TrainConfig, _swa_window, recompute_bn,  # noqa: E402
+from trainer.data.synth import SynthConfig  # noqa: E402
+from trainer.model.train import (MemberResult, SplitData, TrainConfig, _swa_window, recompute_bn,  # noqa: E402
                            swa_average)
-from trainer.unet import UNet, UNetConfig  # noqa: E402
+from trainer.model.unet import UNet, UNetConfig  # noqa: E402
 
 pytestmark = pytest.mark.train
 SMALL = UNetConfig(n_classes=2, base_filters=4)
@@ -144,7 +144,7 @@ def test_bad_manifest_is_refused_naming_the_field(small_artifact, tmp_path, muta
 
 
 def test_probe_mismatch_is_refused(small_artifact, tmp_path):
-    from trainer.artifact import check_probe
+    from trainer.model.artifact import check_probe
 
     bad = tmp_path / "bad"
     shutil.copytree(small_artifact, bad)

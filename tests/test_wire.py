@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from elit_stream import messages, wire
-from elit_stream.wire import ProtocolError
+from elit_stream.protocol import messages, wire
+from elit_stream.protocol.wire import ProtocolError
 
 MAX_PX = 4096
 

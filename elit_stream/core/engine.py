@@ -1,0 +1,567 @@
+"""Inference: the only module that imports an inference runtime (onnxruntime; OpenVINO for bf16).
+
+Owns: session creation (providers, CPU threading, CUDA with a logged fallback to CPU), warm-up,
+frame preparation (per-frame min-max normalisation, optional rescale to the artifact's pixel size,
+padding to valid sizes; written straight into the network input buffer), and running all members
+in one pass: `infer(frame) -> (probs [M, C, h, w], Geometry)`.
+
+On CUDA the engine runs through IO binding (`_BoundRunner`): a device-resident input buffer per
+network shape, updated in place, and preallocated host output buffers that onnxruntime writes
+into, bound once; no allocation per frame. The same runner works on the CPU provider (tests).
+
+Precision. The default, fp32, is onnxruntime and matches the trainer to 1e-4. `bf16` runs the
+same ONNX graph on the CPU through OpenVINO (`_OpenVinoRunner`, the `openvino` extra), which
+computes in bfloat16 on CPUs with AMX or AVX-512 BF16: about 3.5x faster than fp32 here. `fp16`
+is onnxruntime on a copy of the graph converted to float16 at load (float32 in and out; meant for
+CUDA, slower than fp32 on a CPU; needs the `onnx` package). A reduced precision must keep the
+artifact's probe within PROBE_TOLERANCE of the fp32 reference, or the engine is refused; the
+difference found is `probe_diff` (docs/benchmarks.md has the accuracy on real detections).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from elit_stream.core.manifest import Artifact
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+OPENVINO = "OpenVINO:CPU"
+PRECISIONS = ("fp32", "bf16", "fp16")
+# max |member-mean atom map - fp32 probe| accepted per reduced precision (measured on
+# models/default: bf16 6.5e-3, fp16 7.4e-4)
+PROBE_TOLERANCE = {"bf16": 0.05, "fp16": 0.01}
+RESCALE_TOLERANCE = 0.01          # rescale only when pixel sizes differ by more than 1 %
+_WIDE = 1e30                      # |values| above / ranges below 1/_WIDE: float64 path (_tame)
+
+
+class EngineError(Exception):
+    """A frame cannot be prepared or a session cannot be created or run."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the network grid maps to the input frame.
+
+    The frame occupies `valid_shape` at the top-left of the `net_shape` grid; `scale` is network
+    pixels per frame pixel. Pixel-centre convention: x_frame = (x_net + 0.5) / scale - 0.5.
+    """
+
+    frame_shape: tuple[int, int]
+    net_shape: tuple[int, int]
+    valid_shape: tuple[int, int]
+    scale: float
+
+    def to_frame_xy(self, x_net: np.ndarray, y_net: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.scale == 1.0:
+            return x_net, y_net
+        inv = np.float32(1.0 / self.scale)
+        return ((x_net + np.float32(0.5)) * inv - np.float32(0.5),
+                (y_net + np.float32(0.5)) * inv - np.float32(0.5))
+
+    def to_net_xy(self, x_frame: np.ndarray, y_frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.scale == 1.0:
+            return x_frame, y_frame
+        s = np.float32(self.scale)
+        return (x_frame + np.float32(0.5)) * s - np.float32(0.5), \
+            (y_frame + np.float32(0.5)) * s - np.float32(0.5)
+
+
+# --- frame preparation (pure numpy) -------------------------------------------------------------
+
+def _check_frame(frame: np.ndarray) -> tuple[float, float]:
+    """Validate dtype/ndim and return (min, max); refuses NaN/Inf."""
+    if not isinstance(frame, np.ndarray) or frame.ndim != 2:
+        raise EngineError(f"frame must be a 2-D array, got {getattr(frame, 'shape', type(frame))}")
+    if frame.dtype.kind not in "uif":
+        raise EngineError(f"frame dtype {frame.dtype} not supported (integer or float only)")
+    if frame.size == 0:
+        raise EngineError("frame is empty")
+    lo, hi = frame.min(), frame.max()
+    if frame.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise EngineError("frame contains NaN or Inf")
+    return float(lo), float(hi)
+
+
+def _affine_inplace(view: np.ndarray, lo: float, hi: float) -> None:
+    """view <- (view - lo) / (hi - lo); a constant frame becomes zeros."""
+    if hi > lo:
+        view -= np.float32(lo)
+        view *= np.float32(1.0 / (hi - lo))
+    else:
+        view.fill(0.0)
+
+
+def _normalise_into(frame: np.ndarray, out: np.ndarray, lo: float, hi: float) -> None:
+    """out[:] = minmax(frame) in float32, one subtraction pass + one scaling pass."""
+    if hi > lo:
+        np.subtract(frame, lo if frame.dtype.itemsize > 2 else np.float32(lo), out=out,
+                    casting="unsafe")
+        out *= np.float32(1.0 / (hi - lo))
+    else:
+        out.fill(0.0)
+
+
+def _tame(frame: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, float, float]:
+    """Float frames with values beyond +-1e30 or a range below 1e-30 would overflow float32
+    arithmetic: pre-normalise them in float64 (dividing, and halving huge values so that
+    hi - lo cannot overflow). Every other frame passes through untouched."""
+    if frame.dtype.kind != "f" or not hi > lo:
+        return frame, lo, hi
+    huge = max(abs(lo), abs(hi)) > _WIDE
+    if not huge and hi - lo >= 1.0 / _WIDE:
+        return frame, lo, hi
+    k = 0.5 if huge else 1.0
+    x = frame.astype(np.float64) * k
+    x -= lo * k
+    x /= hi * k - lo * k
+    return x.astype(np.float32), 0.0, 1.0
+
+
+def normalise(raw: np.ndarray) -> np.ndarray:
+    """Reference per-frame min-max normalisation (docs/artifact.md), float32 [H, W]."""
+    raw, lo, hi = _tame(raw, *_check_frame(raw))
+    out = np.empty(raw.shape, np.float32)
+    _normalise_into(raw, out, lo, hi)
+    return out
+
+
+def _bilinear_taps(n_out: int, n_in: int, scale: float):
+    """Source indices and weights for output pixel centres (pixel-centre convention)."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
+    np.clip(src, 0, n_in - 1, out=src)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, w1
+
+
+def _rescale_into(frame: np.ndarray, out: np.ndarray, scale: float) -> None:
+    """Separable bilinear resampling of `frame` into `out` (float32, shape sets the size)."""
+    h, w = out.shape
+    y0, y1, wy = _bilinear_taps(h, frame.shape[0], scale)
+    x0, x1, wx = _bilinear_taps(w, frame.shape[1], scale)
+    rows = frame[y0].astype(np.float32)               # [h, W]; a + (b - a) w: exact when a == b
+    rows += (frame[y1].astype(np.float32) - rows) * wy[:, None]
+    np.take(rows, x0, axis=1, out=out)
+    out += (np.take(rows, x1, axis=1) - out) * wx
+
+
+def _pad_symmetric(buf: np.ndarray, h: int, w: int) -> None:
+    """Fill buf[h:, :] and buf[:, w:] by half-sample mirroring of buf[:h, :w]."""
+    hp, wp = buf.shape
+    if hp > h:
+        buf[h:, :w] = buf[_mirror(np.arange(h, hp), h), :w]
+    if wp > w:
+        buf[:, w:] = buf[:, _mirror(np.arange(w, wp), w)]
+
+
+def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
+    k = idx % (2 * n)
+    return np.where(k < n, k, 2 * n - 1 - k)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+def cpu_has_bf16() -> bool:
+    """The CPU has native bf16 arithmetic (AMX-BF16 or AVX-512 BF16; Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def bf16_hint(provider: str | None, precision: str | None) -> str | None:
+    """A one-line suggestion when an engine running fp32 on the CPU provider could run bf16 on
+    this machine (bf16 instructions and OpenVINO present), else None."""
+    if precision != "fp32" or provider != CPU or not cpu_has_bf16() \
+            or importlib.util.find_spec("openvino") is None:
+        return None
+    return ("this CPU has bf16 instructions: --precision bf16 runs ~3.5x faster, not bit-identical "
+            "(docs/benchmarks.md)")
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (falls back to logical CPUs)."""
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = set(range(os.cpu_count() or 1))
+    cores, cpu = set(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            phys = None
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "processor":
+                    cpu = int(val)
+                elif key == "physical id":
+                    phys = val.strip()
+                elif key == "core id" and cpu in allowed:
+                    cores.add((phys, val.strip()))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(len(cores) or len(allowed), len(allowed)))
+
+
+def _session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def _create(onnx_path: Path, opts: ort.SessionOptions, providers: list,
+            model: bytes | None = None) -> ort.InferenceSession:
+    """A session on `onnx_path`, or on `model` (serialised graph derived from it) if given."""
+    try:
+        return ort.InferenceSession(model if model is not None else str(onnx_path), opts,
+                                    providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        raise EngineError(f"{onnx_path.name}: cannot create session: {exc}") from None
+
+
+def _float16_graph(onnx_path: Path) -> bytes:
+    """The graph with float16 weights and arithmetic, float32 input and output."""
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:
+        raise EngineError("precision fp16 needs the onnx package: pip install "
+                          "'elit-stream[gpu]' (or pip install onnx)") from None
+    try:
+        model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    except Exception as exc:  # noqa: BLE001
+        raise EngineError(f"{onnx_path.name}: cannot convert to float16: {exc}") from None
+    return model.SerializeToString()
+
+
+def run_probe(onnx_path: Path, net_input: np.ndarray) -> np.ndarray:
+    """Run `net_input` through a fresh single-threaded CPU session (artifact verification)."""
+    sess = _create(Path(onnx_path), _session_options(1, False), [CPU])
+    try:
+        return sess.run(None, {sess.get_inputs()[0].name: net_input})[0]
+    except Exception as exc:  # noqa: BLE001
+        raise EngineError(f"{Path(onnx_path).name}: probe run failed: {exc}") from None
+
+
+# --- per-shape buffers -----------------------------------------------------------------------------
+
+class _ShapeCache:
+    """Per network shape state (buffers, compiled models), the `size` most recently used kept."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: dict[tuple, list] = {}
+
+    def get(self, shape: tuple, build, *args) -> list:
+        """The entry for `shape`, made by `build(shape, *args)` the first time."""
+        entry = self._entries.pop(shape, None)
+        if entry is None:
+            entry = build(shape, *args)
+            if len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))    # least recently used
+        self._entries[shape] = entry                            # most recently used last
+        return entry
+
+
+# --- IO binding (CUDA; also runs on CPU for tests) ------------------------------------------------
+
+class _BoundRunner:
+    """Runs a session through IO binding with buffers preallocated per network shape.
+
+    Per shape: one input OrtValue on `device` (updated in place from the host each frame) and
+    `ring` host output arrays, each bound once to its own io_binding; `run` alternates between
+    them, so a result stays valid until `ring` further frames have run. At most `max_shapes`
+    shapes are kept (least recently used dropped).
+    """
+
+    def __init__(self, session: ort.InferenceSession, in_name: str, out_name: str,
+                 device: str, ring: int = 2, max_shapes: int = 4):
+        self.session, self.in_name, self.out_name = session, in_name, out_name
+        self.device, self.ring = device, ring
+        self._shapes = _ShapeCache(max_shapes)
+
+    def _build(self, in_shape: tuple, out_shape: tuple) -> list:
+        x = ort.OrtValue.ortvalue_from_shape_and_type(list(in_shape), np.float32, self.device, 0)
+        outs, binds = [], []
+        for _ in range(self.ring):
+            out = np.empty(out_shape, np.float32)
+            io = self.session.io_binding()
+            io.bind_ortvalue_input(self.in_name, x)
+            io.bind_ortvalue_output(self.out_name, ort.OrtValue.ortvalue_from_numpy(out))
+            outs.append(out)
+            binds.append(io)
+        return [x, outs, binds, 0]
+
+    def run(self, net_input: np.ndarray, out_shape: tuple) -> np.ndarray:
+        entry = self._shapes.get(tuple(net_input.shape), self._build, tuple(out_shape))
+        x, outs, binds, i = entry
+        x.update_inplace(np.ascontiguousarray(net_input, np.float32))
+        self.session.run_with_iobinding(binds[i])
+        entry[3] = (i + 1) % self.ring
+        return outs[i]
+
+
+# --- bf16 through OpenVINO (CPU) ------------------------------------------------------------------
+
+class _OpenVinoRunner:
+    """Runs the ONNX graph with OpenVINO's CPU plugin in bf16 (AMX / AVX-512 BF16).
+
+    One model compiled per network shape (static shapes run faster than a dynamic compile;
+    a new shape costs ~0.5-1 s once, so warm up with the camera's frame size) with `ring` infer
+    requests; the input array is shared, not copied, and the returned probs are a view of the
+    request's output buffer, valid until `ring` further frames have run (as on CUDA).
+    At most `max_shapes` shapes are kept (least recently used dropped).
+    """
+
+    def __init__(self, onnx_path: Path, threads: int, precision: str = "bf16",
+                 ring: int = 2, max_shapes: int = 4):
+        try:
+            import openvino
+        except ImportError:
+            raise EngineError("precision bf16 needs OpenVINO: pip install 'elit-stream[openvino]'"
+                              ) from None
+        self.ring = ring
+        self._core = openvino.Core()
+        try:
+            self._model = self._core.read_model(str(onnx_path))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+            raise EngineError(f"{Path(onnx_path).name}: OpenVINO cannot read it: {exc}") from None
+        # no CPU pinning: the service shares the cores with its socket and metrics threads (and,
+        # at a microscope, other programs); pinned vs. not measured the same here (175 vs 188 ms)
+        self._config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
+                        "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                        "ENABLE_CPU_PINNING": False}
+        self._shapes = _ShapeCache(max_shapes)
+        self.precision = "?"                       # what the CPU plugin actually computes in
+
+    def io_names(self) -> tuple[set, set]:
+        return self._model.inputs[0].get_names(), self._model.outputs[0].get_names()
+
+    def _build(self, in_shape: tuple) -> list:
+        model = self._model.clone()
+        model.reshape({0: list(in_shape)})
+        compiled = self._core.compile_model(model, "CPU", self._config)
+        kind = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = {"f32": "fp32", "f16": "fp16"}.get(kind, kind)    # bf16 stays
+        return [[compiled.create_infer_request() for _ in range(self.ring)], 0]
+
+    def run(self, net_input: np.ndarray) -> np.ndarray:
+        entry = self._shapes.get(tuple(net_input.shape), self._build)
+        requests, i = entry
+        request = requests[i]
+        request.infer({0: np.ascontiguousarray(net_input, np.float32)}, share_inputs=True,
+                      share_outputs=True)
+        entry[1] = (i + 1) % self.ring
+        return request.get_output_tensor(0).data
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+class Engine:
+    """All members of one artifact, one session, one pass per frame.
+
+    `precision`: "fp32" (onnxruntime, CPU or CUDA), "bf16" (OpenVINO on the CPU; refused with
+    device="cuda") or "fp16" (onnxruntime on a float16 copy of the graph, for CUDA). `options`
+    holds the arguments, so a new model is opened the same way.
+    """
+
+    def __init__(self, artifact: Artifact, device: str = "auto", threads: int | None = None,
+                 cpu_fallback: bool = True, *, precision: str = "fp32", spin: bool = False,
+                 bind: bool | None = None):
+        if device not in ("auto", "cpu", "cuda"):
+            raise EngineError(f"device must be auto, cpu or cuda, not {device!r}")
+        if precision not in PRECISIONS:
+            raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                              f"not {precision!r}")
+        self.options = {"device": device, "threads": threads, "cpu_fallback": cpu_fallback,
+                        "precision": precision, "spin": spin}
+        self.artifact = artifact
+        self.n_members, self.n_classes = artifact.n_members, artifact.n_classes
+        self.fallback_reason: str | None = None
+        self.threads = threads or physical_cores()
+        self.session: ort.InferenceSession | None = None
+        self._bound: _BoundRunner | None = None
+        self._ov: _OpenVinoRunner | None = None
+        self.probe_diff: float | None = None       # reduced precision: vs. the fp32 probe
+        if precision == "bf16":
+            self._open_openvino(device)
+        else:
+            self._open_onnxruntime(device, threads, cpu_fallback, spin, bind, precision)
+        if precision != "fp32":
+            self._check_probe(precision)
+        log.info("engine: %s on %s, %s (%d threads%s)", artifact.name, self.provider,
+                 self.precision, self.threads,
+                 f"; fallback: {self.fallback_reason}" if self.fallback_reason else "")
+
+    def _open_onnxruntime(self, device, threads, cpu_fallback, spin, bind, precision) -> None:
+        opts = _session_options(threads, spin)
+        graph = _float16_graph(self.artifact.onnx_path) if precision == "fp16" else None
+        self.session = self._open(device, opts, cpu_fallback, graph)
+        self.provider: str = self.session.get_providers()[0]
+        self.precision = precision
+        if precision == "fp16" and self.provider != CUDA:
+            log.warning("engine: fp16 on the CPU provider is slower than fp32 (it is meant for "
+                        "CUDA); use bf16 for a faster CPU")
+        self.threads = opts.intra_op_num_threads
+        self._in_name = self.session.get_inputs()[0].name
+        self._out_name = self.session.get_outputs()[0].name
+        self._check_io({self._in_name}, {self._out_name})
+        use_bind = self.provider == CUDA if bind is None else bind
+        self._bound = _BoundRunner(self.session, self._in_name, self._out_name,
+                                   "cuda" if self.provider == CUDA else "cpu") if use_bind else None
+
+    def _open_openvino(self, device: str) -> None:
+        if device == "cuda":
+            raise EngineError("precision bf16 runs on the CPU (OpenVINO); on CUDA use fp32, "
+                              "or set device to cpu or auto")
+        self._ov = _OpenVinoRunner(self.artifact.onnx_path, self.threads)
+        self._check_io(*self._ov.io_names())
+        self.provider = OPENVINO
+        self.precision = "bf16"          # until the first compile says what the CPU does
+
+    def _check_probe(self, precision: str) -> None:
+        """Run the artifact's probe; refuse if the mean atom map moved beyond the tolerance."""
+        if self.artifact.probe_path is None:
+            raise EngineError(f"precision {precision} is checked against the artifact's probe; "
+                              "this artifact has none")
+        with np.load(self.artifact.probe_path) as z:
+            net_input, want = z["input"], z["probs"]
+        got = self.run(net_input)
+        if self._ov is not None:
+            self.precision = self._ov.precision
+            if self.precision != "bf16":
+                log.warning("engine: this CPU has no bf16 instructions; OpenVINO computes in %s",
+                            self.precision)
+        self.probe_diff = float(np.abs(got.sum(axis=1).mean(axis=0)
+                                       - want.sum(axis=1).mean(axis=0)).max())
+        tol = PROBE_TOLERANCE[precision]
+        if not self.probe_diff <= tol:
+            raise EngineError(f"{precision} changes the probe's mean atom map by "
+                              f"{self.probe_diff:.3g} (> {tol}); use precision fp32 for this model")
+
+    def _open(self, device: str, opts, cpu_fallback: bool, graph: bytes | None
+              ) -> ort.InferenceSession:
+        path = self.artifact.onnx_path
+        if device == "cpu":
+            return _create(path, opts, [CPU], graph)
+        if CUDA not in ort.get_available_providers():
+            why = "onnxruntime has no CUDAExecutionProvider (install the gpu extra)"
+            return self._fallback(why, device == "cuda", cpu_fallback, path, opts, graph)
+        cuda = (CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})
+        try:
+            sess = _create(path, opts, [cuda, CPU], graph)
+        except EngineError as exc:
+            return self._fallback(str(exc), True, cpu_fallback, path, opts, graph)
+        if sess.get_providers()[0] != CUDA:
+            return self._fallback("CUDA provider failed to initialise (see onnxruntime log)",
+                                  True, cpu_fallback, path, opts, graph)
+        return sess
+
+    def _fallback(self, why: str, wanted: bool, cpu_fallback: bool, path, opts, graph):
+        if wanted and not cpu_fallback:
+            raise EngineError(f"CUDA requested but unavailable: {why}")
+        if wanted:
+            self.fallback_reason = why
+            log.warning("engine: CUDA unavailable (%s); falling back to CPU", why)
+        return _create(path, opts, [CPU], graph)
+
+    def _check_io(self, in_names: set, out_names: set) -> None:
+        model = self.artifact.manifest["model"]
+        want = (model["input"]["name"], model["output"]["name"])
+        if want[0] not in in_names or want[1] not in out_names:
+            raise EngineError(f"{self.artifact.onnx_path.name}: graph input/output "
+                              f"{sorted(in_names)}/{sorted(out_names)} do not match manifest {want}")
+
+    # -- frames --
+
+    def net_shape_for(self, frame_shape: tuple[int, int], pixel_size_pm: float | None = None):
+        """(valid_shape, net_shape, scale) for a frame of this shape and pixel size."""
+        scale = 1.0
+        if pixel_size_pm is not None:
+            if not (pixel_size_pm > 0 and np.isfinite(pixel_size_pm)):
+                raise EngineError(f"pixel_size_pm must be > 0, got {pixel_size_pm}")
+            ratio = pixel_size_pm / self.artifact.pixel_size_pm
+            if abs(ratio - 1.0) > RESCALE_TOLERANCE:
+                scale = ratio
+        valid = tuple(round(n * scale) if scale != 1.0 else int(n) for n in frame_shape)
+        net = tuple(_round_up(n, self.artifact.multiple_of) for n in valid)
+        art = self.artifact
+        if min(valid) < art.min_px or max(net) > art.max_px:
+            raise EngineError(f"frame {frame_shape[0]}x{frame_shape[1]} px becomes "
+                              f"{valid[0]}x{valid[1]} at scale {scale:.3f}; the model takes "
+                              f"{art.min_px}..{art.max_px} px per side")
+        return valid, net, scale
+
+    def prepare(self, frame: np.ndarray, pixel_size_pm: float | None = None
+                ) -> tuple[np.ndarray, Geometry]:
+        """frame [H, W] -> normalised, rescaled, padded float32 [1, 1, h, w] and its Geometry."""
+        lo, hi = _check_frame(frame)
+        valid, net, scale = self.net_shape_for(frame.shape, pixel_size_pm)
+        frame, lo, hi = _tame(frame, lo, hi)
+        buf = np.empty((1, 1, *net), np.float32)
+        plane = buf[0, 0]
+        view = plane[: valid[0], : valid[1]]
+        if scale == 1.0:
+            _normalise_into(frame, view, lo, hi)
+        else:
+            _rescale_into(frame, view, scale)                # float32, monotonic rounding:
+            _affine_inplace(view, float(np.float32(lo)), float(np.float32(hi)))   # stays >= 0
+        _pad_symmetric(plane, *valid)
+        return buf, Geometry(tuple(frame.shape), net, valid, scale)
+
+    def run(self, net_input: np.ndarray) -> np.ndarray:
+        """[1, 1, h, w] float32 -> probs [M, C, h, w] float32, uncopied.
+
+        CPU: ORT's own output array (binding a preallocated output measured no faster on CPU:
+        ORT 1.31 hands its buffer to numpy without a copy). CUDA (IO binding) and bf16
+        (OpenVINO): a preallocated buffer, valid until two more frames have run.
+        """
+        want = (self.n_members, self.n_classes, *net_input.shape[2:])
+        try:
+            if self._ov is not None:
+                probs = self._ov.run(net_input)
+            elif self._bound is not None:
+                probs = self._bound.run(net_input, want)
+            else:
+                probs = self.session.run([self._out_name], {self._in_name: net_input})[0]
+        except Exception as exc:  # noqa: BLE001 - the runtimes raise several unrelated types
+            raise EngineError(f"inference failed: {exc}") from None
+        if probs.shape != want or probs.dtype != np.float32:
+            raise EngineError(f"model output {probs.dtype}{list(probs.shape)}, expected "
+                              f"float32{list(want)}")
+        return probs
+
+    def infer(self, frame: np.ndarray, pixel_size_pm: float | None = None
+              ) -> tuple[np.ndarray, Geometry]:
+        net_input, geometry = self.prepare(frame, pixel_size_pm)
+        return self.run(net_input), geometry
+
+    def warm_up(self, shape: tuple[int, int] = (512, 512)) -> None:
+        """Run a synthetic frame twice so the first real frame does not pay for set-up."""
+        frame = np.random.default_rng(0).random(shape, dtype=np.float32)
+        for _ in range(2):
+            self.infer(frame)

@@ -1,0 +1,226 @@
+"""ELIT steps 4–5: retrain on a relabelled experimental set and run the whole loop.
+
+Owns ``retrain`` (a dataset file + a parent artifact → a new ensemble and artifact whose manifest
+``lineage`` names the parent, the frames, members and filter settings), ``detection_report``
+(F1 and per-atom uncertainty AUROC against a known truth) and ``run_iterations`` (Algorithm 1 of
+the paper with programmatic or operator selection), with one resumable folder per iteration:
+
+    RUN/iter_0/analysis, RUN/iter_0/report, RUN/iter_0/selection.json, RUN/iter_0/relabel,
+    RUN/iter_1/train (training run), RUN/iter_1/artifact (the new ensemble), RUN/iter_1/analysis, …
+    RUN/progress.md (the per-iteration table)
+
+Scale: the new ensemble works at its parent's pixel size; relabelled tiles are rescaled to it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from trainer.elit.experiment import Analysis, analyse_movie, load_analysis, save_analysis
+from trainer.elit.relabel import RelabelConfig, build_dataset, select_atoms, write_relabel
+from trainer.elit.report import (
+    Selection,
+    load_selection,
+    operator_selection,
+    save_selection,
+    write_report,
+)
+from trainer.elit.scoring import detection_report
+from trainer.model.artifact import read_manifest, sha256_file
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    members: int = 4
+    epochs: int = 6
+    swa_epochs: int = 2
+    patience: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    n_val: int = 16
+    n_test: int = 16
+    seed: int = 2000
+    from_scratch: bool = False       # False: every member starts from the parent's best member
+    threads: int = 0
+
+
+# ----------------------------------------------------------------------------- step 4
+
+
+def parent_lineage(parent: Path, notes: str, **extra) -> dict:
+    """``lineage`` of a child of ``parent``: its name and manifest sha256, iteration + 1, extras."""
+    manifest = read_manifest(parent)
+    return {"parent": {"name": manifest["name"], "manifest_sha256": sha256_file(Path(parent) / "manifest.json")},
+            "iteration": int(manifest["lineage"].get("iteration", 0)) + 1, "notes": notes, **extra}
+
+
+def retrain_config(dataset: Path, parent: Path, rc: RetrainConfig, init_member: int | None):
+    """The TrainConfig of a retraining run: the parent's U-Net (classes from the dataset)."""
+    from trainer.model.train import TrainConfig, dataset_config, load_dataset
+    from trainer.model.unet import UNetConfig
+
+    manifest = read_manifest(parent)
+    arch = {k: v for k, v in manifest["model"]["architecture"].items() if k != "type"}
+    synth = dataset_config(dataset)
+    unet = replace(UNetConfig.from_dict(arch), n_classes=synth.n_classes)
+    n = len(load_dataset(dataset).images)
+    init = None if rc.from_scratch or init_member is None else f"{Path(parent).resolve()}:{init_member}"
+    return TrainConfig(members=rc.members, base_seed=rc.seed, max_epochs=rc.epochs,
+                       swa_epochs=rc.swa_epochs, patience=rc.patience, lr=rc.lr,
+                       batch_size=rc.batch_size, n_train=n - rc.n_val - rc.n_test, n_val=rc.n_val,
+                       n_test=rc.n_test, threads=rc.threads, data_path=str(Path(dataset).resolve()),
+                       init_from=init, synth=synth, unet=unet)
+
+
+def retrain(dataset: Path, parent: Path, run_dir: Path, out: Path, rc: RetrainConfig,
+            init_member: int | None, lineage: dict, command: str, force: bool = False,
+            log=print, show_progress: bool = False) -> Path:
+    """Train a new ensemble on ``dataset`` and export it to ``out`` with ``lineage``."""
+    from trainer.model.export import write_artifact
+    from trainer.model.train import load_members, train_ensemble
+
+    cfg = retrain_config(dataset, parent, rc, init_member)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "command.txt").write_text(command + "\n")
+    (run_dir / "lineage.json").write_text(json.dumps(lineage, indent=1) + "\n")
+    results = train_ensemble(cfg, run_dir, log=log, show_progress=show_progress)
+    write_artifact(out, load_members(run_dir, cfg), results, cfg, command, lineage=lineage,
+                   report_dir=run_dir / "report", force=force, log=log)
+    log(f"artifact written and verified: {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------- step 5
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    iterations: int = 2
+    pixel_size_pm: float | None = None
+    operator: bool = False
+    threshold: float = 3.0           # scoring rule's flag threshold (robust z)
+    analyse_frames: str | None = None
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+
+def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfig, command: str,
+                   truth: dict | None = None, select: list[int] | None = None,
+                   best: int | None = None, log=print) -> list[dict]:
+    """Algorithm 1 from ``artifact``; returns one row per analysed ensemble (iteration 0 = parent).
+    In operator mode, stops after a report that has no ``selection.json`` yet (unless ``select``
+    is given for it) and prints the command that continues."""
+    from trainer.elit.experiment import parse_frames
+
+    run.mkdir(parents=True, exist_ok=True)
+    idx = parse_frames(cfg.analyse_frames, len(frames))
+    rows, current = [], Path(artifact)
+    for i in range(cfg.iterations + 1):
+        it = run / f"iter_{i}"
+        an = _analysis(current, frames, idx, cfg.pixel_size_pm, it / "analysis", log)
+        sel = _selection(an, it, cfg, select, best, last=i == cfg.iterations)
+        rows.append(_progress_row(i, current, an, sel, truth))
+        _write_progress(run, rows)
+        if i == cfg.iterations:
+            break
+        if sel is None:
+            hint = load_selection(it / "report" / "suggested.json")
+            log(f"\nreview {it / 'report' / 'report.md'} and {it / 'report' / 'grid.png'}; the rule "
+                f"suggests members {hint.members}, best {hint.best}. Continue with your choice:"
+                f"\n  {command} --select {','.join(map(str, hint.members))} --best {hint.best}")
+            return rows
+        select, best = None, None                      # an operator's choice applies once
+        child = it.parent / f"iter_{i + 1}"
+        if not (child / "artifact" / "manifest.json").is_file():
+            dataset = _relabel(an, sel, cfg.relabel, current, it / "relabel", log)
+            info = json.loads((it / "relabel" / "relabel.json").read_text())
+            lineage = parent_lineage(current, f"ELIT iteration {i + 1}: retrained on {len(info['frames'])} "
+                                     f"experimental frames relabelled by members {sel.members}",
+                                     frames=info["frames"], members=sel.members, best_member=sel.best,
+                                     selection=sel.chosen_by, filters=info["filters"],
+                                     relabel=info["config"], init_from=None if cfg.retrain.from_scratch
+                                     else f"member {sel.best} of {current.name}")
+            retrain(dataset, current, child / "train", child / "artifact", cfg.retrain,
+                    None if cfg.retrain.from_scratch else sel.best, lineage, command, force=True, log=log)
+        current = child / "artifact"
+    return rows
+
+
+def _analysis(artifact, frames, idx, pixel_size_pm, out: Path, log) -> Analysis:
+    if (out / "analysis.npz").is_file():
+        return load_analysis(out)
+    an = analyse_movie(artifact, frames[idx], pixel_size_pm, idx, log=log)
+    save_analysis(an, out)
+    return an
+
+
+def _selection(an: Analysis, it: Path, cfg: LoopConfig, select, best, last: bool) -> Selection | None:
+    path = it / "selection.json"
+    suggested = write_report(an, it / "report", cfg.threshold)
+    if path.is_file():
+        return load_selection(path)
+    if cfg.operator and not last:
+        if select is None:
+            return None
+        sel = suggested if select == ["suggested"] else operator_selection(an, select, best, suggested)
+    else:
+        sel = suggested
+    save_selection(sel, path)
+    return sel
+
+
+def _relabel(an: Analysis, sel: Selection, rcfg: RelabelConfig, artifact: Path, out: Path, log) -> Path:
+    manifest = read_manifest(artifact)
+    atoms, info = select_atoms(an, sel.members, rcfg, manifest["pixel_size_pm"])
+    ds = build_dataset(an, atoms, rcfg, manifest["pixel_size_pm"], manifest["atom_radius_px"],
+                       _parent_synth(manifest))
+    path = write_relabel(out, ds, atoms, info, rcfg, an, sel.members)
+    log(f"relabelled: {info['kept']} atoms kept, {info['dropped']} dropped by the GMM "
+        f"({info['dropped_as_background']} of them as background), {info['dropped_uncertainty']} "
+        f"by uncertainty; {len(ds.images)} tiles -> {path}")
+    return path
+
+
+def _parent_synth(manifest: dict):
+    from trainer.data.synth import SynthConfig
+
+    return SynthConfig.from_dict(manifest["training"]["synth"])
+
+
+def _progress_row(i: int, artifact: Path, an: Analysis, sel: Selection | None, truth) -> dict:
+    f = an.figures
+    row = {"iteration": i, "artifact": str(artifact), "members": len(an.member_ids),
+           "atoms_per_frame_mean_member": float(f["atoms"].mean()),
+           "agreement": float(f["agreement"].mean()),
+           "mean_std_at_atoms": None, "selected": sel.members if sel else None}
+    if truth is not None:
+        row["all"] = detection_report(an, truth)
+        row["mean_std_at_atoms"] = row["all"]["mean_uncertainty"]
+        if sel is not None:
+            cols = [an.member_ids.index(m) for m in sel.members]
+            row["selected_scores"] = detection_report(an, truth, cols)
+            row["best_scores"] = detection_report(an, truth, [an.member_ids.index(sel.best)])
+    return row
+
+
+def _write_progress(run: Path, rows: list[dict]) -> None:
+    (run / "progress.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [("| iteration | members | atoms/frame (member mean) | agreement | F1 mean(all) | P | R "
+              "| F1 mean(selected) | F1 best member | AUROC unc. (all) | mean std at atoms |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        a, s, b = r.get("all"), r.get("selected_scores"), r.get("best_scores")
+        fmt = lambda d, k: "–" if not d or d.get(k) is None else f"{d[k]:.3f}"
+        lines.append(f"| {r['iteration']} | {r['members']} | {r['atoms_per_frame_mean_member']:.1f} | "
+                     f"{r['agreement']:.3f} | {fmt(a, 'f1')} | {fmt(a, 'precision')} | {fmt(a, 'recall')} | "
+                     f"{fmt(s, 'f1')} | {fmt(b, 'f1')} | {fmt(a, 'auroc_uncertainty')} | "
+                     f"{fmt(a, 'mean_uncertainty')} |")
+    (run / "progress.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-1:]) if len(rows) > 1 else "\n".join(lines))
+
+
+def loop_config_dict(cfg: LoopConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,394 @@
+"""ELIT step 3: a new training set from the good part of an experimental movie.
+
+Owns: atoms from the selected members' mean map (probability-weighted blob centres) with their
+ensemble uncertainty; the paper's patch-based Gaussian-mixture filter (``gmm_lattice_filter``); the
+uncertainty filter; masks rebuilt from the kept coordinates on the *experimental* frames, with an
+ignore label for regions whose atoms were dropped; the paper's augmentation for this stage (random
+crops, ±90° rotations, flips, small scale jitter, Gaussian noise; no contrast or blur changes); the
+dataset file (``trainer.data.synth`` format, loadable by ``train.py``) and a kept/dropped picture.
+
+The patch GMM, and how its lattice component is identified: a 48×48 patch (at the artifact's pixel
+scale) around every atom, reflect-padded at the frame edges; each patch is (a) averaged with its
+180° rotation (``gmm_symmetrise``: the two graphene sublattices are inversion partners, and without
+this the 2-class GMM splits sublattice A from B instead of lattice from amorphous), (b) weighted by
+a centred Gaussian window of ``gmm_window`` × patch side (so a bright dopant or a hole edge far
+from the atom matters less than its own neighbourhood), (c) standardised (zero mean, unit std:
+contrast changes do not matter); then flattened, reduced by PCA to ``pca_dims`` dimensions, and a
+2-component full-covariance ``GaussianMixture`` is fitted, **per frame** by default (imaging
+conditions can change within a movie, and a joint fit then splits "before" from "after").
+Patches around lattice atoms are near-copies of each other; patches in amorphous or contaminated
+regions all differ. So the lattice component is the **tighter** one: the component whose
+covariance has the smaller log-determinant (``gmm_keep="tight"``, default), among components
+holding at least 25 % of the frame's atoms (a handful of near-identical patches, e.g. at the frame
+edge, can form a tiny very tight component; seen on the test movie). Overrides: ``"large"``
+(the component holding more atoms), ``"0"``/``"1"`` (a component by index, after inspecting the
+picture), ``"none"`` (no GMM filtering). It is deliberately conservative: lattice atoms next to
+holes, dopants, contamination and the frame edge are often dropped too (they become "ignore").
+
+Ignore label (255) vs background for dropped atoms (``dropped_as``). Atoms dropped for high
+uncertainty get discs of ``ignore_radius_factor`` × atom radius marked 255, which the training loss
+skips (``cross_entropy`` ``ignore_index``): we do not know whether there is an atom, so it must not
+be taught as background. For atoms the GMM calls "not lattice" there are two kinds: detections in
+amorphous regions or holes (which *should* become background, as in the paper, or the network keeps
+finding atoms there) and true lattice atoms next to a hole, dopant or the frame edge (which must not
+become background). ``"auto"`` (default) tells them apart by distance: a GMM-dropped atom farther
+than ``background_dist`` × patch side from every kept atom lies inside a non-lattice region and
+becomes background; nearer ones are ignored. ``"ignore"``: all ignored; ``"background"``: all
+background (the paper). Reasons in ``FrameAtoms.reason``: 0 kept, 1 GMM → ignore, 2 uncertainty →
+ignore, 3 GMM → background, 4 faint blob → ignore.
+
+Two guards against the loop "forgetting" atoms from one iteration to the next: atoms brighter than
+``keep_bright`` × the frame's median atom (dopants) are never dropped by the GMM (their patches are
+unlike the lattice's, but they are atoms), and faint blobs of the source map (peak probability in
+``[weak_threshold, 0.5)``, not at a found atom) are ignored rather than taught as background.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from trainer.data.synth import Dataset, SynthConfig, paint_discs, save_dataset
+from trainer.elit.experiment import Analysis, find_blobs
+from trainer.model.artifact import normalise_minmax
+
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class RelabelConfig:
+    frames: str | None = None            # frame selection ("0:8", "all", ...), see parse_frames
+    source: str = "mean"                 # "mean" of the selected members, or one member id
+    patch_px: int = 48                   # GMM patch side at the artifact's pixel scale
+    pca_dims: int = 10
+    gmm_keep: str = "tight"              # tight | large | 0 | 1 | none
+    gmm_symmetrise: bool = True          # average each patch with its 180° rotation
+    gmm_window: float = 0.25             # Gaussian window sigma as a fraction of the patch (0: none)
+    gmm_per_frame: bool = True           # fit one GMM per frame (False: one for all frames)
+    std_quantile: float | None = 0.9     # drop atoms above this quantile of uncertainty ...
+    std_max: float | None = None         # ... or above this absolute std (both may apply)
+    dropped_as: str = "auto"             # auto | ignore | background (GMM-dropped atoms)
+    background_dist: float = 0.55        # "auto": background beyond this × patch from kept atoms
+    keep_bright: float | None = 1.6      # never GMM-drop atoms brighter than this × median atom
+    weak_threshold: float | None = 0.25  # faint blobs (peak in [this, 0.5)) are ignored
+    ignore_radius_factor: float = 1.6
+    n_classes: int = 1
+    tile_px: int = 96                    # training tile side (multiple of 8)
+    tiles_per_frame: int = 16
+    scale_jitter: float = 0.1            # zoom drawn in [1 - j, 1 + j]
+    noise_max: float = 0.08              # Gaussian noise std drawn in [0, noise_max] (of range)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.gmm_keep not in ("tight", "large", "0", "1", "none"):
+            raise ValueError(f"gmm_keep must be tight, large, 0, 1 or none, not {self.gmm_keep!r}")
+        if self.dropped_as not in ("auto", "ignore", "background"):
+            raise ValueError(f"dropped_as must be auto, ignore or background, not {self.dropped_as!r}")
+        if self.tile_px % 8 or self.tile_px < 32:
+            raise ValueError(f"tile size must be a multiple of 8 and >= 32, not {self.tile_px}")
+
+
+@dataclass
+class FrameAtoms:
+    """Atoms of one frame on the frame's own grid; ``reason``: 0 kept, 1 GMM (ignored),
+    2 uncertainty (ignored), 3 GMM (background), 4 faint blob (ignored)."""
+    frame: int
+    xy: np.ndarray
+    std: np.ndarray
+    reason: np.ndarray
+    cls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+
+    @property
+    def kept(self) -> np.ndarray:
+        return self.reason == 0
+
+
+# ----------------------------------------------------------------------------- atoms
+
+
+def atoms_with_uncertainty(mean_map: np.ndarray, std_map: np.ndarray, radius_px: float):
+    """Blob centres (probability-weighted) of ``mean_map`` and the mean ensemble std in each blob."""
+    labels, _, area = find_blobs(mean_map[None], radius_px)
+    ids = np.nonzero(area)[0]
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return np.zeros((0, 2), np.float32), np.zeros(0)
+    rc = np.array(ndimage.center_of_mass(mean_map, labels[0], ids)).reshape(-1, 2)
+    std = np.asarray(ndimage.mean(std_map, labels[0], ids))
+    return rc[:, ::-1].astype(np.float32), std
+
+
+def patch_stack(image: np.ndarray, xy: np.ndarray, patch_px: int) -> np.ndarray:
+    """``[n, p, p]`` patches centred on the atoms, reflect-padded at the frame edges."""
+    half = patch_px // 2
+    padded = np.pad(image, half, mode="reflect")
+    offs = np.arange(patch_px) - half
+    rows = np.rint(xy[:, 1]).astype(int)[:, None] + offs + half
+    cols = np.rint(xy[:, 0]).astype(int)[:, None] + offs + half
+    return padded[rows[:, :, None], cols[:, None, :]]
+
+
+def patch_features(patches: np.ndarray, symmetrise: bool = True, window: float = 0.25) -> np.ndarray:
+    """Symmetrise (patch + its 180° rotation) and window the patches, as described above."""
+    p = patches.astype(np.float64)
+    if symmetrise:
+        p = 0.5 * (p + p[:, ::-1, ::-1])
+    if window > 0:
+        n = p.shape[-1]
+        g = np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (window * n)) ** 2)
+        p = (p - p.mean((1, 2), keepdims=True)) * g[:, None] * g[None, :]
+    return p
+
+
+def gmm_lattice_filter(patches: np.ndarray, keep: str = "tight", pca_dims: int = 10,
+                       seed: int = 0, min_lattice_frac: float = 0.25) -> tuple[np.ndarray, dict]:
+    """Keep mask ``[n]`` (True = lattice) from a 2-component GMM on PCA-reduced standardised
+    patches (pass them through ``patch_features`` first for the documented preprocessing)."""
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    n = len(patches)
+    if keep == "none" or n < 10:
+        return np.ones(n, bool), {"gmm": "skipped", "atoms": n, "dropped": 0}
+    flat = patches.reshape(n, -1).astype(np.float64)
+    flat = (flat - flat.mean(1, keepdims=True)) / (flat.std(1, keepdims=True) + 1e-6)
+    feats = PCA(n_components=min(pca_dims, n - 1, flat.shape[1]), random_state=seed).fit_transform(flat)
+    gmm = GaussianMixture(2, covariance_type="full", random_state=seed, n_init=2).fit(feats)
+    comp = gmm.predict(feats)
+    logdet = np.array([np.linalg.slogdet(c)[1] for c in gmm.covariances_])
+    sizes = np.bincount(comp, minlength=2)
+    big_enough = sizes >= min_lattice_frac * n              # a tiny tight cluster is not the lattice
+    tight = int(np.argmin(np.where(big_enough, logdet, np.inf))) if big_enough.any() else 0
+    lattice = {"tight": tight, "large": int(np.argmax(sizes))}.get(keep)
+    lattice = int(keep) if lattice is None else lattice
+    info = {"gmm": keep, "lattice_component": lattice, "component_sizes": sizes.tolist(),
+            "component_logdet": logdet.round(2).tolist(), "atoms": n,
+            "dropped": int((comp != lattice).sum())}
+    return comp == lattice, info
+
+
+# ----------------------------------------------------------------------------- selection of atoms
+
+
+def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
+                 nominal_px_pm: float) -> tuple[list[FrameAtoms], dict]:
+    """Atoms of the chosen frames from the selected members, with GMM and uncertainty filters."""
+    from trainer.elit.experiment import parse_frames
+
+    cols = [an.member_ids.index(m) for m in members]
+    positions = _positions(an, parse_frames(cfg.frames, int(an.frame_index.max()) + 1))
+    maps = an.atom_maps[positions][:, cols]                            # [T, K, H, W]
+    source = maps.mean(1) if cfg.source == "mean" else maps[:, members.index(int(cfg.source))]
+    std = maps.std(1)
+    patch = max(8, 2 * round(cfg.patch_px * nominal_px_pm / an.pixel_size_pm / 2))
+    per_frame, patches = [], []
+    for i, pos in enumerate(positions):
+        xy, s = atoms_with_uncertainty(source[i], std[i], an.atom_radius_px)
+        per_frame.append(FrameAtoms(int(an.frame_index[pos]), xy, s, np.zeros(len(xy), np.uint8)))
+        patches.append(patch_features(patch_stack(normalise_minmax(an.frames[pos]), xy, patch),
+                                      cfg.gmm_symmetrise, cfg.gmm_window))
+    lattice, info = _gmm_over_frames(patches, cfg)
+    bright = _bright_atoms(an, per_frame, cfg.keep_bright)
+    info["bright_rescued"] = int((bright & ~lattice).sum())
+    lattice = lattice | bright
+    all_std = np.concatenate([fa.std for fa in per_frame])
+    limit = np.inf
+    if cfg.std_quantile is not None and len(all_std):
+        limit = float(np.quantile(all_std[lattice], cfg.std_quantile)) if lattice.any() else np.inf
+    if cfg.std_max is not None:
+        limit = min(limit, cfg.std_max)
+    start = 0
+    for fa in per_frame:
+        ok = lattice[start:start + len(fa.xy)]
+        start += len(fa.xy)
+        fa.reason = np.where(~ok, 1, np.where(fa.std > limit, 2, 0)).astype(np.uint8)
+        fa.reason[_background_atoms(fa, cfg, patch)] = 3
+        fa.cls = np.ones(len(fa.xy), np.uint8)
+    weak = _add_weak_blobs(per_frame, source, an.atom_radius_px, cfg.weak_threshold)
+    info.update(weak_blobs_ignored=weak,std_limit=None if np.isinf(limit) else limit, patch_px_on_frames=patch,
+                kept=int(sum(fa.kept.sum() for fa in per_frame)),
+                dropped_uncertainty=int(sum((fa.reason == 2).sum() for fa in per_frame)),
+                dropped_as_background=int(sum((fa.reason == 3).sum() for fa in per_frame)))
+    return per_frame, info
+
+
+def _bright_atoms(an: Analysis, atoms: list[FrameAtoms], keep_bright: float | None) -> np.ndarray:
+    """Atoms brighter than ``keep_bright`` × the frame's median atom (dopants, heavy columns):
+    the patch GMM must not drop them (their patches differ from the lattice's)."""
+    from trainer.elit.intensity import atom_intensities
+
+    if keep_bright is None:
+        return np.zeros(sum(len(fa.xy) for fa in atoms), bool)
+    where = {int(f): i for i, f in enumerate(an.frame_index)}
+    values = [atom_intensities(an.frames[where[fa.frame]], fa.xy, an.atom_radius_px) for fa in atoms]
+    return np.concatenate(values) > keep_bright if values else np.zeros(0, bool)
+
+
+def _add_weak_blobs(atoms: list[FrameAtoms], source: np.ndarray, radius_px: float,
+                    threshold: float | None) -> int:
+    """Blobs of ``source`` above ``threshold`` (but not 0.5) away from every found atom are added
+    with reason 4 (ignored): a faint atom must not be taught as background."""
+    from scipy.spatial import cKDTree
+
+    from trainer.elit.experiment import blob_centres
+
+    if threshold is None:
+        return 0
+    total = 0
+    for fa, src in zip(atoms, source):
+        weak = blob_centres(src, radius_px, threshold=threshold)
+        if len(fa.xy) and len(weak):
+            weak = weak[cKDTree(fa.xy).query(weak)[0] > 1.5 * radius_px]
+        fa.xy = np.concatenate([fa.xy, weak]).astype(np.float32)
+        fa.std = np.concatenate([fa.std, np.full(len(weak), np.nan)])
+        fa.reason = np.concatenate([fa.reason, np.full(len(weak), 4, np.uint8)])
+        fa.cls = np.concatenate([fa.cls, np.ones(len(weak), np.uint8)])
+        total += len(weak)
+    return total
+
+
+def _background_atoms(fa: FrameAtoms, cfg: RelabelConfig, patch_px: int) -> np.ndarray:
+    """GMM-dropped atoms that become background under ``cfg.dropped_as`` (see the docstring)."""
+    gmm = fa.reason == 1
+    if cfg.dropped_as == "ignore" or not gmm.any():
+        return np.zeros(len(fa.xy), bool)
+    kept = fa.xy[fa.reason == 0]
+    if cfg.dropped_as == "background" or len(kept) == 0:
+        return gmm
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(kept).query(fa.xy)
+    return gmm & (dist > cfg.background_dist * patch_px)
+
+
+def _gmm_over_frames(patches: list[np.ndarray], cfg: RelabelConfig) -> tuple[np.ndarray, dict]:
+    if not cfg.gmm_per_frame:
+        return gmm_lattice_filter(np.concatenate(patches), cfg.gmm_keep, cfg.pca_dims, cfg.seed)
+    keeps, infos = zip(*(gmm_lattice_filter(p, cfg.gmm_keep, cfg.pca_dims, cfg.seed) for p in patches))
+    info = {"gmm": cfg.gmm_keep, "per_frame": True, "atoms": sum(i["atoms"] for i in infos),
+            "dropped": sum(i["dropped"] for i in infos),
+            "dropped_per_frame": [i["dropped"] for i in infos]}
+    return np.concatenate(keeps) if keeps else np.zeros(0, bool), info
+
+
+def _positions(an: Analysis, frames: np.ndarray) -> list[int]:
+    where = {int(f): i for i, f in enumerate(an.frame_index)}
+    missing = [int(f) for f in frames if int(f) not in where]
+    if len(missing) == len(frames):
+        raise ValueError(f"none of the frames {frames.tolist()} were analysed")
+    return [where[int(f)] for f in frames if int(f) in where]
+
+
+# ----------------------------------------------------------------------------- masks and tiles
+
+
+def label_mask(xy: np.ndarray, cls: np.ndarray, dropped_xy: np.ndarray, radius_px: float,
+               ignore_radius_px: float, size: int) -> np.ndarray:
+    """Discs of class ``cls`` at ``xy``; 255 within ``ignore_radius_px`` of dropped atoms (kept
+    discs win where they overlap)."""
+    mask = paint_discs(xy, cls, radius_px, size) if len(xy) else np.zeros((size, size), np.uint8)
+    if len(dropped_xy) and ignore_radius_px > 0:
+        ignore = paint_discs(dropped_xy, np.ones(len(dropped_xy), np.uint8), ignore_radius_px, size)
+        mask[(ignore > 0) & (mask == 0)] = IGNORE
+    return mask
+
+
+def rot90_xy(xy: np.ndarray, k: int, size: int) -> np.ndarray:
+    """Coordinates after ``np.rot90(image, k)`` of a ``size`` × ``size`` image."""
+    xy = xy.copy()
+    for _ in range(k % 4):
+        xy = np.stack([xy[:, 1], size - 1 - xy[:, 0]], 1)
+    return xy
+
+
+def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cls: np.ndarray,
+                 dropped: np.ndarray, cfg: RelabelConfig, radius_px: float):
+    """One training tile: crop (with scale jitter), rot90, flips, Gaussian noise; the mask is painted
+    from the transformed coordinates, so it is aligned with the image by construction."""
+    tile, (h, w) = cfg.tile_px, image.shape
+    zoom = rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter)
+    crop = int(min(round(tile / zoom), h, w))
+    x0, y0 = int(rng.integers(0, w - crop + 1)), int(rng.integers(0, h - crop + 1))
+    img = image[y0:y0 + crop, x0:x0 + crop]
+    factor = (tile - 1) / (crop - 1)
+    if crop != tile:
+        img = ndimage.zoom(img, tile / crop, order=1)
+    pts = [(p - [x0, y0]) * factor for p in (xy, dropped)]
+    k = int(rng.integers(4))
+    img, pts = np.rot90(img, k), [rot90_xy(p, k, tile) for p in pts]
+    if rng.random() < 0.5:
+        img, pts = img[:, ::-1], [p * [-1, 1] + [tile - 1, 0] for p in pts]
+    if rng.random() < 0.5:
+        img, pts = img[::-1], [p * [1, -1] + [0, tile - 1] for p in pts]
+    img = normalise_minmax(img) + rng.normal(0, rng.uniform(0, cfg.noise_max), img.shape)
+    r = radius_px * factor
+    mask = label_mask(pts[0], cls, pts[1], r, r * cfg.ignore_radius_factor, tile)
+    inside = np.all((pts[0] >= -0.5) & (pts[0] < tile - 0.5), axis=1)
+    return (normalise_minmax(img).astype(np.float32), mask, pts[0][inside].astype(np.float32),
+            cls[inside], factor)
+
+
+def build_dataset(an: Analysis, atoms: list[FrameAtoms], cfg: RelabelConfig, nominal_px_pm: float,
+                  radius_nominal_px: float, base_synth: SynthConfig) -> Dataset:
+    """Tiles from every chosen frame, in frame order (so a tail split holds out the last frames)."""
+    rng = np.random.default_rng(cfg.seed)
+    s = an.pixel_size_pm / nominal_px_pm                 # frames -> artifact scale
+    images, masks, xys, clss, pix = [], [], [], [], []
+    where = {int(f): i for i, f in enumerate(an.frame_index)}
+    for fa in atoms:
+        frame = an.frames[where[fa.frame]].astype(np.float32)
+        scaled = ndimage.zoom(frame, s, order=1) if abs(s - 1) > 0.01 else frame
+        g = (np.array(scaled.shape[::-1]) - 1) / (np.array(frame.shape[::-1]) - 1)
+        if min(scaled.shape) < cfg.tile_px * (1 + cfg.scale_jitter):
+            raise ValueError(f"frames are {scaled.shape} px at the artifact's scale, too small for "
+                             f"{cfg.tile_px}-px tiles; use a smaller --tile")
+        kept, dropped = fa.xy[fa.kept] * g, fa.xy[np.isin(fa.reason, (1, 2, 4))] * g
+        for _ in range(cfg.tiles_per_frame):
+            img, mask, xy, cls, factor = augment_tile(rng, scaled, kept, fa.cls[fa.kept], dropped,
+                                                      cfg, radius_nominal_px)
+            images.append(img[None]), masks.append(mask), xys.append(xy), clss.append(cls)
+            pix.append(nominal_px_pm / factor)
+    jit = (1 / (1 + cfg.scale_jitter), 1 + cfg.scale_jitter)
+    synth = replace(base_synth, size_px=cfg.tile_px, n_classes=cfg.n_classes, zoom_range=jit,
+                    pixel_size_pm=nominal_px_pm, atom_radius_px=radius_nominal_px)
+    return Dataset(np.stack(images), np.stack(masks), xys, clss, np.array(pix, np.float32), synth,
+                   cfg.seed)
+
+
+def write_relabel(out_dir: Path, ds: Dataset, atoms: list[FrameAtoms], info: dict,
+                  cfg: RelabelConfig, an: Analysis, members: list[int]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_dataset(ds, out_dir / "dataset.npz")
+    summary = {"config": asdict(cfg), "members": members, "artifact": an.artifact,
+               "frames": [fa.frame for fa in atoms], "filters": info, "tiles": len(ds.images),
+               "ignored_pixel_fraction": float((ds.masks == IGNORE).mean())}
+    (out_dir / "relabel.json").write_text(json.dumps(summary, indent=1) + "\n")
+    kept_dropped_png(an, atoms, out_dir / "kept_dropped.png")
+    return out_dir / "dataset.npz"
+
+
+def kept_dropped_png(an: Analysis, atoms: list[FrameAtoms], path: Path, k: int = 3) -> None:
+    from matplotlib.figure import Figure
+
+    where = {int(f): i for i, f in enumerate(an.frame_index)}
+    picks = [atoms[round(i)] for i in np.linspace(0, len(atoms) - 1, min(k, len(atoms)))]
+    fig = Figure(figsize=(4.4 * len(picks), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(picks), squeeze=False)[0]
+    for ax, fa in zip(axes, picks):
+        ax.imshow(an.frames[where[fa.frame]], cmap="gray")
+        for reason, colour, marker, label in ((0, "lime", "o", "kept"),
+                                              (1, "red", "x", "GMM: not lattice → ignore"),
+                                              (3, "magenta", "x", "GMM: not lattice → background"),
+                                              (2, "orange", "+", "high uncertainty → ignore"),
+                                              (4, "cyan", "+", "faint blob → ignore")):
+            sel = fa.reason == reason
+            ax.scatter(fa.xy[sel, 0], fa.xy[sel, 1], s=6 if reason == 0 else 14, c=colour,
+                       marker=marker, linewidths=0.8 if reason else 0,
+                       label=f"{label} ({sel.sum()})")
+        ax.set_title(f"frame {fa.frame}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_axis_off()
+    fig.savefig(path, dpi=90)
