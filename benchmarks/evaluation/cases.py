@@ -114,7 +114,8 @@ def _image_with_extra(rng, sample, extra, shape, pixel_pm, optic, scan, det):
     scene = sample.scene()
     scene.background.append(extra)
     clean = optics.render(scene, optic, shape, pixel_pm, scan, offsets)
-    xy = optics.to_pixels(sample.xy_pm, shape, pixel_pm, scan, offsets)
+    xy = optics.to_pixels(sample.xy_pm, shape, pixel_pm, scan, offsets,
+                          optics.image_sigma_pm(optic) / pixel_pm)
     h, w = shape
     inside = (xy[:, 0] > -0.5) & (xy[:, 0] < w - 0.5) & (xy[:, 1] > -0.5) & (xy[:, 1] < h - 0.5)
     return optics.detect(rng, clean, det), xy[inside].astype(np.float32), \

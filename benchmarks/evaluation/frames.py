@@ -62,7 +62,8 @@ def image_sample(rng: np.random.Generator, sample: Sample, shape: tuple[int, int
             + np.linspace(-0.5, 0.5, shape[0])[:, None] * np.sin(rng.uniform(0, np.pi))
         clean = clean + background_c + gradient_c * ramp
     image = optics.detect(rng, clean, det)
-    xy = optics.to_pixels(sample.xy_pm, shape, pixel_pm, scan, offsets)
+    xy = optics.to_pixels(sample.xy_pm, shape, pixel_pm, scan, offsets,
+                          optics.image_sigma_pm(optic) / pixel_pm)
     h, w = shape
     inside = (xy[:, 0] > -0.5) & (xy[:, 0] < w - 0.5) & (xy[:, 1] > -0.5) & (xy[:, 1] < h - 0.5)
     return image, xy[inside].astype(np.float32), sample.cls[inside].astype(np.uint8)

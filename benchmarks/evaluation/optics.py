@@ -112,6 +112,12 @@ def probe_intensity(optics: Optics, n_px: int, sample_pm: float) -> np.ndarray:
     return intensity / intensity.sum()
 
 
+def image_sigma_pm(optics: Optics) -> float:
+    """Approximate Gaussian sigma of one atom's image (diffraction limit, source, object)."""
+    diffraction = 0.21 * wavelength_pm(optics.kv) / (optics.aperture_mrad * 1e-3)
+    return float(np.sqrt(diffraction**2 + optics.source_pm**2 + optics.object_pm**2))
+
+
 def _kernel(optics: Optics, sample_pm: float) -> np.ndarray:
     n = int(2 ** np.ceil(np.log2(KERNEL_NM * 1e3 / sample_pm)))
     kern = probe_intensity(optics, n, sample_pm)[1:, 1:]     # odd size, centre in the middle
@@ -139,7 +145,8 @@ def line_offsets_px(rng: np.random.Generator, n_lines: int, scan: Scan) -> np.nd
 def to_pixels(xy_pm: np.ndarray, shape, pixel_pm: float, scan: Scan,
               line_offset_px: np.ndarray, smooth_lines: float = 2.0) -> np.ndarray:
     """Where atoms at `xy_pm` appear in the frame, (x = column, y = row) in pixels: the inverse of
-    the scan map, with the line offsets averaged over the rows an atom spans."""
+    the scan map, with the line offsets averaged over the rows an atom spans (Gaussian weights
+    of `smooth_lines` rows: pass the atom image's sigma in pixels)."""
     h, w = shape
     row = xy_pm[:, 1] / pixel_pm / scan.scale_y + (h - 1) / 2
     smooth = ndimage.gaussian_filter1d(line_offset_px, smooth_lines, mode="nearest")
