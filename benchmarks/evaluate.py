@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.evaluation import movie, report, suite  # noqa: E402
+from benchmarks.evaluation import movie, report, suite
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ from scipy import ndimage
 from benchmarks.evaluation import scoring
 
 SIGMAS = (0.12, 0.2, 0.3)                  # x atom spacing
-THRESHOLDS = (1.0, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0, 15.0, 20.0)   # robust std above the median
+THRESHOLDS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0, 15.0, 20.0)   # robust std above the median
 HEAVY_FACTORS = (0.0, 1.5, 1.8, 2.2, 2.7, 3.3, 4.0)
 
 

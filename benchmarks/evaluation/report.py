@@ -18,6 +18,8 @@ COLUMNS = (  # (header, key, format)
     ("cls AUROC", "class_conf_auroc", ".3f"), ("OOD rate", "ood_flag_rate", ".2f"),
     ("mean unc", "mean_uncertainty", ".3f"), ("base F1", "baseline_f1", ".3f"),
     ("base FP/fr", "baseline_fp_per_frame", ".1f"),
+    ("base imp P", "baseline_impurity_precision", ".3f"),
+    ("base imp R", "baseline_impurity_recall", ".3f"),
 )
 
 
@@ -38,7 +40,7 @@ def text_table(result: dict) -> str:
     head = [h for h, _, _ in COLUMNS]
     body = rows(result)
     width = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.rjust(w) if i > 1 else c.ljust(w)  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) if i > 1 else c.ljust(w)
                                for i, (c, w) in enumerate(zip(r, width)))
     return "\n".join([line(head), line(["-" * w for w in width]), *map(line, body)])
 
@@ -53,11 +55,10 @@ def markdown_table(result: dict) -> str:
 def write(result: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pics = [_picture(f, d, out) for f, d in result["pictures"]]
-    md = [f"# Evaluation of `{result['artifact']}`", "",
-          f"Command: `{command}`  ", f"Seed {result['seed']}"
-          f"{' (quick)' if result['quick'] else ''}; model pixel size "
-          f"{result['model_pixel_pm']:.2f} pm, manifest range "
-          f"{result['manifest_pixel_range_pm']} pm; {result['seconds']:.0f} s.", "",
+    about = (f"Seed {result['seed']}{' (quick)' if result['quick'] else ''}; model pixel size "
+             f"{result['model_pixel_pm']:.2f} pm, manifest range "
+             f"{result['manifest_pixel_range_pm']} pm; {result['seconds']:.0f} s.")
+    md = [f"# Evaluation of `{result['artifact']}`", "", f"Command: `{command}`  ", about, "",
           markdown_table(result), "", "Baseline parameters (tuned on a separate seed):", ""]
     md += [f"- {c}: {p}" for c, p in result["baseline_params"].items()]
     md += ["", *[f"![{p}]({p})" for p in pics], ""]
@@ -97,7 +98,7 @@ def _picture(frame, det, out: Path) -> str:
     ax.plot(*det.xy[d_heavy].T, "x", c="red", ms=ms * 1.6, mew=1.0, label="detected heavy")
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
-    ax.legend(loc="upper right", fontsize=7, framealpha=0.7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=4, fontsize=7)
     ax.set_title(f"{frame.case} / {frame.segment} #{frame.index}: {len(frame.xy)} atoms, "
                  f"{len(det.xy)} detected ({frame.pixel_size_pm:g} pm/px)", fontsize=9)
     ax = axes[1]

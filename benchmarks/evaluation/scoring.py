@@ -119,7 +119,7 @@ def pool(scores: list[FrameScore]) -> dict:
     p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     f1 = _ratio(2 * tp, 2 * tp + fp + fn)
     dist = np.concatenate([s.dist_pm for s in scores]) if scores else np.empty(0)
-    cat = lambda k: np.concatenate([getattr(s, k) for s in scores]) if scores else np.empty(0)  # noqa: E731
+    cat = lambda k: np.concatenate([getattr(s, k) for s in scores]) if scores else np.empty(0)
     conf_right, conf_wrong = cat("conf_right"), cat("conf_wrong")
     return {
         "frames": len(scores), "tp": tp, "fp": fp, "fn": fn, "precision": p, "recall": r,
