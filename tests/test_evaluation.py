@@ -104,6 +104,17 @@ def test_z_contrast_and_thickness():
     assert img[31:33, 11:13].max() == pytest.approx(1.0, rel=0.05)   # carbon-peak units
 
 
+def test_aberrations_spread_the_same_current():
+    """Defocus lowers an atom's peak but not its integrated signal (the beam current)."""
+    xy, scan = np.array([[0.0, 0.0]]), optics.Scan()
+    images = [optics.render(optics.Scene(xy, optics.atom_weight([6])), optics.Optics(**kw),
+                            (96, 96), 10.0, scan, np.zeros(96))
+              for kw in ({}, {"defocus_nm": 3.0, "astig_nm": 1.0})]
+    assert images[0].max() == pytest.approx(1.0, rel=0.05)
+    assert images[1].max() < 0.7 * images[0].max()
+    assert images[1].sum() == pytest.approx(images[0].sum(), rel=0.03)
+
+
 def test_detector_reads_out_counts_with_gain_and_offset():
     det = optics.Detector(dose=100.0, gain=10.0, offset=1000.0, read_noise=0.0)
     out = optics.detect(np.random.default_rng(0), np.ones((200, 200)), det)

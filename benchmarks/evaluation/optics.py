@@ -12,7 +12,7 @@
    (channelling makes the increase with thickness sublinear).
 4. Scan: the probe position of detector pixel (row i, column j) is an affine map of (j, i)
    (scale, drift shear) plus a per-line offset along the fast scan (jitter, glitches).
-5. Detector: Poisson counts at `dose` counts per carbon-atom peak, then gain, offset and
+5. Detector: Poisson counts at `dose` counts per carbon-atom peak (in focus), then gain, offset and
    Gaussian read noise, optional lag along the fast scan, rounding and 16-bit saturation.
 
 The image is rendered on a fine grid (<= FINE_PM per sample) and read at the scan positions by
@@ -20,7 +20,8 @@ linear interpolation, so pixel sizes up to ~60 pm/px are rendered without aliasi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage, signal
@@ -118,7 +119,9 @@ def image_sigma_pm(optics: Optics) -> float:
     return float(np.sqrt(diffraction**2 + optics.source_pm**2 + optics.object_pm**2))
 
 
+@lru_cache(maxsize=16)
 def _kernel(optics: Optics, sample_pm: float) -> np.ndarray:
+    """Blurred probe intensity, odd-sized, centred, sum 1 (cached: treat as read-only)."""
     n = int(2 ** np.ceil(np.log2(KERNEL_NM * 1e3 / sample_pm)))
     kern = probe_intensity(optics, n, sample_pm)[1:, 1:]     # odd size, centre in the middle
     blur_px = np.hypot(optics.source_pm, optics.object_pm) / sample_pm
@@ -181,7 +184,8 @@ def _centroid_offset_pm(kern: np.ndarray, sample_pm: float) -> np.ndarray:
 
 def render(scene: Scene, optics: Optics, shape, pixel_pm: float, scan: Scan,
            line_offset_px: np.ndarray) -> np.ndarray:
-    """Noise-free HAADF signal at every scan position, in units of one carbon atom's peak."""
+    """Noise-free HAADF signal at every scan position, in units of one carbon atom's peak under
+    the in-focus probe."""
     sample_pm = pixel_pm / max(1, int(np.ceil(pixel_pm / FINE_PM)))
     kern = _kernel(optics, sample_pm)
     x, y = _scan_positions_pm(shape, pixel_pm, scan, line_offset_px)
@@ -196,7 +200,14 @@ def render(scene: Scene, optics: Optics, shape, pixel_pm: float, scan: Scan,
         _splat(grid, x0, y0, sample_pm, xy - shift, wt)
     fine = signal.fftconvolve(grid, kern, mode="same")
     img = ndimage.map_coordinates(fine, [(y - y0) / sample_pm, (x - x0) / sample_pm], order=1)
-    return img / (kern.max() * atom_weight(CARBON_Z))
+    return img / (in_focus_peak(optics, sample_pm) * atom_weight(CARBON_Z))
+
+
+def in_focus_peak(optics: Optics, sample_pm: float) -> float:
+    """Peak of the kernel without defocus, astigmatism and coma: the unit of the image (one
+    carbon atom's peak in focus), so aberrations spread the same current and lower the peaks."""
+    ideal = replace(optics, defocus_nm=0.0, astig_nm=0.0, coma_nm=0.0)
+    return float(_kernel(ideal, sample_pm).max())
 
 
 def detect(rng: np.random.Generator, signal_c: np.ndarray, det: Detector) -> np.ndarray:
