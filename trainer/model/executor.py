@@ -51,11 +51,12 @@ class ExecutorSpec:
 
 
 def run_members(task: Callable[[int, Any], Any], member_ids: Sequence[int], shared: Any,
-                spec: ExecutorSpec = ExecutorSpec(), log: Callable[[str], None] = print,
+                spec: ExecutorSpec | None = None, log: Callable[[str], None] = print,
                 show_progress: bool = True) -> Iterator[tuple[int, Any]]:
     """Yield ``(member_id, task(member_id, shared))`` as members finish; see the module docstring."""
     if not member_ids:
         return
+    spec = spec or ExecutorSpec()
     run = _run_local if spec.kind == "local" else _run_ray
     failures: dict[int, str] = {}
     bar = _MemberBar(list(member_ids), spec.kind, show_progress)
@@ -81,7 +82,7 @@ def _run_local(task, member_ids, shared, spec, log):
         for attempt in range(spec.retries + 1):
             try:
                 value = task(member_id, shared)
-            except Exception as exc:  # a member's failure must not cost the others
+            except Exception as exc:  # noqa: BLE001 - a member's failure must not cost the others
                 error = f"{type(exc).__name__}: {exc}"
                 if attempt < spec.retries:
                     log(f"member {member_id}: {error}; retrying")
@@ -117,7 +118,7 @@ def _run_ray(task, member_ids, shared, spec, log):
             member_id = pending.pop(done[0])
             try:
                 yield member_id, True, ray.get(done[0])
-            except Exception as exc:  # RayTaskError wraps the member's own exception
+            except Exception as exc:  # noqa: BLE001 - RayTaskError wraps the member's own error
                 cause = getattr(exc, "cause", None) or exc
                 yield member_id, False, f"{type(cause).__name__}: {cause}"
     finally:

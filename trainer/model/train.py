@@ -297,7 +297,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = print,
                    show_progress: bool = True,
-                   executor: ExecutorSpec = ExecutorSpec()) -> list[MemberResult]:
+                   executor: ExecutorSpec | None = None) -> list[MemberResult]:
     """Train (or resume) every member into ``run_dir``; returns per-member results with test IoU.
     ``executor``: in this process or as Ray tasks (``trainer.model.executor``); the driver
     writes every member's ``final.pt`` as it arrives, whichever executor trained it.
@@ -321,6 +321,7 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
             log(f"member {member_id}: already trained (test IoU {results[member_id].test_iou:.4f})")
         else:
             todo.append(member_id)
+    executor = executor or ExecutorSpec()
     local = executor.kind == "local"
     job = MemberJob(cfg, train, val, test, str(run_dir), init_state, show_progress and local,
                     log if local else None)
