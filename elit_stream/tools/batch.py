@@ -300,13 +300,14 @@ def _disagreement_png(rows: list[dict], path: Path) -> None:
     shown = [r for r in rows if r["disagreement_per_member"]]
     if not shown:
         return
-    fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.4 * len(shown) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.4 * len(shown) + 0.6), squeeze=False)
     for ax, r in zip(axes[:, 0], shown):
         d = np.array(r["disagreement_per_member"])
         for k, member in enumerate(r["members"]):
             ax.plot(d[:, k], label=f"member {member}", lw=1)
-        ax.set(title=r["acquisition"], xlabel="frame", ylabel="disagreement")
-    axes[0, 0].legend(fontsize=7, ncol=4)
+        ax.set(title=f"{r['acquisition']}: per-member disagreement with the active consensus",
+               xlabel="frame", ylabel="disagreement")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -8,8 +8,9 @@ reported by id in ``MemberFailures``, raised only after every other member has b
 no finished member is lost (the caller saves each as it arrives).
 
 With Ray, ``shared`` (the training data, the starting weights) is put into the object store once
-and every task reads it from there; each task declares ``cpus_per_member`` CPUs and one GPU when
-the cluster has GPUs. ``task`` must be a module-level function (workers import it by name), and
+and every task reads it from there; each task declares ``cpus_per_member`` CPUs (and
+``gpus_per_member`` GPUs: 0 by default, since members train on the CPU today; set 1 once
+training runs on a device). ``task`` must be a module-level function (workers import it by name), and
 the workers need this package installed. The Ray runtime is imported only here and only when
 ``kind == "ray"``: local training needs no Ray (``pip install 'elit-stream[cluster]'`` adds it).
 """
@@ -36,11 +37,12 @@ class MemberFailures(RuntimeError):
 @dataclass(frozen=True)
 class ExecutorSpec:
     """``kind``: local | ray; ``address``: a Ray cluster (``auto``, ``ray://head:10001``); None
-    starts a private local Ray. ``gpus_per_member``: None = 1 when the cluster has GPUs, else 0."""
+    starts a private local Ray. ``gpus_per_member``: GPUs a member's task reserves (None = 1
+    when the cluster has GPUs, else 0)."""
     kind: str = "local"
     address: str | None = None
     cpus_per_member: float = 1
-    gpus_per_member: float | None = None
+    gpus_per_member: float | None = 0
     retries: int = 1
 
     def __post_init__(self) -> None:
