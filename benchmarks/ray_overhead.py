@@ -6,9 +6,10 @@ mechanism and its overhead (docs/cluster.md records the figures).
     .venv/bin/python benchmarks/ray_overhead.py [--members 4] [--frames 8] [--size 256]
 
 Training: N tiny members (32 px tiles, 4 base filters, 32 training tiles, 2 epochs), one torch
-thread each (so both runs give the same weights). Ray: a fresh local Ray with 2 CPUs, its start
-timed apart, then the same training twice (the first starts Ray's worker processes, which import
-torch; the second finds them running). Batch: models/default on an N-frame synthetic movie; the service replays it as fast
+thread each (so both runs give the same weights); every run makes its own small data set (in
+its run folder). Each way twice: the first local run pays this process's one-time costs, the
+first Ray run starts Ray's worker processes (which import torch); the second run of each finds
+them warm. Ray: a fresh local Ray with 2 CPUs, its start timed apart. Batch: models/default on an N-frame synthetic movie; the service replays it as fast
 as it takes frames (lossless), its start-up timed apart; batch local (one engine, default threads)
 and batch through Ray (2 workers x 1 thread, model sent once).
 """
@@ -50,12 +51,15 @@ def training_rows(tmp: Path, members: int) -> list[tuple[str, float]]:
                       unet=UNetConfig(n_classes=2, base_filters=4))
     torch.set_num_threads(1)
     local = timed(lambda: train_ensemble(cfg, tmp / "local", QUIET, False))
+    local_again = timed(lambda: train_ensemble(cfg, tmp / "local-again", QUIET, False))
     start = timed(lambda: ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False))
     through_ray = timed(lambda: train_ensemble(cfg, tmp / "ray", QUIET, False,
                                                ExecutorSpec(kind="ray")))
     again = timed(lambda: train_ensemble(cfg, tmp / "ray-again", QUIET, False,
                                          ExecutorSpec(kind="ray")))
-    return [(f"train {members} members, local (1 after another, 1 thread)", local),
+    return [(f"train {members} members, local (1 after another, 1 thread; first in this process)",
+             local),
+            (f"train {members} members, local again", local_again),
             ("start a local Ray (2 CPUs)", start),
             (f"train {members} members, Ray (2 tasks at a time, 1 CPU each; starts the workers)",
              through_ray),

@@ -177,3 +177,18 @@ def test_batch_cli_local_writes_records_summary_and_reports_a_bad_movie(tiny_art
     assert "cannot read" in summary[2]["error"]
     assert len(summary[0]["disagreement_per_member"]) == 4           # frames x members
     assert len(summary[0]["disagreement_per_member"][0]) == len(summary[0]["members"])
+
+
+def test_iterate_and_multiclass_take_the_executor_into_their_retraining():
+    pytest.importorskip("torch")
+    from trainer.cli import build_parser
+    from trainer.cli.elit import retrain_config
+
+    for command in ("iterate", "multiclass"):
+        args = build_parser().parse_args([command, "models/default", "movie.npz", "--run-dir", "r",
+                                          "--executor", "ray", "--address", "auto",
+                                          "--threads", "2"])
+        assert retrain_config(args).executor == ExecutorSpec(kind="ray", address="auto",
+                                                             cpus_per_member=2)
+    with pytest.raises(ValueError, match="--address needs --executor ray"):
+        ExecutorSpec(kind="local", address="auto")

@@ -114,7 +114,8 @@ def _run_ray(task, member_ids, shared, spec, log):
         log(f"ray: data in the object store in {time.perf_counter() - t0:.1f} s; {len(member_ids)} "
             f"member task(s), {spec.cpus_per_member} CPU + {gpus} GPU each, cluster "
             f"{_resources(ray)}")
-        pending = {remote.remote(task, member_id, shared_ref): member_id for member_id in member_ids}
+        pending = {remote.options(name=f"member-{member_id}").remote(task, member_id, shared_ref):
+                   member_id for member_id in member_ids}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             member_id = pending.pop(done[0])
