@@ -107,15 +107,17 @@ def _run_ray(task, member_ids, shared, spec, log):
         gpus = spec.gpus_per_member
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        remote = ray.remote(_call).options(num_cpus=spec.cpus_per_member, num_gpus=gpus,
-                                           max_retries=spec.retries, retry_exceptions=True)
+        remote = ray.remote(_call)
+        opts = {"num_cpus": spec.cpus_per_member, "num_gpus": gpus, "max_retries": spec.retries,
+                "retry_exceptions": True}
         t0 = time.perf_counter()
         shared_ref = ray.put(shared)
         log(f"ray: data in the object store in {time.perf_counter() - t0:.1f} s; {len(member_ids)} "
             f"member task(s), {spec.cpus_per_member} CPU + {gpus} GPU each, cluster "
             f"{_resources(ray)}")
-        pending = {remote.options(name=f"member-{member_id}").remote(task, member_id, shared_ref):
-                   member_id for member_id in member_ids}
+        pending = {remote.options(**opts, name=f"member-{member_id}").remote(task, member_id,
+                                                                             shared_ref): member_id
+                   for member_id in member_ids}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             member_id = pending.pop(done[0])
