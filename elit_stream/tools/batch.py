@@ -55,16 +55,42 @@ class BatchConfig:
 
 @dataclass
 class MovieJob:
-    """One movie: where it came from, its frames (lazy) and what came back, by chunk start."""
+    """One movie: its frames (lazy), and its record file written in frame order as chunks come
+    back in any order (only chunks ahead of a missing one wait in memory)."""
     path: Path
     acquisition: str
     frames: object = None
     pixel_size_pm: float | None = None
     error: str | None = None
-    chunks: dict = field(default_factory=dict)     # start -> list of docs
+    waiting: dict = field(default_factory=dict)     # chunk start -> docs, not yet written
+    written: int = 0                                # frames written so far
+    events: int = 0
+    figures: list = field(default_factory=list)     # per result: n_atoms, unc., disagreement
+    members: list = field(default_factory=list)
 
     def chunk_starts(self, chunk_frames: int) -> list[int]:
         return [] if self.frames is None else list(range(0, len(self.frames), chunk_frames))
+
+    def add(self, start: int, docs: list[dict], out: Path, run_uid: str) -> bool:
+        """Write what is now in order; True when every frame is written. Numbering as a freshly
+        started service: results' seq counts results, events' seq counts events."""
+        self.waiting[start] = docs
+        with open(out / f"{self.acquisition}.jsonl", "a" if self.written else "w") as f:
+            while self.written in self.waiting:
+                for doc in self.waiting.pop(self.written):
+                    self._number(doc, run_uid)
+                    f.write(to_json_line(doc) + "\n")
+                    self.written += 1
+        return self.written == len(self.frames)
+
+    def _number(self, doc: dict, run_uid: str) -> None:
+        if doc["topic"] == "result":
+            doc["seq"] = len(self.figures)
+            self.figures.append((doc["n_atoms"], doc["mean_uncertainty"],
+                                 doc["disagreement_per_member"]))
+            self.members = self.members or list(doc["active"])
+        else:
+            doc["seq"], doc["run_uid"], self.events = self.events, run_uid, self.events + 1
 
 
 # ----------------------------------------------------------------------------- one worker
@@ -123,28 +149,20 @@ def _rejected(frame: wire.Frame, code: str, message: str) -> dict:
 def run_batch(movies: list[Path], cfg: BatchConfig, log: Callable[[str], None] = print,
               show_progress: bool = True) -> list[dict]:
     """Analyse every movie; write records, summary and picture into ``cfg.out``; -> summary rows."""
-    if not (Path(cfg.model) / "manifest.json").is_file():
-        raise BatchError(f"{cfg.model}: no manifest.json — not a model artifact folder")
+    load_artifact(cfg.model, check_probe=False)        # a bad model fails here, not per worker
     cfg.out.mkdir(parents=True, exist_ok=True)
     jobs = _open_movies(movies, cfg, log)
-    n_frames = sum(len(j.frames) for j in jobs if j.frames is not None)
-    bar = _Progress(n_frames, cfg.executor, show_progress)
-    run_uid = uuid.uuid4().hex
-    rows = {j.acquisition: summary_row(j, []) for j in jobs if j.error}
-    pending = {j.acquisition: len(j.chunk_starts(cfg.chunk_frames)) for j in jobs}
-    by_acq = {j.acquisition: j for j in jobs}
+    bar = _Progress(sum(len(j.frames) for j in jobs if j.frames is not None), cfg.executor,
+                    show_progress)
+    run_uid, by_acq = uuid.uuid4().hex, {j.acquisition: j for j in jobs}
     run = _run_local if cfg.executor == "local" else _run_ray
     for acquisition, start, docs in run(jobs, cfg, log):
         job = by_acq[acquisition]
-        job.chunks[start] = docs
+        if job.add(start, docs, cfg.out, run_uid):
+            log(f"batch: {job.path} -> {cfg.out / (acquisition + '.jsonl')}")
         bar.update(len(docs), f"{job.path.name} frame {start + len(docs)}/{len(job.frames)}")
-        pending[acquisition] -= 1
-        if pending[acquisition] == 0:
-            rows[acquisition] = _finish_movie(job, cfg.out, run_uid)
     bar.close()
-    rows |= {j.acquisition: _finish_movie(j, cfg.out, run_uid) for j in jobs
-             if j.acquisition not in rows}                               # movies without frames
-    rows = [rows[j.acquisition] for j in jobs]
+    rows = [summary_row(j) for j in jobs]
     write_summary(rows, cfg.out)
     return rows
 
@@ -176,21 +194,6 @@ def _run_local(jobs, cfg: BatchConfig, log):
     analyser = ChunkAnalyser(cfg.model, cfg.device, cfg.threads, cfg.precision)
     for acquisition, start, frames, ps in _chunks(jobs, cfg.chunk_frames):
         yield acquisition, start, analyser.run(acquisition, start, frames, ps)
-
-
-def _finish_movie(job: MovieJob, out: Path, run_uid: str) -> dict:
-    """Write OUT/<acquisition>.jsonl in frame order (result seq and event seq per movie, as a
-    fresh service would number them); -> the movie's summary row."""
-    docs = [d for start in sorted(job.chunks) for d in job.chunks[start]]
-    n_results = n_events = 0
-    with open(out / f"{job.acquisition}.jsonl", "w") as f:
-        for doc in docs:
-            if doc["topic"] == "result":
-                doc["seq"], n_results = n_results, n_results + 1
-            else:
-                doc["seq"], doc["run_uid"], n_events = n_events, run_uid, n_events + 1
-            f.write(to_json_line(doc) + "\n")
-    return summary_row(job, docs)
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -254,23 +257,22 @@ def _import_ray():
 # ----------------------------------------------------------------------------- summary
 
 
-def summary_row(job: MovieJob, docs: list[dict]) -> dict:
-    results = [d for d in docs if d["topic"] == "result"]
-    n_atoms = np.array([r["n_atoms"] for r in results], float)
-    disagreement = np.array([r["disagreement_per_member"] for r in results], float)
+def summary_row(job: MovieJob) -> dict:
+    n_frames = 0 if job.frames is None else len(job.frames)
+    n_atoms = np.array([f[0] for f in job.figures], float)
+    disagreement = np.array([f[2] for f in job.figures], float)
+    some = bool(job.figures)
     return {
         "movie": str(job.path), "acquisition": job.acquisition, "error": job.error,
-        "frames": 0 if job.frames is None else len(job.frames), "results": len(results),
-        "rejected": len(docs) - len(results),
-        "atoms_mean": float(n_atoms.mean()) if len(results) else None,
-        "atoms_min": int(n_atoms.min()) if len(results) else None,
-        "atoms_max": int(n_atoms.max()) if len(results) else None,
-        "mean_uncertainty": float(np.mean([r["mean_uncertainty"] for r in results]))
-        if results else None,
-        "disagreement_per_member_mean": disagreement.mean(0).round(4).tolist() if len(results)
-        else [],
+        "frames": n_frames, "results": len(job.figures), "rejected": job.events,
+        "unanswered": n_frames - job.written,
+        "atoms_mean": float(n_atoms.mean()) if some else None,
+        "atoms_min": int(n_atoms.min()) if some else None,
+        "atoms_max": int(n_atoms.max()) if some else None,
+        "mean_uncertainty": float(np.mean([f[1] for f in job.figures])) if some else None,
+        "members": job.members,
+        "disagreement_per_member_mean": disagreement.mean(0).round(4).tolist() if some else [],
         "disagreement_per_member": disagreement.tolist(),           # [frame][member]
-        "members": results[0]["active"] if results else [],
     }
 
 

@@ -431,7 +431,7 @@ def cmd_batch(args) -> int:
         raise CliError(str(exc)) from None
     print((Path(args.out) / "summary.md").read_text(), end="")
     print(f"records and summary in {args.out}")
-    return 0 if all(r["error"] is None and r["rejected"] == 0 for r in rows) else 1
+    return 0 if all(r["error"] is None and r["rejected"] == r["unanswered"] == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":
