@@ -122,10 +122,12 @@ def _run_ray(task, member_ids, shared, spec, log):
             done, _ = ray.wait(list(pending), num_returns=1)
             member_id = pending.pop(done[0])
             try:
-                yield member_id, True, ray.get(done[0])
+                value = ray.get(done[0])
             except Exception as exc:  # noqa: BLE001 - RayTaskError wraps the member's own error
                 cause = getattr(exc, "cause", None) or exc
                 yield member_id, False, f"{type(cause).__name__}: {cause}"
+                continue
+            yield member_id, True, value
     finally:
         if started_here:
             ray.shutdown()
