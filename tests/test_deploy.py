@@ -173,3 +173,22 @@ def test_every_file_the_images_copy_exists_and_is_in_the_build_context():
     assert "gpu" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     assert "'.[gpu]'" in (DEPLOY / "Dockerfile.gpu").read_text()
+
+
+def test_the_ray_cluster_example_has_gpu_workers_and_an_image_that_can_be_built():
+    """deploy/ray (docs/cluster.md): a KubeRay RayCluster whose workers take one GPU each, the
+    head none; the image's Ray version is the manifest's; what it copies is in the context."""
+    cluster = load_yaml(DEPLOY / "ray" / "raycluster.yaml")
+    assert cluster["kind"] == "RayCluster"
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    (workers,) = cluster["spec"]["workerGroupSpecs"]
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and workers["rayStartParams"]["num-gpus"] == "1"
+    dockerfile = (DEPLOY / "ray" / "Dockerfile").read_text()
+    assert f"ray[default]=={cluster['spec']['rayVersion']}" in dockerfile
+    assert "cluster" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    for src in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
+        assert (REPO / src).exists() and any(src == a or src.startswith(a + "/") for a in allowed), src

@@ -16,14 +16,14 @@ import time
 import uuid
 from time import perf_counter
 
-import numpy as np
 import zmq
 
 from elit_stream.core.artifact import load_artifact
-from elit_stream.core.engine import Engine, EngineError, bf16_hint
+from elit_stream.core.engine import Engine, bf16_hint
 from elit_stream.core.ensemble import ActiveSet
 from elit_stream.core.manifest import default_artifact_path
-from elit_stream.core.postprocess import Params, analyse
+from elit_stream.core.pipeline import FrameRejected, analyse_frame, result_document
+from elit_stream.core.postprocess import Params
 from elit_stream.protocol import wire
 from elit_stream.protocol.auth import ServerAuth
 from elit_stream.protocol.messages import error_reply
@@ -219,21 +219,13 @@ class Service:
         engine, active, params = st.engine, st.active, st.params  # fixed for this frame
         want_maps = self._maps_wanted()
         try:
-            t0 = perf_counter()
-            net_input, geom = engine.prepare(frame.pixels, frame.pixel_size_pm)
-        except EngineError as exc:  # the model cannot take this frame (size, scale)
+            out = analyse_frame(engine, frame.pixels, frame.pixel_size_pm, active, params, want_maps)
+            fa, geom, t3 = out.analysis, out.geom, perf_counter()
+            timings = {"decode": decode_s, **out.timings_s}
+            self._publish_result(frame, out, active, timings, t3 - t_recv)
+        except FrameRejected as exc:  # the model cannot take this frame (size, scale)
             self._reject(frame.acquisition, frame.frame_id, "bad_frame", str(exc))
             return
-        try:
-            t1 = perf_counter()
-            probs = engine.run(net_input)
-            t2 = perf_counter()
-            fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
-            x, y = geom.to_frame_xy(fa.x, fa.y)
-            t3 = perf_counter()
-            timings = {"decode": decode_s, "prepare": t1 - t0, "infer": t2 - t1,
-                       "analyse": t3 - t2}
-            self._publish_result(frame, fa, x, y, active, timings, t3 - t_recv)
         except Exception as exc:  # a bug or a failed inference: report the frame, keep serving
             log.exception("frame %s/%s failed", frame.acquisition, frame.frame_id)
             self._reject(frame.acquisition, frame.frame_id, "internal",
@@ -250,24 +242,11 @@ class Service:
             log.exception("after frame %s/%s", frame.acquisition, frame.frame_id)
             self._event("error", code="internal", message=f"{type(exc).__name__}: {exc}")
 
-    def _publish_result(self, frame, fa, x, y, active, timings_s, total_s) -> None:
-        st, art = self.state, self.state.artifact
-        header = {
-            "protocol": 1, "kind": "result", "frame_id": frame.frame_id,
-            "acquisition": frame.acquisition, "complete": frame.complete,
-            "seq": self._frame_seq, "model": st.model_ref(), "active": list(active.active),
-            "active_version": active.version, "frame_shape": list(frame.pixels.shape),
-            "pixel_size_pm": frame.pixel_size_pm, "acquired_at": frame.acquired_at,
-            "n_atoms": fa.n_atoms, "classes": list(art.class_names),
-            "count_per_member": fa.count_per_member.tolist(),
-            "disagreement_per_member": fa.disagreement_per_member.tolist(),
-            "mean_uncertainty": fa.mean_uncertainty,
-            "timings_ms": {k: round(v * 1e3, 3) for k, v in timings_s.items()}
-            | {"total": round(total_s * 1e3, 3)},
-        }
-        columns = {"x": x.astype(np.float32, copy=False), "y": y.astype(np.float32, copy=False),
-                   "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
-                   "uncertainty": fa.uncertainty, "det_frac": fa.det_frac}
+    def _publish_result(self, frame, out, active, timings_s, total_s) -> None:
+        st = self.state
+        header, columns = result_document(frame, out, active, st.model_ref(),
+                                          st.artifact.class_names, self._frame_seq, timings_s,
+                                          total_s)
         wire.send(self.results, wire.encode_result(header, columns))
         self._frame_seq += 1
         st.counts["processed"] += 1

@@ -22,7 +22,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.cli.common import command_line
+from trainer.cli.common import command_line, executor_args, executor_spec
+from trainer.model.executor import MemberFailures
 
 EPILOG = """\
 An artifact (models/<name>/) is an ONNX graph of all members plus manifest.json and a probe;
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; `elit-train train` resumes from the last finished epoch", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MemberFailures) as exc:
         print(f"elit-train {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:      # ExportError, ArtifactError: expected failures with a message
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the trained ensemble to this folder (e.g. models/default)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    executor_args(p)
     g = p.add_argument_group("retraining on experimental data (ELIT)")
     g.add_argument("--data", type=Path, metavar="DATASET",
                    help="train on this dataset file (e.g. from `elit-train relabel`) instead of "
@@ -212,7 +214,8 @@ def cmd_train(args) -> None:
         raise ValueError(f"{args.export} exists; pass --force to replace it after training")
     args.run_dir.mkdir(parents=True, exist_ok=True)
     (args.run_dir / "command.txt").write_text(command_line(None) + "\n")
-    results = train_ensemble(cfg, args.run_dir, show_progress=not args.quiet)
+    results = train_ensemble(cfg, args.run_dir, show_progress=not args.quiet,
+                             executor=executor_spec(args))
     _print_iou_table(results)
     if args.export:
         _export(args.run_dir, args.export, args.force)

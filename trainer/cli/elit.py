@@ -148,12 +148,15 @@ def _retrain_args(p) -> None:
     g.add_argument("--from-scratch", action="store_true",
                    help="random initial weights instead of the parent's best member")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    from trainer.cli.common import executor_args
+    executor_args(p)
 
 
 def retrain_config(args):
+    from trainer.cli.common import executor_spec
     from trainer.elit.iterate import RetrainConfig
 
-    return RetrainConfig(members=args.members, epochs=args.epochs, swa_epochs=args.swa_epochs,
+    return RetrainConfig(executor=executor_spec(args), members=args.members, epochs=args.epochs, swa_epochs=args.swa_epochs,
                          patience=args.patience,
                          lr=args.lr, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
                          from_scratch=args.from_scratch, threads=args.threads)

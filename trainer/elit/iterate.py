@@ -30,6 +30,7 @@ from trainer.elit.report import (
 )
 from trainer.elit.scoring import detection_report
 from trainer.model.artifact import read_manifest, sha256_file
+from trainer.model.executor import ExecutorSpec
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RetrainConfig:
     seed: int = 2000
     from_scratch: bool = False       # False: every member starts from the parent's best member
     threads: int = 0
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)   # where members train
 
 
 # ----------------------------------------------------------------------------- step 4
@@ -86,7 +88,8 @@ def retrain(dataset: Path, parent: Path, run_dir: Path, out: Path, rc: RetrainCo
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "command.txt").write_text(command + "\n")
     (run_dir / "lineage.json").write_text(json.dumps(lineage, indent=1) + "\n")
-    results = train_ensemble(cfg, run_dir, log=log, show_progress=show_progress)
+    results = train_ensemble(cfg, run_dir, log=log, show_progress=show_progress,
+                             executor=rc.executor)
     write_artifact(out, load_members(run_dir, cfg), results, cfg, command, lineage=lineage,
                    report_dir=run_dir / "report", force=force, log=log)
     log(f"artifact written and verified: {out}")

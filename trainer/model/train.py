@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from trainer.data.synth import SynthConfig, load_dataset, make_dataset, save_dataset
+from trainer.model.executor import ExecutorSpec, run_members
 from trainer.model.init_weights import apply_init_state, load_init_state, onnx_member_state  # noqa: F401
 from trainer.model.unet import UNet, UNetConfig
 
@@ -295,8 +296,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = print,
-                   show_progress: bool = True) -> list[MemberResult]:
+                   show_progress: bool = True,
+                   executor: ExecutorSpec | None = None) -> list[MemberResult]:
     """Train (or resume) every member into ``run_dir``; returns per-member results with test IoU.
+    ``executor``: in this process or as Ray tasks (``trainer.model.executor``); the driver
+    writes every member's ``final.pt`` as it arrives, whichever executor trained it.
 
     Layout: ``config.json``, ``data_{train,val,test}.npz``, ``member_XX/{checkpoint.pt,
     final.pt,result.json}``, ``report/loss_curves.png``, ``report/members.md``.
@@ -308,24 +312,55 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
     splits = prepare_data(cfg, run_dir, log)
     train, val, test = (SplitData.from_dataset(splits[k]) for k in ("train", "val", "test"))
     init_state = load_init_state(cfg.init_from, cfg.unet, log) if cfg.init_from else None
-    results = []
+    results, todo = {}, []
     for member_id in range(cfg.members):
         member_dir = run_dir / f"member_{member_id:02d}"
         final_path, result_path = member_dir / "final.pt", member_dir / "result.json"
         if final_path.exists() and result_path.exists():
-            results.append(MemberResult(**json.loads(result_path.read_text())))
-            log(f"member {member_id}: already trained (test IoU {results[-1].test_iou:.4f})")
-            continue
-        model, result = train_member(member_id, cfg, train, val, member_dir, log, show_progress,
-                                     init_state)
-        result.test_iou = atom_iou(model, test, cfg.batch_size)
-        torch.save(model.state_dict(), final_path)
-        result_path.write_text(json.dumps(asdict(result), indent=1))
+            results[member_id] = MemberResult(**json.loads(result_path.read_text()))
+            log(f"member {member_id}: already trained (test IoU {results[member_id].test_iou:.4f})")
+        else:
+            todo.append(member_id)
+    executor = executor or ExecutorSpec()
+    local = executor.kind == "local"
+    job = MemberJob(cfg, train, val, test, str(run_dir), init_state, show_progress and local,
+                    log if local else None)
+    for member_id, (state, result) in run_members(_member_task, todo, job, executor, log,
+                                                  show_progress):
+        member_dir = run_dir / f"member_{member_id:02d}"
+        member_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(state, member_dir / "final.pt")
+        (member_dir / "result.json").write_text(json.dumps(asdict(result), indent=1))
         log(f"member {member_id}: done after {result.epochs} epochs, SWA over {result.swa_epochs},"
             f" test IoU {result.test_iou:.4f}")
-        results.append(result)
+        results[member_id] = result
+    results = [results[i] for i in sorted(results)]
     write_training_report(results, run_dir / "report")
     return results
+
+
+@dataclass
+class MemberJob:
+    """What every member's task needs (sent once to a Ray cluster's object store)."""
+    cfg: TrainConfig
+    train: SplitData
+    val: SplitData
+    test: SplitData
+    run_dir: str
+    init_state: dict | None
+    show_progress: bool
+    log: Callable[[str], None] | None = None      # None (Ray workers): print
+
+
+def _member_task(member_id: int, job: MemberJob) -> tuple[dict, MemberResult]:
+    """Train one member and score it on the test split -> (state dict, result)."""
+    if job.cfg.threads:
+        torch.set_num_threads(job.cfg.threads)
+    member_dir = Path(job.run_dir) / f"member_{member_id:02d}"
+    model, result = train_member(member_id, job.cfg, job.train, job.val, member_dir,
+                                 job.log or print, job.show_progress, job.init_state)
+    result.test_iou = atom_iou(model, job.test, job.cfg.batch_size)
+    return model.state_dict(), result
 
 
 def load_members(run_dir: Path, cfg: TrainConfig) -> list[UNet]:

@@ -1,0 +1,77 @@
+"""One frame through the ensemble, and the result document it becomes.
+
+prepare (rescale, normalise, pad) -> run all members -> analyse over the active set -> map atom
+coordinates back to the input frame's pixels -> the result header and atom columns of
+docs/protocol.md. The service loop (``service/loop.py``) and ``elit-stream batch``
+(``tools/batch.py``) both call ``analyse_frame`` and ``result_document``, so a movie analysed
+offline gives exactly what the service publishes for it. Knows no sockets; pure apart from the
+engine call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from time import perf_counter
+
+import numpy as np
+
+from elit_stream.core.engine import Engine, EngineError, Geometry
+from elit_stream.core.ensemble import ActiveSet
+from elit_stream.core.postprocess import FrameAnalysis, Params, analyse
+
+
+class FrameRejected(Exception):
+    """The model cannot take this frame (size, scale): the service's ``bad_frame``."""
+
+
+@dataclass
+class FrameOutput:
+    """One analysed frame: atoms in network pixels (``analysis``) and in frame pixels (``x``,
+    ``y``), the grid mapping, and the seconds each stage took."""
+    analysis: FrameAnalysis
+    x: np.ndarray
+    y: np.ndarray
+    geom: Geometry
+    timings_s: dict[str, float]          # prepare, infer, analyse
+
+
+def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | None,
+                  active: ActiveSet, params: Params, want_maps: bool = False) -> FrameOutput:
+    """Run one frame; FrameRejected when it cannot be prepared, other errors propagate."""
+    t0 = perf_counter()
+    try:
+        net_input, geom = engine.prepare(pixels, pixel_size_pm)
+    except EngineError as exc:
+        raise FrameRejected(str(exc)) from None
+    t1 = perf_counter()
+    probs = engine.run(net_input)
+    t2 = perf_counter()
+    fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
+    x, y = geom.to_frame_xy(fa.x, fa.y)
+    t3 = perf_counter()
+    return FrameOutput(fa, x, y, geom, {"prepare": t1 - t0, "infer": t2 - t1, "analyse": t3 - t2})
+
+
+def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
+                    class_names, seq: int, timings_s: dict[str, float], total_s: float
+                    ) -> tuple[dict, dict[str, np.ndarray]]:
+    """-> (result header, atom columns) as published (docs/protocol.md, "result").
+    ``frame``: anything with ``wire.Frame``'s fields (frame_id, acquisition, pixels,
+    pixel_size_pm, acquired_at, complete); ``seq``: the publisher's result counter."""
+    fa = out.analysis
+    header = {
+        "protocol": 1, "kind": "result", "frame_id": frame.frame_id,
+        "acquisition": frame.acquisition, "complete": frame.complete,
+        "seq": seq, "model": model_ref, "active": list(active.active),
+        "active_version": active.version, "frame_shape": list(frame.pixels.shape),
+        "pixel_size_pm": frame.pixel_size_pm, "acquired_at": frame.acquired_at,
+        "n_atoms": fa.n_atoms, "classes": list(class_names),
+        "count_per_member": fa.count_per_member.tolist(),
+        "disagreement_per_member": fa.disagreement_per_member.tolist(),
+        "mean_uncertainty": fa.mean_uncertainty,
+        "timings_ms": {k: round(v * 1e3, 3) for k, v in timings_s.items()}
+        | {"total": round(total_s * 1e3, 3)},
+    }
+    columns = {"x": out.x.astype(np.float32, copy=False), "y": out.y.astype(np.float32, copy=False),
+               "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
+               "uncertainty": fa.uncertainty, "det_frac": fa.det_frac}
+    return header, columns
