@@ -132,7 +132,7 @@ def write_overlay(frame: np.ndarray, result: dict, out: Path, pixel_size_pm: flo
                   truth_xy: np.ndarray | None = None, match_radius_px: float = 5.0) -> Path:
     """PNG a scientist reads without the docs: the frame in grey with a scale bar in nm, atoms
     by class (marker shape) coloured by uncertainty (colour bar), white-edged so they show on
-    dark vacuum too; with `truth_xy`, detections with no true atom near (false) are crossed in
+    dark vacuum too; with `truth_xy`, detections with no true atom near (false) are boxed in
     red and missed true atoms ringed in cyan. A legend says all of it."""
     import matplotlib
     matplotlib.use("Agg")
@@ -173,8 +173,8 @@ def _mark_errors(ax, found_xy: np.ndarray, truth_xy: np.ndarray, radius_px: floa
     found_i, true_i, _ = match_pairs(found_xy, truth_xy, radius_px)
     false = np.setdiff1d(np.arange(len(found_xy)), found_i)
     missed = np.setdiff1d(np.arange(len(truth_xy)), true_i)
-    ax.scatter(found_xy[false, 0], found_xy[false, 1], marker="x", c="red", s=40,
-               linewidths=1.5, label=f"false detection ({len(false)})")
+    ax.scatter(found_xy[false, 0], found_xy[false, 1], marker="s", facecolors="none",
+               edgecolors="red", s=90, linewidths=1.3, label=f"false detection ({len(false)})")
     ax.scatter(truth_xy[missed, 0], truth_xy[missed, 1], marker="o", facecolors="none",
                edgecolors="cyan", s=60, linewidths=1.2, label=f"missed true atom ({len(missed)})")
 
