@@ -67,7 +67,7 @@ def read_movie(path: str | Path, dataset: str | None = None) -> Stack:
             raise StackError(f"{p}: unknown file type {suffix!r} (use {KNOWN})")
     except StackError:
         raise
-    except Exception as exc:  # an unreadable file: say which and why, in one line
+    except Exception as exc:  # noqa: BLE001 - an unreadable file: say which and why, in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise StackError(f"{p}: cannot read ({type(exc).__name__}: {first})") from None
     stack.frames = _as_stack(stack.frames, p)
@@ -136,9 +136,9 @@ def _read_with_rsciio(p: Path, plugin: str) -> Stack:
     if importlib.util.find_spec("rsciio") is None:
         if plugin == "tiff":
             import tifffile
-            return Stack(tifffile.imread(p), notes=[
-                "pixel size not read: reading TIFF scale tags needs RosettaSciIO "
-                "(pip install 'elit-stream[io]')"])
+            note = ("pixel size not read: reading TIFF scale tags needs RosettaSciIO "
+                    "(pip install 'elit-stream[io]')")
+            return Stack(tifffile.imread(p), notes=[note])
         raise StackError(f"{p}: reading {p.suffix} files needs RosettaSciIO: "
                          "pip install 'elit-stream[io]'")
     reader = importlib.import_module(f"rsciio.{plugin}").file_reader

@@ -19,7 +19,6 @@ import numpy as np
 from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
 from elit_stream.tools.readers import StackError, read_movie, read_stack  # noqa: F401 (re-export)
 
-
 SENDABLE_DTYPES = ("uint8", "uint16", "uint32", "float32", "float64")  # what ingest takes
 
 
