@@ -442,7 +442,15 @@ def pretty_json(obj, indent: str = "") -> str:
 
 
 def cmd_replay(args) -> int:
-    from elit_stream.tools.replay import StackError, read_movie, replay, result_line, sendable
+    from elit_stream.tools.replay import (
+        StackError,
+        choose_pixel_size,
+        read_movie,
+        replay,
+        result_line,
+        sendable,
+        service_model,
+    )
     settings = _settings(args, **{"--ingest": args.ingest, "--results": args.results,
                                   "--control": args.control})
     curve = _client_curve(settings)
@@ -453,8 +461,16 @@ def cmd_replay(args) -> int:
         raise CliError(str(exc)) from None
     for line in movie.notes + ([note] if note else []):
         print(f"note: {line}", file=sys.stderr)
-    model = _model_of_service(settings, curve)
-    pixel_size_pm = _replay_pixel_size(args, movie, model)
+    try:
+        model = service_model(settings.endpoints["control"], settings.timeout_s, curve)
+    except TimeoutError:
+        raise _no_answer(settings.endpoints["control"], settings.timeout_s, curve) from None
+    pixel_size_pm, said, warnings = choose_pixel_size(args.movie, movie, args.pixel_size_pm,
+                                                      model.get("pixel_size_pm"))
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if said:
+        print(said, flush=True)
     print(f"movie {args.movie}: {movie.frames.shape[0]} frames of {movie.frames.shape[1]}x"
           f"{movie.frames.shape[2]} px, {movie.frames.dtype}", flush=True)
 
@@ -475,43 +491,6 @@ def cmd_replay(args) -> int:
     if args.record:
         print(f"recorded to {args.record}")
     return 0 if rep.complete and not rep.rejected else 1
-
-
-def _model_of_service(settings, curve) -> dict:
-    """The running service's model (`status`): its pixel size is what frames are scaled to."""
-    from elit_stream.protocol.client import ControlClient
-    address = settings.endpoints["control"]
-    with ControlClient(address, timeout_s=settings.timeout_s, curve=curve) as ctl:
-        try:
-            reply = ctl.call("status")
-        except TimeoutError:
-            raise _no_answer(address, settings.timeout_s, curve) from None
-    return reply.get("model", {})
-
-
-def _replay_pixel_size(args, movie, model: dict) -> float | None:
-    """--pixel-size-pm, else the file's; says which, and warns when none or far off the model's."""
-    model_pm = model.get("pixel_size_pm")
-    if args.pixel_size_pm is not None:
-        ps, source = args.pixel_size_pm, "--pixel-size-pm"
-        if movie.pixel_size_pm is not None and abs(movie.pixel_size_pm - ps) > 1e-6 * ps:
-            source += f", not the file's {movie.pixel_size_pm:g} pm"
-    elif movie.pixel_size_pm is not None:
-        ps, source = movie.pixel_size_pm, movie.pixel_size_from
-    else:
-        print(f"warning: {args.movie} carries no pixel size and no --pixel-size-pm was given: "
-              f"the service assumes the model's, {model_pm:g} pm; if the images were taken "
-              "at another magnification the atoms found will be wrong", file=sys.stderr)
-        return None
-    print(f"pixel size {ps:g} pm ({source}); the model's is {model_pm:g} pm", flush=True)
-    ratio = ps / model_pm if model_pm else 1.0
-    if not 0.5 <= ratio <= 2.0:
-        h, w = movie.frames.shape[1:]
-        print(f"warning: {ps:g} pm is {ratio:.3g}x the model's {model_pm:g} pm: every {h}x{w} "
-              f"frame is rescaled to {round(h * ratio)}x{round(w * ratio)} px before the "
-              "networks see it (slower, and atoms the wrong size if the pixel size is wrong)",
-              file=sys.stderr)
-    return ps
 
 
 def cmd_demo(args) -> int:

@@ -39,6 +39,41 @@ def sendable(frames, name: str) -> tuple[Iterable[np.ndarray], str | None]:
     return (np.asarray(f, dtype=np.float32) for f in frames), note
 
 
+def service_model(control: str, timeout_s: float, curve=None) -> dict:
+    """The running service's model (`status`): frames are rescaled to its pixel size.
+    TimeoutError when no service answers."""
+    with ControlClient(control, timeout_s=timeout_s, curve=curve) as ctl:
+        return ctl.call("status").get("model", {})
+
+
+def choose_pixel_size(name: str, movie, flag_pm: float | None, model_pm: float | None
+                      ) -> tuple[float | None, str, list[str]]:
+    """-> (pixel size to send or None, what was chosen and why, warnings). The option wins over
+    the file; with neither the service assumes the model's (a warning); more than 2x off the
+    model's means a big rescale (a warning: a factor-10 typo costs minutes per frame)."""
+    model = f"{model_pm:g} pm" if model_pm else "its model's"
+    if flag_pm is not None:
+        ps, source = flag_pm, "--pixel-size-pm"
+        if movie.pixel_size_pm is not None and abs(movie.pixel_size_pm - ps) > 1e-6 * ps:
+            source += f", not the file's {movie.pixel_size_pm:g} pm"
+    elif movie.pixel_size_pm is not None:
+        ps, source = movie.pixel_size_pm, movie.pixel_size_from
+    else:
+        missing = (f"{name} carries no pixel size and no --pixel-size-pm was given: the "
+                   f"service assumes the model's, {model}; if the images were taken at another "
+                   "magnification the atoms found will be wrong")
+        return None, "", [missing]
+    said = f"pixel size {ps:g} pm ({source}); the model's is {model}"
+    ratio = ps / model_pm if model_pm else 1.0
+    if 0.5 <= ratio <= 2.0:
+        return ps, said, []
+    h, w = movie.frames.shape[1:]
+    far = (f"{ps:g} pm is {ratio:.3g}x the model's {model}: every {h}x{w} frame is rescaled "
+           f"to {round(h * ratio)}x{round(w * ratio)} px before the networks see it (slower, "
+           "and atoms the wrong size if the pixel size is wrong)")
+    return ps, said, [far]
+
+
 @dataclass
 class ReplayReport:
     """What happened to each frame sent: the service's answer, by frame id."""
