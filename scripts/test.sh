@@ -11,6 +11,6 @@ fi
 # Pinned CPU wheel first, so the `train` extra does not pull several GB of CUDA packages.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 echo "installing into $VENV (log: $VENV/install.log) ..." >&2
-"$VENV/bin/python" -m pip install -q -e ".[train,test,openvino,cluster]" > "$VENV/install.log" 2>&1 \
+"$VENV/bin/python" -m pip install -q -e ".[train,test,openvino,io,cluster]" > "$VENV/install.log" 2>&1 \
     || { cat "$VENV/install.log" >&2; echo "installation failed (see above)" >&2; exit 1; }
 exec "$VENV/bin/python" -m pytest "$@"

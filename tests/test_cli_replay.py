@@ -57,7 +57,7 @@ def test_read_stack_movie_format_and_single_frames(tmp_path, stack):
 @pytest.mark.parametrize("name,content,match", [
     ("missing.npy", None, "no such file"),
     ("x.txt", b"hello", "unknown file type"),
-    ("bad.npy", b"not numpy", "cannot read"),
+    ("bad.npy", b"not numpy", "not a NumPy .npy file"),
     ("vec.npy", "1d", "2-D frame or a 3-D stack"),
     ("nof.npz", "nof", "no 'frames'"),
 ])
@@ -123,7 +123,8 @@ def test_clear_errors_without_tracebacks(service, tmp_path):
     no_service = run_cli("ctl", "ping", "--control", "tcp://127.0.0.1:1", "--timeout", "0.5")
     bad_arg = run_cli("serve", "--delivery", "sometimes")
     for out, text in ((busy, "cannot bind"), (missing_model, "cannot load the model"),
-                      (missing_movie, "no such file"), (no_service, "no reply"),
+                      (missing_movie, "no such file"),
+                          (no_service, "no service answers at tcp://127.0.0.1:1"),
                       (bad_arg, "invalid choice")):
         assert out.returncode == 2, out.stderr
         assert text in out.stderr and "Traceback" not in out.stderr

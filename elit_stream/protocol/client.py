@@ -5,6 +5,8 @@
     results = ResultSubscriber("tcp://127.0.0.1:5556")
     sender.send(frame, frame_id=0, acquisition="scan-42", pixel_size_pm=14.1)
     msg = results.recv(timeout_s=5)          # {"topic": "result", "frame_id": 0, "atoms": {...}}
+    while msg is not None and msg["topic"] != "result":   # or an event: "event.ping", ...
+        msg = results.recv(timeout_s=5)
     ControlClient("tcp://127.0.0.1:5557").call("deselect", members=[3])
 
 With CURVE authentication (docs/service.md, Security), pass the same `curve` to every client:

@@ -128,6 +128,15 @@ class Auth(Section):
         return {name for name in ("ingest", "results", "control") if getattr(self, name)}
 
 
+class ClientSection(Section):
+    """Read by the client commands (`ctl`, `replay`: elit_stream/tools/settings.py), not by the
+    service; here so that one file configures both sides."""
+
+    key: Path | None = None               # CURVE: this client's NAME.key_secret
+    server_key: Path | None = None        # CURVE: the service's server.key
+    timeout_s: float = Field(5.0, gt=0)   # seconds `ctl` waits for a reply (load_model: 120)
+
+
 _FILE_DATA: ContextVar[dict] = ContextVar("_FILE_DATA", default={})
 
 
@@ -159,6 +168,7 @@ class ServiceConfig(BaseSettings):
     policy: Policy = Policy()
     maps: Maps = Maps()
     auth: Auth = Auth()
+    client: ClientSection = ClientSection()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -180,13 +190,17 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {p} does not parse: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> ServiceConfig:
-    """Build and validate the config once. `overrides` (nested dict, e.g. from the CLI) win."""
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                flag_names: dict[str, str] | None = None) -> ServiceConfig:
+    """Build and validate the config once. `overrides` (dotted keys, e.g. from the CLI) win;
+    `flag_names` (dotted key -> option, e.g. "--ingest") lets an error blame the option."""
     token = _FILE_DATA.set(read_config_file(path) if path else {})
     try:
         cfg = ServiceConfig(**_nest(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
+        given = {k: f for k, f in (flag_names or {}).items()
+                 if (overrides or {}).get(k) is not None}
+        raise ConfigError(_explain(exc, given)) from None
     finally:
         _FILE_DATA.reset(token)
     _check_model_side(cfg)
@@ -237,13 +251,16 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError, flags: dict[str, str] | None = None) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
+        flag = next((f for k, f in (flags or {}).items() if key == k or key.startswith(k + ".")),
+                    None)
         env = "ELIT_" + "__".join(str(p) for p in err["loc"]).upper()
+        origin = f"option {flag}" if flag else f"environment variable {env}"
         got = err.get("input")
-        lines.append(f"{key}: {err['msg']} (got {got!r}; environment variable {env})")
+        lines.append(f"{key}: {err['msg']} (got {got!r}; {origin})")
     return "bad configuration:\n  " + "\n  ".join(lines)
 
 

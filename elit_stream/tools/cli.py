@@ -16,6 +16,7 @@ examples:
   elit-stream demo                             the main job: service + synthetic movie + overlay
   elit-stream serve                            serve models/default on the default ports
   elit-stream serve --model models/v2 --delivery latest
+  elit-stream replay samples/graphene-14pm.npz  the shipped sample movie (pixel size in the file)
   elit-stream replay movie.tif --rate 10 --pixel-size-pm 14.1 --record results.jsonl
   elit-stream ctl status
   elit-stream ctl deselect 3 5                 stop counting members 3 and 5
@@ -27,6 +28,9 @@ examples:
   elit-stream ctl status --client-key scope.key_secret --server-key server.key
   elit-stream batch runs/*.npz --model models/default --out runs/batch --executor ray
 
+Every command reads one configuration: defaults < --config FILE (or ELIT_CONFIG=FILE) < ELIT_*
+environment variables (e.g. ELIT_ENDPOINTS__CONTROL=tcp://127.0.0.1:6557) < options. So a
+service moved to other ports is reached by `ctl` and `replay` with the same file or variables.
 The wire protocol (for microscope software) is in docs/protocol.md.
 """
 
@@ -69,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ctl_parser(sub)
     c = sub.add_parser("config", help="show the effective configuration (defaults + file + "
                        "ELIT_* environment)")
-    c.add_argument("--config", metavar="FILE", help="TOML or JSON config file")
+    _config_arg(c)
     c.add_argument("--print", action="store_true", default=True,
                    help="print it as TOML (the default action)")
     c.set_defaults(func=cmd_config)
@@ -79,24 +83,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON config file (default: "
+                   "$ELIT_CONFIG if set, else none: built-in defaults and ELIT_* variables)")
+
+
 def _curve_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", metavar="FILE", help="CURVE: this client's key pair "
-                   "(NAME.key_secret from `elit-stream keys`); needs --server-key")
+                   "(NAME.key_secret from `elit-stream keys`); needs a server key (default: "
+                   "config client.key, ELIT_CLIENT__KEY; none)")
     p.add_argument("--server-key", metavar="FILE", help="CURVE: the service's public key "
-                   "(server.key)")
+                   "(default: config client.server_key, else server.key in auth.keys_dir; none)")
 
 
-def _client_curve(args):
-    """--client-key/--server-key -> ClientCurve or None (CliError if only one is given)."""
-    if not (args.client_key or args.server_key):
+def _settings(args, **flags):
+    """The client side of the configuration (tools/settings.py), options first."""
+    from elit_stream.service.config import ConfigError
+    from elit_stream.tools.settings import client_settings
+    flags.update({"--client-key": args.client_key, "--server-key": args.server_key})
+    try:
+        return client_settings(args.config, flags)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _client_curve(settings):
+    """The settings' CURVE key files -> ClientCurve or None (CliError if only one is set)."""
+    if not (settings.client_key or settings.server_key):
         return None
-    if not (args.client_key and args.server_key):
-        raise CliError("CURVE needs both --client-key and --server-key")
+    if not (settings.client_key and settings.server_key):
+        raise CliError("CURVE needs both a client key (--client-key) and the server's public "
+                       "key (--server-key)")
     from elit_stream.protocol.auth import AuthError, ClientCurve
     try:
-        return ClientCurve.from_files(args.client_key, args.server_key)
+        return ClientCurve.from_files(settings.client_key, settings.server_key)
     except AuthError as exc:
         raise CliError(str(exc)) from None
+
+
+def _no_answer(address: str, timeout_s: float, curve) -> CliError:
+    hint = ("does it require CURVE keys (--client-key, --server-key)?" if curve is None
+            else "is this client's public key in the service's allowed/ folder?")
+    return CliError(f"no service answers at {address} (waited {timeout_s:g} s): is "
+                    f"`elit-stream serve` running there? ({hint})")
 
 
 def _keys_parser(sub) -> None:
@@ -106,9 +135,9 @@ def _keys_parser(sub) -> None:
                        "a key pair DIR/clients/NAME.key(_secret) whose public key is copied to "
                        "DIR/allowed/ (the clients the service accepts). Existing keys are kept. "
                        "Then: elit-stream serve --auth all --keys DIR.")
-    k.add_argument("dir", metavar="DIR")
+    k.add_argument("dir", metavar="DIR", help="key folder (created if missing)")
     k.add_argument("--client", action="append", default=[], metavar="NAME",
-                   help="make (or re-allow) a client key pair (repeatable)")
+                   help="make (or re-allow) a client key pair (repeatable; default: none)")
     k.set_defaults(func=cmd_keys)
 
 
@@ -126,14 +155,15 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def _endpoint_args(p: argparse.ArgumentParser, defaults: bool) -> None:
-    d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--ingest", metavar="ADDR", default=d("tcp://127.0.0.1:5555"),
-                   help="frames socket (PUSH->PULL), default tcp://127.0.0.1:5555")
-    p.add_argument("--results", metavar="ADDR", default=d("tcp://127.0.0.1:5556"),
-                   help="results/events socket (PUB), default tcp://127.0.0.1:5556")
-    p.add_argument("--control", metavar="ADDR", default=d("tcp://127.0.0.1:5557"),
-                   help="control socket (ROUTER), default tcp://127.0.0.1:5557")
+def _endpoint_args(p: argparse.ArgumentParser, which=("ingest", "results", "control"),
+                   verb: str = "connect to") -> None:
+    what = {"ingest": "frames socket (PUSH -> PULL)", "results": "results and events "
+            "socket (PUB)", "control": "control socket (ROUTER)"}
+    port = {"ingest": 5555, "results": 5556, "control": 5557}
+    for name in which:
+        p.add_argument(f"--{name}", metavar="ADDR", help=f"{what[name]} to {verb} (default: "
+                       f"config endpoints.{name}, ELIT_ENDPOINTS__{name.upper()}; "
+                       f"tcp://127.0.0.1:{port[name]})")
 
 
 def _serve_parser(sub) -> None:
@@ -142,53 +172,73 @@ def _serve_parser(sub) -> None:
                        "FILE, then ELIT_* environment variables (e.g. ELIT_DELIVERY__MODE=latest),"
                        " then these options. Port 0 picks a free port. When ready it prints one "
                        "JSON line with the bound endpoints on stdout.")
-    s.add_argument("--config", metavar="FILE", help="TOML or JSON config file")
-    s.add_argument("--model", metavar="DIR", help="model artifact folder (default models/default)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the ensemble")
-    s.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference")
+    _config_arg(s)
+    s.add_argument("--model", metavar="DIR", help="model artifact folder (default "
+                   "models/default, the shipped ensemble)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the "
+                   "ensemble (default auto: CUDA when present, else CPU)")
+    s.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference "
+                   "(default: the physical cores)")
     s.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 (default; onnxruntime, matches the trainer); bf16 (OpenVINO on "
-                        "CPUs with AMX/AVX-512 BF16: ~3.5x faster, checked against the fp32 "
-                        "probe; the openvino extra); fp16 (onnxruntime, for CUDA; the gpu extra)")
+                   help="arithmetic of the networks (default fp32: onnxruntime, the trainer's "
+                        "numbers to 1e-4); bf16: OpenVINO on CPUs with AMX/AVX-512 BF16, ~3.5x "
+                        "faster, maps differ by <= 0.02 and 4-5 in 15,876 atoms change "
+                        "(docs/benchmarks.md; the openvino extra); fp16: for CUDA (the gpu "
+                        "extra)")
     s.add_argument("--warmup-shape", type=_shape_arg, metavar="HxW",
                    help="frame size to prepare for before serving, e.g. 512x512 or 512 (default "
                         "256x256): the first frame of a new size pays for set-up (bf16: 0.5-1 s)")
     s.add_argument("--delivery", choices=["lossless", "latest"],
-                   help="lossless: every frame, in order (slows the sender down if needed); "
-                        "latest: skip stale frames to keep up (each one reported)")
-    _endpoint_args(s, defaults=False)
-    s.add_argument("--metrics-host", metavar="HOST", help="Prometheus endpoint host")
-    s.add_argument("--metrics-port", type=int, metavar="PORT", help="Prometheus port (9108)")
-    s.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoint")
+                   help="lossless (default): every frame, in order (slows the sender down if "
+                        "needed); latest: skip stale frames to keep up (each one reported)")
+    _endpoint_args(s, verb="bind; port 0: a free one")
+    s.add_argument("--metrics-host", metavar="HOST", help="Prometheus endpoint host "
+                   "(default 127.0.0.1)")
+    s.add_argument("--metrics-port", type=int, metavar="PORT", help="Prometheus endpoint port "
+                   "(default 9108; 0: a free one)")
+    s.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoint (default: "
+                   "one is served)")
     s.add_argument("--allowed-dir", action="append", metavar="DIR",
-                   help="folder load_model may load artifacts from (repeatable; default models/)")
+                   help="folder load_model may load artifacts from (repeatable; default: the "
+                        "repository's models/)")
     s.add_argument("--maps", choices=["subscribe", "always", "never"],
-                   help="publish mean/std maps: when a subscriber asks (topic 'maps'), always, "
-                        "never")
+                   help="publish mean/std maps (default subscribe: only while a subscriber "
+                        "listens to topic 'maps'), always, or never")
     s.add_argument("--auth", metavar="SOCKETS", help="require CURVE authentication on these "
-                   "sockets: all, or a comma list of ingest,results,control (e.g. control)")
-    s.add_argument("--keys", metavar="DIR", help="CURVE key folder (`elit-stream keys DIR`)")
-    s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                   "sockets: all, or a comma list of ingest,results,control (default: none)")
+    s.add_argument("--keys", metavar="DIR", help="CURVE key folder (`elit-stream keys DIR`; "
+                   "default: none)")
+    s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log detail on stderr (default INFO)")
     s.set_defaults(func=cmd_serve)
 
 
 def _replay_parser(sub) -> None:
     r = sub.add_parser("replay", help="act as the microscope: send a recorded movie to the service",
                        description="Send every frame of MOVIE to a running service and wait "
-                       "until each is answered. Reads .npy, .npz (array 'frames'), multi-page "
-                       ".tif/.tiff and .h5/.hdf5 stacks [frames, rows, columns].")
-    r.add_argument("movie", metavar="MOVIE", help="the stack to send")
+                       "until each is answered. Reads .npy, .npz (array 'frames', scalar "
+                       "'pixel_size_pm'), .h5/.hdf5 (attribute pixel_size_pm), and with the io "
+                       "extra (RosettaSciIO) .dm3/.dm4, .emd, .hspy and TIFF with their scale; "
+                       "TIFF without it. Pixel types the service does not take (int16, int64, "
+                       "...) are converted to float32 once, with a note.")
+    r.add_argument("movie", metavar="MOVIE", help="the file to send: a stack [frames, rows, "
+                   "columns] or one image")
     r.add_argument("--dataset", metavar="KEY", help="HDF5 dataset (default: the first 2-D/3-D one)")
     r.add_argument("--rate", type=float, metavar="FPS", help="frames per second (default: as "
                    "fast as the service takes them)")
-    r.add_argument("--pixel-size-pm", type=float, metavar="PM",
-                   help="pixel size in picometres (frames are rescaled to the model's)")
+    r.add_argument("--pixel-size-pm", type=_pixel_size_arg, metavar="PM",
+                   help="pixel size in picometres, > 0; frames are rescaled to the model's "
+                        "(default: the file's, else the service assumes the model's, with a "
+                        "warning)")
     r.add_argument("--acquisition", metavar="ID", help="acquisition id (default: replay-<time>)")
-    r.add_argument("--record", metavar="FILE", help="write every result/event as one JSON line")
+    r.add_argument("--record", metavar="FILE", help="write every result/event as one JSON line "
+                   "(default: none)")
     r.add_argument("--wait", type=float, default=60.0, metavar="S",
-                   help="seconds to wait for the last answers (default 60)")
-    r.add_argument("--quiet", action="store_true", help="no line per frame")
-    _endpoint_args(r, defaults=True)
+                   help="seconds to wait for the last answers after the last frame (default 60)")
+    r.add_argument("--quiet", action="store_true", help="no line per frame (default: one per "
+                   "frame)")
+    _endpoint_args(r)
+    _config_arg(r)
     _curve_client_args(r)
     r.set_defaults(func=cmd_replay)
 
@@ -197,11 +247,15 @@ def _ctl_parser(sub) -> None:
     c = sub.add_parser("ctl", help="send one control command and print the reply as JSON",
                        description="Commands: ping, status, members, set_active IDS, deselect "
                        "IDS, select IDS, reset, set_params KEY=VALUE..., set_maps mode=always, "
-                       "load_model DIR, shutdown. Exit status 1 if the service refuses.")
-    c.add_argument("cmd", metavar="CMD")
+                       "load_model DIR, shutdown (docs/protocol.md). Exit status 1 if the "
+                       "service refuses, 2 if none answers.")
+    c.add_argument("cmd", metavar="CMD", help="the command, e.g. status")
     c.add_argument("args", nargs="*", metavar="ARG", help="member ids, a path, or KEY=VALUE")
-    c.add_argument("--control", metavar="ADDR", default="tcp://127.0.0.1:5557")
-    c.add_argument("--timeout", type=float, default=120.0, metavar="S")
+    _endpoint_args(c, which=("control",))
+    c.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for the reply "
+                   "(default: config client.timeout_s, 5; load_model: 120, as it answers when "
+                   "the model is loaded)")
+    _config_arg(c)
     _curve_client_args(c)
     c.set_defaults(func=cmd_ctl)
 
@@ -210,16 +264,21 @@ def _demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="the main job: start the service, replay a synthetic movie, "
                        "print a line per frame, score against the truth, write a PNG overlay")
     d.add_argument("--model", metavar="DIR", help="artifact (default models/default)")
-    d.add_argument("--frames", type=int, default=20, help="frames in the movie (20)")
-    d.add_argument("--size", type=int, default=256, metavar="PX", help="frame side (256)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--frames", type=int, default=20, help="frames in the movie (default 20)")
+    d.add_argument("--size", type=int, default=256, metavar="PX", help="frame side in pixels "
+                   "(default 256)")
+    d.add_argument("--seed", type=int, default=0, help="random seed of the synthetic movie "
+                   "(default 0)")
     d.add_argument("--rate", type=float, metavar="FPS", help="send rate (default: as fast as "
                    "the service takes them)")
-    d.add_argument("--delivery", choices=["lossless", "latest"], default="lossless")
-    d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    d.add_argument("--delivery", choices=["lossless", "latest"], default="lossless",
+                   help="as for serve (default lossless: every frame)")
+    d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="as for serve (default auto)")
     d.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="bf16: OpenVINO on the CPU, faster, not bit-identical (see serve --help)")
-    d.add_argument("--out", metavar="PNG", default="runs/demo/last_frame.png")
+                   help="as for serve (default fp32; bf16: faster, see serve --help)")
+    d.add_argument("--out", metavar="PNG", default="runs/demo/last_frame.png",
+                   help="the overlay picture (default runs/demo/last_frame.png)")
     d.set_defaults(func=cmd_demo)
 
 
@@ -229,6 +288,7 @@ def cmd_serve(args) -> int:
 
     from elit_stream.core.manifest import ArtifactError, default_artifact_path
     from elit_stream.service.config import ConfigError, load_config
+    from elit_stream.tools.settings import config_file
     overrides = {
         "model.path": args.model, "model.device": args.device, "model.threads": args.threads,
         "model.precision": args.precision, "model.warmup_shape_px": args.warmup_shape,
@@ -239,7 +299,7 @@ def cmd_serve(args) -> int:
         "maps.mode": args.maps, "log_level": args.log_level, "auth.keys_dir": args.keys,
         **_auth_overrides(args.auth)}
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config_file(args.config), overrides, SERVE_FLAGS)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     logging.getLogger().setLevel(cfg.log_level)
@@ -268,6 +328,28 @@ def cmd_serve(args) -> int:
                       "precision": service.state.engine.precision}), flush=True)
     logging.getLogger("elit_stream").info("listening: %s", endpoints)
     return service.run()
+
+
+SERVE_FLAGS = {  # config key -> the serve option that sets it (errors blame the option)
+    "model.path": "--model", "model.device": "--device", "model.threads": "--threads",
+    "model.precision": "--precision", "model.warmup_shape_px": "--warmup-shape",
+    "model.allowed_dirs": "--allowed-dir", "delivery.mode": "--delivery",
+    "endpoints.ingest": "--ingest", "endpoints.results": "--results",
+    "endpoints.control": "--control", "metrics.host": "--metrics-host",
+    "metrics.port": "--metrics-port", "metrics.enabled": "--no-metrics", "maps.mode": "--maps",
+    "log_level": "--log-level", "auth.keys_dir": "--keys", "auth.ingest": "--auth",
+    "auth.results": "--auth", "auth.control": "--auth"}
+
+
+def _pixel_size_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pixel size: give picometres > 0 "
+                                         "(e.g. 14.1)")
+    return value
 
 
 def _shape_arg(text: str) -> list[int]:
@@ -299,8 +381,9 @@ def _auth_overrides(spec: str | None) -> dict:
 
 def cmd_config(args) -> int:
     from elit_stream.service.config import ConfigError, dump_config, load_config
+    from elit_stream.tools.settings import config_file
     try:
-        print(dump_config(load_config(args.config)), end="")
+        print(dump_config(load_config(config_file(args.config))), end="")
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -333,39 +416,76 @@ def parse_ctl_args(cmd: str, args: list[str]) -> dict:
 
 def cmd_ctl(args) -> int:
     from elit_stream.protocol.client import ControlClient
+    from elit_stream.tools.settings import LOAD_TIMEOUT_S
     kwargs = parse_ctl_args(args.cmd, args.args)
-    curve = _client_curve(args)
-    with ControlClient(args.control, timeout_s=args.timeout, curve=curve) as ctl:
+    settings = _settings(args, **{"--control": args.control, "--timeout": args.timeout})
+    timeout_s = settings.timeout_s
+    if args.cmd == "load_model" and args.timeout is None:
+        timeout_s = max(timeout_s, LOAD_TIMEOUT_S)
+    address, curve = settings.endpoints["control"], _client_curve(settings)
+    with ControlClient(address, timeout_s=timeout_s, curve=curve) as ctl:
         try:
             reply = ctl.call(args.cmd, **kwargs)
         except TimeoutError:
-            hint = "is the service running? does it require CURVE keys (--client-key, " \
-                "--server-key)?" if curve is None else "is the service running? is this " \
-                "client's public key in the service's allowed folder?"
-            raise CliError(f"no reply from {args.control} within {args.timeout} s "
-                           f"({hint})") from None
-    print(json.dumps(reply, indent=2))
+            raise _no_answer(address, timeout_s, curve) from None
+    print(pretty_json(reply))
     return 0 if reply.get("ok") else 1
 
 
+def pretty_json(obj, indent: str = "") -> str:
+    """JSON with one key per line, but short lists of numbers/strings on one line."""
+    inner = indent + "  "
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(k)}: {pretty_json(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(inner + pretty_json(v, inner) for v in obj) + f"\n{indent}]"
+    return json.dumps(obj)
+
+
 def cmd_replay(args) -> int:
-    from elit_stream.tools.replay import StackError, read_stack, replay, result_line
+    from elit_stream.tools.replay import (
+        StackError,
+        choose_pixel_size,
+        read_movie,
+        replay,
+        result_line,
+        sendable,
+        service_model,
+    )
+    settings = _settings(args, **{"--ingest": args.ingest, "--results": args.results,
+                                  "--control": args.control})
+    curve = _client_curve(settings)
     try:
-        frames, ps = read_stack(args.movie, args.dataset)
+        movie = read_movie(args.movie, args.dataset)
+        frames, note = sendable(movie.frames, args.movie)
     except StackError as exc:
         raise CliError(str(exc)) from None
-    endpoints = {"ingest": args.ingest, "results": args.results, "control": args.control}
+    for line in movie.notes + ([note] if note else []):
+        print(f"note: {line}", file=sys.stderr)
+    try:
+        model = service_model(settings.endpoints["control"], settings.timeout_s, curve)
+    except TimeoutError:
+        raise _no_answer(settings.endpoints["control"], settings.timeout_s, curve) from None
+    pixel_size_pm, said, warnings = choose_pixel_size(args.movie, movie, args.pixel_size_pm,
+                                                      model.get("pixel_size_pm"))
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if said:
+        print(said, flush=True)
+    print(f"movie {args.movie}: {movie.frames.shape[0]} frames of {movie.frames.shape[1]}x"
+          f"{movie.frames.shape[2]} px, {movie.frames.dtype}", flush=True)
 
     def show(msg, rep):
         if not args.quiet and msg["topic"] == "result":
             print(result_line(msg, rep), flush=True)
     try:
-        rep = replay(frames, endpoints, acquisition=args.acquisition, rate_fps=args.rate,
-                     pixel_size_pm=args.pixel_size_pm or ps, wait_s=args.wait,
+        rep = replay(frames, settings.endpoints, acquisition=args.acquisition,
+                     rate_fps=args.rate, pixel_size_pm=pixel_size_pm, wait_s=args.wait,
                      record=Path(args.record) if args.record else None, on_message=show,
-                     curve=_client_curve(args))
-    except TimeoutError as exc:
-        raise CliError(f"{exc} (is the service running at {args.control}?)") from None
+                     curve=curve)
+    except TimeoutError:
+        raise _no_answer(settings.endpoints["control"], settings.timeout_s, curve) from None
     print(f"sent {rep.sent}: {len(rep.results)} results, {len(rep.dropped)} dropped, "
           f"{len(rep.rejected)} rejected" + ("" if rep.complete else " (some never answered)"))
     for fid, (code, message) in sorted(rep.rejected.items()):

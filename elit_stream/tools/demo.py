@@ -81,8 +81,11 @@ def run_demo(args) -> int:
     _score(rep, mov, movies)
     if rep.results:
         last = max(rep.results)
-        out = write_overlay(mov.frames[last], rep.results[last], Path(args.out))
-        print(f"overlay of frame {last} (atoms coloured by uncertainty): {out}")
+        radius_px = 0.5 * movies.CC_BOND_PM / mov.pixel_size_pm
+        out = write_overlay(mov.frames[last], rep.results[last], Path(args.out),
+                            mov.pixel_size_pm, tuple(art.class_names), mov.xy[last], radius_px)
+        print(f"overlay of frame {last} (atoms by class, coloured by uncertainty; false "
+              f"detections and missed atoms marked): {out}")
     if stop:
         print(f"service stopped ({stop['exit_status']}): {stop['counts']}")
     return 0 if rep.complete else 1
@@ -121,21 +124,68 @@ def _score(rep, mov, movies) -> None:
           f"precision {precision:.3f}, recall {recall:.3f} (tp {tp}, fp {fp}, fn {fn})")
 
 
-def write_overlay(frame: np.ndarray, result: dict, out: Path) -> Path:
-    """PNG: the frame in grey, atoms as dots coloured by uncertainty (matplotlib Agg)."""
+CLASS_MARKERS = ("o", "^", "s", "D")      # class 0 (lattice) circle, 1 (impurity) triangle, ...
+
+
+def write_overlay(frame: np.ndarray, result: dict, out: Path, pixel_size_pm: float | None = None,
+                  class_names: tuple[str, ...] = ("lattice", "impurity"),
+                  truth_xy: np.ndarray | None = None, match_radius_px: float = 5.0) -> Path:
+    """PNG a scientist reads without the docs: the frame in grey with a scale bar in nm, atoms
+    by class (marker shape) coloured by uncertainty (colour bar), white-edged so they show on
+    dark vacuum too; with `truth_xy`, detections with no true atom near (false) are boxed in
+    red and missed true atoms ringed in cyan. A legend says all of it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out.parent.mkdir(parents=True, exist_ok=True)
     a = result["atoms"]
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
+    xy = np.column_stack([a["x"], a["y"]]).astype(float).reshape(-1, 2)
+    fig, ax = plt.subplots(figsize=(9, 7.5), dpi=110)
     ax.imshow(frame, cmap="gray")  # pixel centres at integer (x=column, y=row), like results
-    sc = ax.scatter(a["x"], a["y"], c=a["uncertainty"], cmap="plasma", s=14, linewidths=0)
-    fig.colorbar(sc, ax=ax, label="uncertainty (std over active members)")
-    ax.set_title(f"frame {result['frame_id']}: {result['n_atoms']} atoms, "
+    vmax = max(float(np.max(a["uncertainty"], initial=0.0)), 0.05)
+    sc = None
+    for k, name in enumerate(class_names):
+        sel = np.asarray(a["cls"]) == k
+        sc = ax.scatter(xy[sel, 0], xy[sel, 1], c=np.asarray(a["uncertainty"])[sel],
+                        cmap="plasma", vmin=0, vmax=vmax, s=30 if k else 16,
+                        marker=CLASS_MARKERS[k % len(CLASS_MARKERS)], edgecolors="white",
+                        linewidths=0.5, label=f"{name} ({int(sel.sum())})")
+    if sc is not None:
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02,
+                     label="uncertainty: std of the members' probability at the atom")
+    if truth_xy is not None:
+        _mark_errors(ax, xy, np.asarray(truth_xy, float).reshape(-1, 2), match_radius_px)
+    if pixel_size_pm:
+        _scale_bar(ax, frame.shape, pixel_size_pm)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.01), ncol=4, fontsize=8, frameon=False,
+              title="marker shape = class (count); colour = uncertainty", title_fontsize=8)
+    ax.set_title(f"frame {result['frame_id']}: {result['n_atoms']} atoms found, "
                  f"{len(result['active'])} active members (v{result['active_version']})")
     ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return out.resolve()
+
+
+def _mark_errors(ax, found_xy: np.ndarray, truth_xy: np.ndarray, radius_px: float) -> None:
+    from elit_stream.tools.movie import match_pairs
+    found_i, true_i, _ = match_pairs(found_xy, truth_xy, radius_px)
+    false = np.setdiff1d(np.arange(len(found_xy)), found_i)
+    missed = np.setdiff1d(np.arange(len(truth_xy)), true_i)
+    ax.scatter(found_xy[false, 0], found_xy[false, 1], marker="s", facecolors="none",
+               edgecolors="red", s=90, linewidths=1.3, label=f"false detection ({len(false)})")
+    ax.scatter(truth_xy[missed, 0], truth_xy[missed, 1], marker="o", facecolors="none",
+               edgecolors="cyan", s=60, linewidths=1.2, label=f"missed true atom ({len(missed)})")
+
+
+def _scale_bar(ax, shape: tuple[int, int], pixel_size_pm: float) -> None:
+    """A white bar of a round length in nm, about a fifth of the frame wide, bottom right."""
+    width_nm = shape[1] * pixel_size_pm / 1000
+    bar_nm = max((v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if v <= width_nm / 4),
+                 default=width_nm / 4)
+    bar_px = bar_nm * 1000 / pixel_size_pm
+    x0, y0 = shape[1] * 0.95 - bar_px, shape[0] * 0.94
+    ax.plot([x0, x0 + bar_px], [y0, y0], color="white", linewidth=4, solid_capstyle="butt")
+    ax.text(x0 + bar_px / 2, y0 - shape[0] * 0.02, f"{bar_nm:g} nm", color="white",
+            ha="center", va="bottom", fontsize=10, fontweight="bold")

@@ -161,3 +161,29 @@ def match_atoms(pred_xy: np.ndarray, true_xy: np.ndarray, max_dist_px: float
     n_true = len(np.asarray(true_xy).reshape(-1, 2))
     tp = len(match_pairs(pred_xy, true_xy, max_dist_px)[0])
     return tp, n_pred - tp, n_true - tp
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m elit_stream.tools.movie --out FILE.npz`: write a movie (how samples/ is made)."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m elit_stream.tools.movie",
+                                description="Write a synthetic graphene movie with its ground "
+                                "truth (the .npz layout of this module's docstring).")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write it")
+    p.add_argument("--frames", type=int, default=20, help="number of frames (default 20)")
+    p.add_argument("--size", type=int, default=256, metavar="PX", help="frame side in pixels "
+                   "(default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--pixel-size-pm", type=float, default=14.0, metavar="PM",
+                   help="pixel size in picometres (default 14.0)")
+    args = p.parse_args(argv)
+    movie = make_movie(n_frames=args.frames, size_px=args.size, seed=args.seed,
+                       pixel_size_pm=args.pixel_size_pm)
+    out = save_movie(movie, args.out)
+    print(f"{out}: {args.frames} frames of {args.size}x{args.size} px at {args.pixel_size_pm:g} "
+          f"pm, {sum(len(a) for a in movie.xy)} atoms in the ground truth")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

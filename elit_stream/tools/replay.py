@@ -1,7 +1,7 @@
 """Replay a recorded movie as if it were the microscope, and collect what the service answers.
 
-Reads .npy, .npz (a `frames` array, e.g. the movie format of `movie.save_movie`), multi-page
-TIFF and HDF5 stacks; sends every frame over a real PUSH socket (at a given rate or as fast as
+Reads a movie with `readers.read_movie` (.npy, .npz, HDF5, TIFF, .dm3/.dm4, .emd, .hspy),
+converts pixel types the service does not take (`sendable`), sends every frame over a real PUSH socket (at a given rate or as fast as
 the service takes them); listens to results and events; can record every message to a JSON-lines
 file (docs/protocol.md, "Recording"). Waits until every sent frame is answered (result) or
 reported (frame_dropped / frame_rejected), or until a timeout.
@@ -17,65 +17,61 @@ from pathlib import Path
 import numpy as np
 
 from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.tools.readers import StackError, read_movie, read_stack  # noqa: F401 (re-export)
+
+SENDABLE_DTYPES = ("uint8", "uint16", "uint32", "float32", "float64")  # what ingest takes
 
 
-class StackError(ValueError):
-    """A movie file cannot be read as a stack of 2-D frames."""
+def sendable(frames, name: str) -> tuple[Iterable[np.ndarray], str | None]:
+    """Frames in a pixel type the service takes: others are converted here, once for the whole
+    movie (frame by frame as they are sent), with a note saying so; None when nothing changes.
+    Signed and 64-bit integers, float16 and bool become float32 (exact up to 2**24)."""
+    dtype = np.dtype(frames.dtype)
+    if dtype.name in SENDABLE_DTYPES:
+        return frames, None
+    if dtype.kind not in "biuf":
+        raise StackError(f"{name}: pixels of type {dtype} cannot be sent (use "
+                         f"{', '.join(SENDABLE_DTYPES)})")
+    note = (f"{name}: {dtype} pixels converted to float32 for sending (the service takes "
+            f"{', '.join(SENDABLE_DTYPES)})")
+    if dtype.kind in "iu" and dtype.itemsize > 2:
+        note += "; values beyond +-16,777,216 are rounded"
+    return (np.asarray(f, dtype=np.float32) for f in frames), note
 
 
-def read_stack(path: str | Path, dataset: str | None = None) -> tuple[np.ndarray, float | None]:
-    """-> (frames [T, H, W] (may be an h5py dataset or memory map), pixel_size_pm or None)."""
-    p = Path(path)
-    if not p.is_file():
-        raise StackError(f"{p}: no such file")
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".npy":
-            return _as_stack(np.load(p, mmap_mode="r"), p), None
-        if suffix == ".npz":
-            return _read_npz(p)
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-            return _as_stack(tifffile.imread(p), p), None
-        if suffix in (".h5", ".hdf5", ".hdf", ".nxs"):
-            return _read_h5(p, dataset)
-    except StackError:
-        raise
-    except Exception as exc:  # unreadable file: say which and why
-        raise StackError(f"{p}: cannot read ({type(exc).__name__}: {exc})") from None
-    raise StackError(f"{p}: unknown file type {suffix!r} (use .npy, .npz, .tif/.tiff, .h5/.hdf5)")
+def service_model(control: str, timeout_s: float, curve=None) -> dict:
+    """The running service's model (`status`): frames are rescaled to its pixel size.
+    TimeoutError when no service answers."""
+    with ControlClient(control, timeout_s=timeout_s, curve=curve) as ctl:
+        return ctl.call("status").get("model", {})
 
 
-def _as_stack(a, p: Path):
-    if a.ndim == 2:
-        return a[None]
-    if a.ndim != 3:
-        raise StackError(f"{p}: need a 2-D frame or a 3-D stack [T, H, W], got shape {a.shape}")
-    return a
-
-
-def _read_npz(p: Path):
-    with np.load(p) as z:
-        if "frames" not in z.files:
-            raise StackError(f"{p}: no 'frames' array (has {z.files})")
-        ps = float(z["pixel_size_pm"]) if "pixel_size_pm" in z.files else None
-        return _as_stack(z["frames"], p), ps
-
-
-def _read_h5(p: Path, dataset: str | None):
-    import h5py
-    f = h5py.File(p, "r")
-    if dataset is None:
-        found: list[str] = []
-        f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset)
-                     and obj.ndim in (2, 3) and not found else None)
-        if not found:
-            raise StackError(f"{p}: no 2-D or 3-D dataset inside")
-        dataset = found[0]
-    if dataset not in f:
-        raise StackError(f"{p}: no dataset {dataset!r}")
-    ps = f[dataset].attrs.get("pixel_size_pm")
-    return _as_stack(f[dataset], p), (float(ps) if ps is not None else None)
+def choose_pixel_size(name: str, movie, flag_pm: float | None, model_pm: float | None
+                      ) -> tuple[float | None, str, list[str]]:
+    """-> (pixel size to send or None, what was chosen and why, warnings). The option wins over
+    the file; with neither the service assumes the model's (a warning); more than 2x off the
+    model's means a big rescale (a warning: a factor-10 typo costs minutes per frame)."""
+    model = f"{model_pm:g} pm" if model_pm else "its model's"
+    if flag_pm is not None:
+        ps, source = flag_pm, "--pixel-size-pm"
+        if movie.pixel_size_pm is not None and abs(movie.pixel_size_pm - ps) > 1e-6 * ps:
+            source += f", not the file's {movie.pixel_size_pm:g} pm"
+    elif movie.pixel_size_pm is not None:
+        ps, source = movie.pixel_size_pm, movie.pixel_size_from
+    else:
+        missing = (f"{name} carries no pixel size and no --pixel-size-pm was given: the "
+                   f"service assumes the model's, {model}; if the images were taken at another "
+                   "magnification the atoms found will be wrong")
+        return None, "", [missing]
+    said = f"pixel size {ps:g} pm ({source}); the model's is {model}"
+    ratio = ps / model_pm if model_pm else 1.0
+    if 0.5 <= ratio <= 2.0:
+        return ps, said, []
+    h, w = movie.frames.shape[1:]
+    far = (f"{ps:g} pm is {ratio:.3g}x the model's {model}: every {h}x{w} frame is rescaled "
+           f"to {round(h * ratio)}x{round(w * ratio)} px before the networks see it (slower, "
+           "and atoms the wrong size if the pixel size is wrong)")
+    return ps, said, [far]
 
 
 @dataclass

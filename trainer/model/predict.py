@@ -85,33 +85,73 @@ class EnsembleRunner:
         return out
 
 
+GRID_COLS = 4
+PANEL_IN = 3.0                      # inches per panel: readable at 100 dpi
+
+
 def member_grid_png(frames: list[np.ndarray], probs: list[np.ndarray], manifest: dict, path: Path,
                     titles: list[str] | None = None) -> None:
-    """Rows: input, each member, mean, std; columns: frames. Colour: green = lattice class,
-    magenta = impurity class (if any)."""
+    """One block of panels per image: the input, the ensemble mean, the spread (std) and every
+    member, each member titled with what it finds (atoms, agreement with the mean, its test IoU
+    from the manifest), and a legend panel saying what the colours mean."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n_members = probs[0].shape[0]
-    rows = n_members + 3
-    fig, axes = plt.subplots(rows, len(frames), figsize=(2.2 * len(frames), 2.2 * rows), squeeze=False)
-    for col, (frame, p) in enumerate(zip(frames, probs)):
-        axes[0, col].imshow(frame, cmap="gray")
-        axes[0, col].set_title(titles[col] if titles else f"frame {col}", fontsize=8)
-        for m in range(n_members):
-            axes[1 + m, col].imshow(_rgb(p[m]))
-        axes[-2, col].imshow(_rgb(p.mean(0)))
-        axes[-1, col].imshow(p.std(0).sum(0), cmap="magma")
-    labels = ["input"] + [f"member {m['id']}" for m in manifest["members"]] + ["mean", "std (sum)"]
-    for row, label in enumerate(labels):
-        axes[row, 0].set_ylabel(label, fontsize=8)
-    for ax in axes.flat:
+    per_image = -(-(n_members + 4) // GRID_COLS)          # rows of panels per image
+    fig, axes = plt.subplots(per_image * len(frames), GRID_COLS, squeeze=False,
+                             figsize=(PANEL_IN * GRID_COLS, PANEL_IN * per_image * len(frames)))
+    for i, (frame, p) in enumerate(zip(frames, probs)):
+        block = axes[i * per_image:(i + 1) * per_image].ravel()
+        _image_block(block, frame, p, manifest, titles[i] if titles else f"image {i}", fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _image_block(block, frame: np.ndarray, p: np.ndarray, manifest: dict, title: str, fig) -> None:
+    mean = p.mean(0)
+    mean_mask = mean.sum(0) > 0.5
+    block[0].imshow(frame, cmap="gray")
+    block[0].set_title(f"{title}\ninput {frame.shape[1]}x{frame.shape[0]} px", fontsize=9)
+    block[1].imshow(_rgb(mean))
+    block[1].set_title(f"ensemble mean: {_count_atoms(mean)} atoms", fontsize=9)
+    spread = block[2].imshow(p.std(0).sum(0), cmap="magma", vmin=0)
+    block[2].set_title("spread: std over members", fontsize=9)
+    fig.colorbar(spread, ax=block[2], fraction=0.046, pad=0.02)
+    for k, member in enumerate(manifest["members"]):
+        mask = p[k].sum(0) > 0.5
+        iou = (mask & mean_mask).sum() / max((mask | mean_mask).sum(), 1)
+        test = f", test IoU {member['test_iou']:.2f}" if "test_iou" in member else ""
+        block[3 + k].imshow(_rgb(p[k]))
+        block[3 + k].set_title(f"member {member['id']}: {_count_atoms(p[k])} atoms\n"
+                               f"IoU vs mean {iou:.2f}{test}", fontsize=9)
+    _legend_panel(block[-1], manifest)
+    for ax in block:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    for ax in block[3 + len(manifest["members"]):-1]:
+        ax.set_axis_off()
+
+
+def _count_atoms(p: np.ndarray) -> int:
+    """Connected regions where the summed class probability exceeds 0.5."""
+    return int(ndimage.label(p.sum(0) > 0.5)[1])
+
+
+def _legend_panel(ax, manifest: dict) -> None:
+    names = [c["name"] if isinstance(c, dict) else str(c) for c in manifest.get("classes", [])]
+    lines = ["colour = probability of a class", "(brighter = more certain)"]
+    colours = ["#00ff00", "#ff00ff"]
+    ax.set_facecolor("black")
+    for k, name in enumerate(names[:2]):
+        ax.text(0.05, 0.78 - 0.14 * k, f"\u25a0 {name}", color=colours[k], fontsize=11,
+                transform=ax.transAxes)
+    ax.text(0.05, 0.35, "\n".join(lines + ["spread: where members", "disagree (std, summed",
+                                            "over classes)"]),
+            color="white", fontsize=8, transform=ax.transAxes, va="top")
+    ax.set_title("legend", fontsize=9)
 
 
 def _rgb(p: np.ndarray) -> np.ndarray:
