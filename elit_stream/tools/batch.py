@@ -31,7 +31,8 @@ from elit_stream.core.ensemble import ActiveSet
 from elit_stream.core.pipeline import FrameRejected, analyse_frame, result_document
 from elit_stream.core.postprocess import Params
 from elit_stream.protocol import wire
-from elit_stream.tools.replay import StackError, read_stack, to_json_line
+from elit_stream.tools.readers import StackError, read_stack
+from elit_stream.tools.replay import to_json_line
 
 
 class BatchError(Exception):
