@@ -52,8 +52,7 @@ def test_maps_follow_subscriptions(service):
     ctl = ControlClient(service.endpoints["control"])
     with ResultSubscriber(service.endpoints["results"], topics=(), maps=True):
         for _ in range(100):
-            if service.poller.poll(50):
-                service._track_subscriptions()
+            service.hub.turn(50)
             if service._maps_wanted():
                 break
         assert service._maps_wanted()

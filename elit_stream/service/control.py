@@ -3,8 +3,9 @@
 `handle(state, body)` turns one request body into exactly one reply dict (or a `Deferred` for
 `load_model`, answered when the load finishes). No exception escapes: unknown commands, bad
 arguments and refused changes become `{ok: false, error: {code, message}}`, and a refused
-change leaves the state as it was. Handlers run on the service thread between frames, so every
-change applies at a frame boundary; events they cause go to `state.outbox`.
+change leaves the state as it was. Handlers run on the control thread (service/hub.py) under
+`state.lock`; the frame thread takes its snapshot of the state under the same lock at each frame
+boundary, so every change applies from the next frame it starts. Events go to `state.outbox`.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Refused(Exception):
 
 @dataclass
 class State:
-    """Everything control commands read or change. Owned by the service thread."""
+    """Everything control commands read or change. Changed under `lock` (control thread); the
+    frame thread reads engine/active/params once per frame under the same lock."""
 
     engine: Engine
     active: ActiveSet
@@ -62,6 +64,10 @@ class State:
     loader: ModelLoader | None = None
     stop_reason: str | None = None
     auth: dict = field(default_factory=dict)      # socket -> requires CURVE
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    in_flight: tuple | None = None     # (acquisition, frame id) the frame thread is working on
+    next_result_seq: int = 0           # `seq` of the next result published
+    limits: dict = field(default_factory=dict)   # shown by `status`
 
     @property
     def artifact(self) -> Artifact:
@@ -140,7 +146,12 @@ def status(state: State, req: m.Request) -> dict:
         "queue_depth": state.queue_depth, "params": params_dict(state.params),
         "maps": {"mode": state.maps_mode, "downsample": state.maps_downsample},
         "loading": state.loader is not None, "auth": dict(state.auth),
+        "in_flight": _frame_ref(state.in_flight), "limits": dict(state.limits),
     }
+
+
+def _frame_ref(key: tuple | None) -> dict | None:
+    return None if key is None else {"acquisition": key[0], "frame_id": key[1]}
 
 
 def members(state: State, req: m.Request) -> dict:
@@ -243,6 +254,8 @@ HANDLERS: dict[str, Callable[[State, Any], Any]] = {
     "set_maps": set_maps, "load_model": load_model, "shutdown": shutdown,
 }
 assert set(HANDLERS) == set(m.REQUESTS)
+CHANGES = frozenset({"set_active", "deselect", "select", "reset", "set_params", "set_maps"})
+"""Commands that change what the next frames get (their reply has `from_frame_seq`)."""
 
 
 def _active_dict(active: ActiveSet) -> dict:

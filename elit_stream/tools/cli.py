@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -265,7 +266,12 @@ def cmd_serve(args) -> int:
                       "provider": service.state.engine.provider,
                       "precision": service.state.engine.precision}), flush=True)
     logging.getLogger("elit_stream").info("listening: %s", endpoints)
-    return service.run()
+    code = service.run()
+    if service.hard_exit:   # a frame or a model load still in a native thread: leave now
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _shape_arg(text: str) -> list[int]:
