@@ -267,3 +267,63 @@ def test_cuda_that_cannot_start_refuses_to_serve_when_fallback_is_off(models):
                        env={"ELIT_MODEL__CPU_FALLBACK": "false"})
     assert "CUDA requested but unavailable" in str(exc.value)
     assert "Traceback" not in str(exc.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_replay_across_a_restart_ends_with_exactly_one_result_per_frame(models, how):
+    """`replay` of a 40-frame movie; the service is stopped mid-way and started again on the
+    same ports: every frame ends with exactly one result accepted by the replay (a result the
+    service publishes again for a resent frame carries `repeat: true`)."""
+    from collections import Counter
+
+    from elit_stream.tools.replay import replay
+    first = start(models)
+    ep = first.endpoints
+    same_ports = ["--ingest", ep["ingest"], "--results", ep["results"], "--control", ep["control"]]
+    results: list[dict] = []
+    stopped_first, out = threading.Event(), {}
+
+    def seen(msg, rep):
+        if msg["topic"] == "result":
+            results.append(msg)
+            if len(rep.results) >= 8:
+                stopped_first.set()
+
+    def run_replay():
+        try:
+            out["rep"] = replay([FRAME] * 40, ep, acquisition="movie", rate_fps=10,
+                                on_message=seen, wait_s=90, silence_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            out["error"] = exc
+
+    runner = threading.Thread(target=run_replay, daemon=True)
+    runner.start()
+    second = None
+    try:
+        assert stopped_first.wait(TIMEOUT_S), first.log_tail()
+        if how == "kill -9":
+            first.proc.kill()
+            first.wait(TIMEOUT_S)
+        else:
+            assert first.terminate(TIMEOUT_S) == 0, first.log_tail()
+        time.sleep(1.0)          # the service is down for a while; the replay keeps trying
+        second = start(models, *same_ports)
+        runner.join(120)
+        assert not runner.is_alive() and "error" not in out, out.get("error")
+        rep = out["rep"]
+        assert rep.complete and not rep.rejected and not rep.dropped, (
+            rep.unanswered, rep.restarts, rep.resent, rep.repeats,
+            [(e["event"], e["run_uid"][:6], e.get("code"), e.get("frame")) for e in rep.events],
+            second.log_tail())
+        assert sorted(rep.results) == list(range(40))          # one accepted result each
+        assert sorted({m["frame_id"] for m in results}) == list(range(40))
+        # a frame published twice in one run is marked: never two unmarked results for it
+        fresh = Counter(m["frame_id"] for m in results if not m.get("repeat"))
+        assert max(fresh.values()) == 1, fresh
+        assert rep.restarts == 1
+        assert len(results) - rep.repeats == 40   # the replay counted every extra as a repeat
+    finally:
+        first.kill()
+        if second is not None:
+            second.terminate()

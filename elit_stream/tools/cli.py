@@ -371,7 +371,10 @@ def cmd_replay(args) -> int:
     except TimeoutError as exc:
         raise CliError(f"{exc} (is the service running at {args.control}?)") from None
     print(f"sent {rep.sent}: {len(rep.results)} results, {len(rep.dropped)} dropped, "
-          f"{len(rep.rejected)} rejected" + ("" if rep.complete else " (some never answered)"))
+          f"{len(rep.rejected)} rejected" + ("" if rep.complete else
+                                             f" ({len(rep.unanswered)} never answered)")
+          + (f"; service restarted {rep.restarts}x, {rep.resent} frames sent again, "
+             f"{rep.repeats} repeated results ignored" if rep.restarts or rep.resent else ""))
     for fid, (code, message) in sorted(rep.rejected.items()):
         print(f"  frame {fid} rejected: {code}: {message}")
     if args.record:
