@@ -7,6 +7,7 @@ No timed assertions: timeouts only keep a broken service from hanging the run.
 from __future__ import annotations
 
 import json
+import signal
 import shutil
 import subprocess
 import sys
@@ -327,3 +328,71 @@ def test_replay_across_a_restart_ends_with_exactly_one_result_per_frame(models, 
         first.kill()
         if second is not None:
             second.terminate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "shutdown"])
+def test_stop_during_a_long_frame_finishes_it_and_drains_the_queue(models, how):
+    """Stop while a long frame is inferred and more are queued: the command is answered while
+    the frame is in hand; the frame is finished; every queued frame is rejected
+    `shutting_down` before `stop`, whose counts add up."""
+    from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM
+    sp = start(models, "--delivery", "lossless")
+    big = gaussian_blobs((1024, 1024), seed=4)[0]
+    try:
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(sp.endpoints["results"]) as sub, \
+                FrameSender(sp.endpoints["ingest"]) as sender:
+            sub.wait_ready(ctl)
+            for i in range(4):
+                sender.send(big, i, "long", pixel_size_pm=PIXEL_SIZE_PM, timeout_s=TIMEOUT_S)
+            status = None
+            for _ in range(10_000):
+                status = ctl.call("status")
+                if status["in_flight"] is not None:
+                    break
+            in_hand = status["in_flight"]
+            assert in_hand is not None
+            if how == "SIGTERM":
+                sp.proc.send_signal(signal.SIGTERM)
+            else:
+                assert ctl.call("shutdown")["ok"]
+                assert ctl.call("status")["in_flight"] == in_hand   # answered mid-frame
+            msgs = collect(sub, lambda ms: any(m.get("event") == "stop" for m in ms), sp)
+        assert sp.wait(TIMEOUT_S) == 0
+        stop = msgs[-1]
+        assert stop["event"] == "stop" and stop["exit_status"] == "success"
+        assert stop["frame_in_hand"] == in_hand and stop["frame_in_hand_outcome"] == "finished"
+        answered = {m["frame_id"] for m in msgs if m["topic"] == "result"}
+        answered |= {m["frame"]["frame_id"] for m in msgs if m.get("event") == "frame_rejected"
+                     and m["code"] == "shutting_down"}
+        assert in_hand["frame_id"] in answered
+        c = stop["counts"]
+        assert c["received"] == c["processed"] + c["rejected"] == len(answered)
+    finally:
+        sp.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_during_load_model_exits_cleanly(models):
+    """SIGTERM while load_model builds the shipped 8-member ensemble (it used to abort with
+    "terminate called without an active exception"): exit 0, a stop event, no abort."""
+    from pathlib import Path
+    repo_models = Path(__file__).resolve().parents[1] / "models"
+    sp = start(models, "--allowed-dir", str(repo_models), "--warmup-shape", "512x512")
+    try:
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(sp.endpoints["results"]) as sub:
+            sub.wait_ready(ctl)
+            ctl.send_raw([b"", __import__("msgpack").packb({"cmd": "load_model",
+                                                           "path": "default", "id": "L"})])
+            for _ in range(10_000):
+                if ctl.call("status")["loading"]:
+                    break
+            sp.proc.send_signal(signal.SIGTERM)
+            msgs = collect(sub, lambda ms: any(m.get("event") == "stop" for m in ms), sp)
+        assert sp.wait(TIMEOUT_S) == 0, sp.log_tail()
+        assert msgs[-1]["exit_status"] == "success"
+        assert "terminate called" not in sp.log_tail(100_000)
+    finally:
+        sp.kill()

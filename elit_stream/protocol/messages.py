@@ -252,6 +252,7 @@ EVENTS: dict[str, type[EventBase]] = {
 
 # --------------------------------------------------------------------------- control
 class Request(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True)   # "0.5" is not a number here
     cmd: str
     id: int | str | None = None  # echoed in the reply
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -270,14 +271,45 @@ def params_dict(params: Params) -> dict:
 
 # --------------------------------------------------------------------------- model loading
 def resolve_model_path(path: str, allowed_dirs: list[Path]) -> Path:
-    """Absolute paths as given; relative ones inside the first allowed dir that has them."""
+    """An artifact folder for load_model, checked before any file is opened: absolute paths as
+    given, relative ones inside the first allowed folder that has them (else Refused, listing
+    the folders); the folder and every file in it must resolve inside an allowed folder and be
+    a regular file (a FIFO would block the loader for ever). Refused('model_error') otherwise."""
     p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    for d in allowed_dirs:
-        if (Path(d) / p).exists():
-            return Path(d) / p
-    return Path(allowed_dirs[0]) / p if allowed_dirs else p
+    roots = [Path(d).resolve() for d in allowed_dirs]
+    if not p.is_absolute():
+        found = [Path(d) / p for d in allowed_dirs if (Path(d) / p).is_dir()]
+        if not found:
+            raise Refused("model_error", f"no artifact folder {path!r} in the allowed model "
+                          f"folders {[str(r) for r in roots]} (relative paths are looked up "
+                          "there; give an absolute path or add the folder to "
+                          "model.allowed_dirs)")
+        p = found[0]
+    _check_confined(p, roots)
+    if not p.is_dir():
+        raise Refused("model_error", f"{p}: not a folder")
+    for entry in p.iterdir():
+        _check_confined(entry, roots)
+        if entry.is_dir():
+            continue
+        try:
+            mode = entry.stat().st_mode
+        except OSError as exc:
+            raise Refused("model_error", f"{entry}: cannot stat ({exc.strerror})") from None
+        if not stat.S_ISREG(mode):
+            raise Refused("model_error", f"{entry}: not a regular file (a FIFO, socket or "
+                          "device); refusing to read it")
+    return p
+
+
+def _check_confined(p: Path, roots: list[Path]) -> None:
+    try:
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise Refused("model_error", f"{p}: not found ({exc})") from None
+    if not any(real.is_relative_to(r) for r in roots):
+        raise Refused("model_error", f"{p} resolves to {real}, outside the allowed model "
+                      f"folders {[str(r) for r in roots]}")
 
 
 class ModelLoader(threading.Thread):
