@@ -109,3 +109,17 @@ def test_unknown_commands_share_one_metric_label(svc):
     text = urllib.request.urlopen(svc.proc.endpoints["metrics"], timeout=10).read().decode()
     assert "nonsense" not in text
     assert 'elit_control_commands_total{cmd="unknown",ok="False"} 50.0' in text
+
+
+def test_an_oversized_ingest_message_is_refused_by_zeromq_and_the_service_goes_on(svc):
+    from elit_stream.protocol.client import FrameSender
+    limit_b = 1024 * 1024 * 8 + wire.MAX_HEADER_BYTES
+    with FrameSender(svc.proc.endpoints["ingest"]) as junk:
+        junk.send_parts([header(frame_id=99), bytes(limit_b + 1)], timeout_s=TIMEOUT_S)
+        status = svc.ctl.call("status")
+    assert svc.ctl.call("ping")["ok"]
+    assert status["limits"]["max_frame_px"] == 1024 * 1024
+    svc.sender.send(FRAME, 0, "after-junk", pixel_size_pm=PIXEL_SIZE_PM, timeout_s=TIMEOUT_S)
+    results, _ = svc.results(1)
+    assert results[0]["acquisition"] == "after-junk"
+    assert svc.ctl.call("status")["counts"]["received"] == status["counts"]["received"] + 1

@@ -96,7 +96,7 @@ class Limits(Section):
     pixel_size_factor: float = Field(2.0, ge=1.0, le=1000.0)
     # messages queued per subscriber of the results socket before ZeroMQ drops that
     # subscriber's messages (PUB behaviour); bounds the memory a stalled subscriber costs
-    results_sndhwm: int = Field(200, ge=1, le=1_000_000)
+    results_sndhwm: int = Field(100, ge=1, le=1_000_000)
     # seconds a stop (SIGTERM, SIGINT, shutdown) waits for the frame in hand and a model load
     # before the frame is abandoned (said in the stop event); below systemd's TimeoutStopSec
     stop_grace_s: float = Field(20.0, gt=0, le=3600)
