@@ -396,3 +396,30 @@ def test_sigterm_during_load_model_exits_cleanly(models):
         assert "terminate called" not in sp.log_tail(100_000)
     finally:
         sp.kill()
+
+
+@pytest.mark.slow
+def test_a_frame_longer_than_the_stop_grace_is_abandoned_and_said_so(models):
+    from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM
+    sp = ServiceProcess(["--model", str(models["tiny"]), "--threads", "1"],
+                        env={"ELIT_LIMITS__STOP_GRACE_S": "0.2"})
+    big = gaussian_blobs((2048, 2048), seed=5)[0]
+    try:
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(sp.endpoints["results"]) as sub, \
+                FrameSender(sp.endpoints["ingest"]) as sender:
+            sub.wait_ready(ctl)
+            sender.send(big, 7, "huge", pixel_size_pm=PIXEL_SIZE_PM, timeout_s=TIMEOUT_S)
+            for _ in range(10_000):
+                if ctl.call("status")["in_flight"] is not None:
+                    break
+            sp.proc.send_signal(signal.SIGTERM)
+            msgs = collect(sub, lambda ms: any(m.get("event") == "stop" for m in ms), sp)
+        assert sp.wait(TIMEOUT_S) == 0, sp.log_tail()
+        stop = msgs[-1]
+        assert not [m for m in msgs if m["topic"] == "result"]
+        assert stop["frame_in_hand"] == {"acquisition": "huge", "frame_id": 7}
+        assert stop["frame_in_hand_outcome"] == "abandoned"
+        assert "abandoned" in sp.log_tail() and "terminate called" not in sp.log_tail()
+    finally:
+        sp.kill()

@@ -91,7 +91,7 @@ class Hub:
             cmd = reply.cmd if isinstance(reply, control.Deferred) else reply.get("cmd")
             ok = isinstance(reply, control.Deferred) or bool(reply.get("ok", False))
             self.metrics.count_command(cmd, ok)
-            if cmd in control.CHANGES or cmd == "load_model":
+            if cmd in control.CHANGES or cmd in ("load_model", "shutdown"):
                 log.info("command %s from peer %s: %s -> %s", cmd, envelope[0].hex()[:16],
                          _args(body), _outcome(reply, st))
             if isinstance(reply, control.Deferred):
