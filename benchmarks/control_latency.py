@@ -158,8 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--stall-frames", type=int, default=300)
     p.add_argument("--stall-px", type=int, default=256)
     p.add_argument("--skip-stall", action="store_true")
+    p.add_argument("--skip-latency", action="store_true")
     args = p.parse_args(argv)
-    part_latency(args)
+    if not args.skip_latency:
+        part_latency(args)
     if not args.skip_stall:
         part_stalled(args)
     return 0

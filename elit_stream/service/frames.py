@@ -201,11 +201,12 @@ class FrameLoop:
         columns = {"x": x.astype(np.float32, copy=False), "y": y.astype(np.float32, copy=False),
                    "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
                    "uncertainty": fa.uncertainty, "det_frac": fa.det_frac}
-        wire.send(self.to_hub, wire.encode_result(header, columns))
         self.answered.add(key)
-        with st.lock:
+        with st.lock:        # counted before it is sent: `status` never lags a result seen
             st.next_result_seq += 1
-        st.counts["processed"] += 1
+            st.counts["processed"] += 1
+            st.in_flight = None  # the snapshot is used up: from_frame_seq = next_result_seq
+        wire.send(self.to_hub, wire.encode_result(header, columns))
 
     def _publish_maps(self, frame, fa, geom, art, active) -> None:
         k = self.state.maps_downsample
