@@ -205,8 +205,8 @@ class LosslessSender:
     while frames are unanswered, in the reply to a `status`. Then, once the subscription is
     known to reach the new run (a ping token comes back), every unanswered frame is sent again,
     in the order first sent; also when the same run is silent with nothing in hand. The service marks a result for a frame it has already
-    answered in the same run `repeat: true`; `poll` returns every message, and `answers` keeps
-    the first answer per frame. If this process dies, its unanswered frames are lost with it
+    answered in the same run `repeat: true`; `poll` returns every message: keep the first answer
+    per (acquisition, frame id) — a later one for the same frame is counted in `repeats`. If this process dies, its unanswered frames are lost with it
     (docs/protocol.md, Delivery guarantees).
 
         with LosslessSender(endpoints) as ls:
@@ -225,7 +225,7 @@ class LosslessSender:
                                  context=context, curve=curve)
         self.silence_s = silence_s
         self.pending: dict[tuple[str, int], list] = {}     # insertion order = first-sent order
-        self.answers: dict[tuple[str, int], dict] = {}     # first answer per frame
+        self.answered = 0                                  # frames answered (first answers)
         self.run_uid: str | None = None
         self.restarts = self.resent = self.repeats = 0
         self._resend_due = False
@@ -295,7 +295,7 @@ class LosslessSender:
 
     def _answered(self, key: tuple, msg: dict) -> None:
         if self.pending.pop(key, None) is not None:
-            self.answers.setdefault(key, msg)
+            self.answered += 1
         elif msg.get("topic") == "result":
             self.repeats += 1
 
