@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
 from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
 from elit_stream.tools.launcher import ServiceProcess
@@ -131,11 +132,15 @@ def stall(sp: ServiceProcess, args) -> list[float]:
     ep = sp.endpoints
     rng = np.random.default_rng(1)
     frame = rng.random((args.stall_px, args.stall_px), dtype=np.float32)
+    stalled = zmq.Context.instance().socket(zmq.SUB)   # reads nothing, and its own ZeroMQ
+    stalled.setsockopt(zmq.RCVHWM, 1)                  # queue is tiny: the backlog is the
+    stalled.setsockopt(zmq.RCVBUF, 65536)              # service's (a hung viewer process)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"maps")
+    stalled.connect(ep["results"])
     with ControlClient(ep["control"], timeout_s=60) as ctl, \
-            ResultSubscriber(ep["results"], topics=(), maps=True) as stalled, \
             ResultSubscriber(ep["results"], topics=("result",)) as rx, \
             FrameSender(ep["ingest"]) as tx:
-        stalled.socket.setsockopt(__import__("zmq").RCVBUF, 65536)
         ps = ctl.call("status")["model"]["pixel_size_pm"]
         time.sleep(1.0)                           # both subscriptions arrive
         rss = [rss_mb(sp.proc.pid)]
@@ -146,6 +151,7 @@ def stall(sp: ServiceProcess, args) -> list[float]:
             if (i + 1) % 50 == 0:
                 rss.append(rss_mb(sp.proc.pid))
                 print(f"  {i + 1} frames: {rss[-1]:.0f} MiB", flush=True)
+    stalled.close()
     return rss
 
 
