@@ -45,7 +45,8 @@ class ProtocolError(Exception):
         self.message = message
         self.acquisition = acquisition if isinstance(acquisition, str) \
             and len(acquisition) <= MAX_ACQUISITION_CHARS else None
-        self.frame_id = frame_id if _is_int(frame_id) and 0 <= frame_id <= MAX_FRAME_ID else None
+        # named as sent (also an id above MAX_FRAME_ID) when msgpack can carry it back
+        self.frame_id = frame_id if _is_int(frame_id) and 0 <= frame_id < 2**64 else None
 
 
 @dataclass(slots=True)
@@ -139,7 +140,7 @@ def check_frame_header(h: dict) -> None:
         raise ProtocolError("missing_field", f"header lacks {missing}", acq, fid)
     if not _is_int(fid) or not 0 <= fid <= MAX_FRAME_ID:
         raise ProtocolError("bad_header", f"frame_id must be an integer 0..{MAX_FRAME_ID} "
-                            f"(2^63 - 1), got {fid!r}", acq)
+                            f"(2^63 - 1), got {fid!r}", acq, fid)
     if not isinstance(acq, str) or len(acq) > MAX_ACQUISITION_CHARS:
         raise ProtocolError("bad_header", f"acquisition must be a string of at most "
                             f"{MAX_ACQUISITION_CHARS} characters, got {str(acq)[:80]!r}", None, fid)
