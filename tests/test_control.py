@@ -173,14 +173,35 @@ def test_load_model_verifies_off_the_hot_path_and_swaps_on_request(state, tmp_pa
 
 
 @pytest.mark.parametrize("path", ["/etc", "does-not-exist", "../../etc"])
-def test_load_model_outside_allowed_dirs_or_invalid_fails_and_changes_nothing(state, path):
-    deferred = call(state, cmd="load_model", path=path)
-    assert deferred.loader.wait(60)
-    before = (state.engine, state.active)
-    reply = control.swap_in(state, deferred.loader, next_seq=0)
-    assert reply["ok"] is False and reply["error"]["code"] == "model_error"
-    assert (state.engine, state.active) == before and state.loader is None
-    assert state.outbox[0][0] == "error"
+def test_load_model_outside_allowed_dirs_or_missing_is_refused_before_loading(state, path):
+    reply = refused(state, "model_error", cmd="load_model", path=path)
+    assert state.loader is None
+    assert str(state.allowed_dirs[0].resolve()) in reply["error"]["message"]
+
+
+def test_load_model_refuses_a_fifo_and_a_file_linked_from_outside(state, tmp_path):
+    import os
+    import shutil
+    fifo_art = state.allowed_dirs[0] / "tiny-fifo"
+    shutil.copytree(state.artifact.path, fifo_art, dirs_exist_ok=True)
+    (fifo_art / "manifest.json").unlink()
+    os.mkfifo(fifo_art / "manifest.json")
+    reply = refused(state, "model_error", cmd="load_model", path="tiny-fifo")
+    assert "not a regular file" in reply["error"]["message"]
+    linked = state.allowed_dirs[0] / "tiny-linked"
+    shutil.copytree(state.artifact.path, linked, dirs_exist_ok=True)
+    outside = tmp_path / "manifest.json"
+    shutil.move(linked / "manifest.json", outside)
+    (linked / "manifest.json").symlink_to(outside)
+    reply = refused(state, "model_error", cmd="load_model", path=str(linked))
+    assert "outside the allowed model folders" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize("args", [{"threshold": "0.5"}, {"min_blob_px": 2.5},
+                                  {"threshold": True}, {"members": ["1"]}])
+def test_set_params_and_member_lists_are_type_checked(state, args):
+    cmd = "deselect" if "members" in args else "set_params"
+    refused(state, "bad_args", cmd=cmd, **args)
 
 
 def test_shutdown_sets_the_stop_reason(state):

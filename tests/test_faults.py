@@ -7,6 +7,7 @@ No timed assertions: timeouts only keep a broken service from hanging the run.
 from __future__ import annotations
 
 import json
+import signal
 import shutil
 import subprocess
 import sys
@@ -267,3 +268,158 @@ def test_cuda_that_cannot_start_refuses_to_serve_when_fallback_is_off(models):
                        env={"ELIT_MODEL__CPU_FALLBACK": "false"})
     assert "CUDA requested but unavailable" in str(exc.value)
     assert "Traceback" not in str(exc.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_replay_across_a_restart_ends_with_exactly_one_result_per_frame(models, how):
+    """`replay` of a 40-frame movie; the service is stopped mid-way and started again on the
+    same ports: every frame ends with exactly one result accepted by the replay (a result the
+    service publishes again for a resent frame carries `repeat: true`)."""
+    from collections import Counter
+
+    from elit_stream.tools.replay import replay
+    first = start(models)
+    ep = first.endpoints
+    same_ports = ["--ingest", ep["ingest"], "--results", ep["results"], "--control", ep["control"]]
+    results: list[dict] = []
+    stopped_first, out = threading.Event(), {}
+
+    def seen(msg, rep):
+        if msg["topic"] == "result":
+            results.append(msg)
+            if len(rep.results) >= 8:
+                stopped_first.set()
+
+    def run_replay():
+        try:
+            out["rep"] = replay([FRAME] * 40, ep, acquisition="movie", rate_fps=10,
+                                on_message=seen, wait_s=90, silence_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            out["error"] = exc
+
+    runner = threading.Thread(target=run_replay, daemon=True)
+    runner.start()
+    second = None
+    try:
+        assert stopped_first.wait(TIMEOUT_S), first.log_tail()
+        if how == "kill -9":
+            first.proc.kill()
+            first.wait(TIMEOUT_S)
+        else:
+            assert first.terminate(TIMEOUT_S) == 0, first.log_tail()
+        time.sleep(1.0)          # the service is down for a while; the replay keeps trying
+        second = start(models, *same_ports)
+        runner.join(120)
+        assert not runner.is_alive() and "error" not in out, out.get("error")
+        rep = out["rep"]
+        assert rep.complete and not rep.rejected and not rep.dropped, (
+            rep.unanswered, rep.restarts, rep.resent, rep.repeats,
+            [(e["event"], e["run_uid"][:6], e.get("code"), e.get("frame")) for e in rep.events],
+            second.log_tail())
+        assert sorted(rep.results) == list(range(40))          # one accepted result each
+        assert sorted({m["frame_id"] for m in results}) == list(range(40))
+        # a frame published twice in one run is marked: never two unmarked results for it
+        fresh = Counter(m["frame_id"] for m in results if not m.get("repeat"))
+        assert max(fresh.values()) == 1, fresh
+        assert rep.restarts == 1
+        assert len(results) - rep.repeats == 40   # the replay counted every extra as a repeat
+    finally:
+        first.kill()
+        if second is not None:
+            second.terminate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "shutdown"])
+def test_stop_during_a_long_frame_finishes_it_and_drains_the_queue(models, how):
+    """Stop while a long frame is inferred and more are queued: the command is answered while
+    the frame is in hand; the frame is finished; every queued frame is rejected
+    `shutting_down` before `stop`, whose counts add up."""
+    from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM
+    sp = start(models, "--delivery", "lossless")
+    big = gaussian_blobs((1024, 1024), seed=4)[0]
+    try:
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(sp.endpoints["results"]) as sub, \
+                FrameSender(sp.endpoints["ingest"]) as sender:
+            sub.wait_ready(ctl)
+            for i in range(4):
+                sender.send(big, i, "long", pixel_size_pm=PIXEL_SIZE_PM, timeout_s=TIMEOUT_S)
+            status = None
+            for _ in range(10_000):
+                status = ctl.call("status")
+                if status["in_flight"] is not None:
+                    break
+            in_hand = status["in_flight"]
+            assert in_hand is not None
+            if how == "SIGTERM":
+                sp.proc.send_signal(signal.SIGTERM)
+            else:
+                assert ctl.call("shutdown")["ok"]
+                assert ctl.call("status")["in_flight"] == in_hand   # answered mid-frame
+            msgs = collect(sub, lambda ms: any(m.get("event") == "stop" for m in ms), sp)
+        assert sp.wait(TIMEOUT_S) == 0
+        stop = msgs[-1]
+        assert stop["event"] == "stop" and stop["exit_status"] == "success"
+        assert stop["frame_in_hand"] == in_hand and stop["frame_in_hand_outcome"] == "finished"
+        answered = {m["frame_id"] for m in msgs if m["topic"] == "result"}
+        answered |= {m["frame"]["frame_id"] for m in msgs if m.get("event") == "frame_rejected"
+                     and m["code"] == "shutting_down"}
+        assert in_hand["frame_id"] in answered
+        c = stop["counts"]
+        assert c["received"] == c["processed"] + c["rejected"] == len(answered)
+    finally:
+        sp.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_during_load_model_exits_cleanly(models):
+    """SIGTERM while load_model builds the shipped 8-member ensemble (it used to abort with
+    "terminate called without an active exception"): exit 0, a stop event, no abort."""
+    from pathlib import Path
+    repo_models = Path(__file__).resolve().parents[1] / "models"
+    sp = start(models, "--allowed-dir", str(repo_models), "--warmup-shape", "512x512")
+    try:
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(sp.endpoints["results"]) as sub:
+            sub.wait_ready(ctl)
+            ctl.send_raw([b"", __import__("msgpack").packb({"cmd": "load_model",
+                                                           "path": "default", "id": "L"})])
+            for _ in range(10_000):
+                if ctl.call("status")["loading"]:
+                    break
+            sp.proc.send_signal(signal.SIGTERM)
+            msgs = collect(sub, lambda ms: any(m.get("event") == "stop" for m in ms), sp)
+        assert sp.wait(TIMEOUT_S) == 0, sp.log_tail()
+        assert msgs[-1]["exit_status"] == "success"
+        assert "terminate called" not in sp.log_tail(100_000)
+    finally:
+        sp.kill()
+
+
+@pytest.mark.slow
+def test_a_frame_longer_than_the_stop_grace_is_abandoned_and_said_so(models):
+    from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM
+    sp = ServiceProcess(["--model", str(models["tiny"]), "--threads", "1"],
+                        env={"ELIT_LIMITS__STOP_GRACE_S": "0.2"})
+    big = gaussian_blobs((2048, 2048), seed=5)[0]
+    try:
+        with ControlClient(sp.endpoints["control"], timeout_s=TIMEOUT_S) as ctl, \
+                ResultSubscriber(sp.endpoints["results"]) as sub, \
+                FrameSender(sp.endpoints["ingest"]) as sender:
+            sub.wait_ready(ctl)
+            sender.send(big, 7, "huge", pixel_size_pm=PIXEL_SIZE_PM, timeout_s=TIMEOUT_S)
+            for _ in range(10_000):
+                if ctl.call("status")["in_flight"] is not None:
+                    break
+            sp.proc.send_signal(signal.SIGTERM)
+            msgs = collect(sub, lambda ms: any(m.get("event") == "stop" for m in ms), sp)
+        assert sp.wait(TIMEOUT_S) == 0, sp.log_tail()
+        stop = msgs[-1]
+        assert not [m for m in msgs if m["topic"] == "result"]
+        assert stop["frame_in_hand"] == {"acquisition": "huge", "frame_id": 7}
+        assert stop["frame_in_hand_outcome"] == "abandoned"
+        assert "abandoned" in sp.log_tail() and "terminate called" not in sp.log_tail()
+    finally:
+        sp.kill()

@@ -41,24 +41,23 @@ def test_bind_address_port_zero():
 @pytest.mark.parametrize("suggest,active", [((2,), (0, 1)), ((1, 2), (0, 1, 2)), ((), (0, 1, 2))])
 def test_auto_deselect_is_reported_and_keeps_min_active(service, suggest, active):
     service.state.policy = FakePolicy(suggest)
-    service._auto_deselect()
+    service.frames._auto_deselect()
     assert service.state.active.active == active
     if active != (0, 1, 2):
         assert service.state.active.version == 1
 
 
 def test_maps_follow_subscriptions(service):
-    assert not service._maps_wanted()
+    assert not service.frames._maps_wanted()
     ctl = ControlClient(service.endpoints["control"])
     with ResultSubscriber(service.endpoints["results"], topics=(), maps=True):
         for _ in range(100):
-            if service.poller.poll(50):
-                service._track_subscriptions()
-            if service._maps_wanted():
+            service.hub.turn(50)
+            if service.frames._maps_wanted():
                 break
-        assert service._maps_wanted()
+        assert service.frames._maps_wanted()
     service.state.maps_mode = "never"
-    assert not service._maps_wanted()
+    assert not service.frames._maps_wanted()
     ctl.close()
 
 

@@ -41,7 +41,12 @@ ERROR_CODES = {
     "bad_dtype": "pixel dtype not one of " + ", ".join(FRAME_DTYPES),
     "bad_shape": "shape is not two positive integers",
     "size_mismatch": "pixel buffer size does not equal shape x itemsize",
-    "too_large": "frame has more pixels than the service accepts (limits.max_frame_px)",
+    "too_large": "frame has more pixels than the service accepts (delivery.max_frame_px), or "
+                 "would become a network input above limits.max_input_px",
+    "bad_pixel_size": "pixel_size_pm outside the model's range widened by "
+                      "limits.pixel_size_factor",
+    "shutting_down": "the service stopped before processing this frame; send it again to the "
+                     "next run (the client library and replay do)",
     "non_finite": "a float frame contains NaN or Inf",
     "bad_frame": "the model cannot take this frame (e.g. too small after rescaling)",
     "unknown_command": "control command not known",
@@ -65,8 +70,8 @@ class FrameHeader(Strict):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     protocol: Annotated[int, Field(ge=1, le=1)]  # strict int: true is not 1
-    frame_id: Annotated[int, Field(ge=0)]
-    acquisition: str
+    frame_id: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    acquisition: Annotated[str, Field(max_length=256)]
     shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]
     dtype: Literal["uint8", "uint16", "uint32", "float32", "float64"]
     pixel_size_pm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
@@ -103,6 +108,8 @@ class ResultHeader(Strict):
     disagreement_per_member: list[float]  # all members, manifest order
     mean_uncertainty: float
     timings_ms: dict[str, float]          # decode, prepare, infer, analyse, total
+    repeat: bool = False                  # present (true) only when this run already published
+    #                                       a result for this acquisition + frame id (a resend)
 
 
 class MapsHeader(Strict):
@@ -120,6 +127,11 @@ class MapsHeader(Strict):
 
 
 # --------------------------------------------------------------------------- events
+class FrameRef(Strict):
+    acquisition: str | None
+    frame_id: int | None
+
+
 class EventBase(Strict):
     protocol: Literal[1] = PROTOCOL_VERSION
     kind: Literal["event"] = "event"
@@ -149,6 +161,10 @@ class StopEvent(EventBase):
     exit_status: Literal["success", "abort", "fail"]
     reason: str
     counts: Counts
+    # the frame being inferred when the stop came, and whether it was "finished" (its result
+    # or rejection was published before this event) or "abandoned" (no answer: resend it)
+    frame_in_hand: FrameRef | None = None
+    frame_in_hand_outcome: Literal["finished", "abandoned"] | None = None
 
 
 class ModelLoadedEvent(EventBase):
@@ -180,11 +196,6 @@ class DriftAdvisoryEvent(EventBase):
     acquisition: str
 
 
-class FrameRef(Strict):
-    acquisition: str | None
-    frame_id: int | None
-
-
 class FrameDroppedEvent(EventBase):
     event: Literal["frame_dropped"] = "frame_dropped"
     reason: str                 # "stale": a newer frame was waiting (latest mode)
@@ -204,6 +215,13 @@ class FrameGapEvent(EventBase):
     acquisition: str
     expected: int
     got: int
+
+
+class WarningEvent(EventBase):
+    event: Literal["warning"] = "warning"
+    code: str                   # e.g. "no_pixel_size"
+    message: str
+    frame: FrameRef | None = None
 
 
 class ErrorEvent(EventBase):
@@ -226,7 +244,7 @@ EVENTS: dict[str, type[EventBase]] = {
     "start": StartEvent, "stop": StopEvent, "model_loaded": ModelLoadedEvent,
     "subset_changed": SubsetChangedEvent, "drift_advisory": DriftAdvisoryEvent,
     "frame_dropped": FrameDroppedEvent, "frame_rejected": FrameRejectedEvent,
-    "frame_gap": FrameGapEvent, "error": ErrorEvent, "ping": PingEvent,
+    "frame_gap": FrameGapEvent, "error": ErrorEvent, "warning": WarningEvent, "ping": PingEvent,
     "params_changed": ParamsChangedEvent,
 }
 """Event name -> document model (topic `event.<name>`)."""
@@ -234,6 +252,7 @@ EVENTS: dict[str, type[EventBase]] = {
 
 # --------------------------------------------------------------------------- control
 class Request(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True)   # "0.5" is not a number here
     cmd: str
     id: int | str | None = None  # echoed in the reply
 

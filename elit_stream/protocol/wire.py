@@ -27,6 +27,8 @@ TOPIC_MAPS = b"maps"
 TOPIC_EVENT = b"event."
 
 MAX_HEADER_BYTES = 65536
+MAX_FRAME_ID = 2**63 - 1           # frame ids are 0 .. 2^63 - 1 (fits int64; id + 1 still packs)
+MAX_ACQUISITION_CHARS = 256
 
 _REQUIRED = ("protocol", "frame_id", "acquisition", "shape", "dtype")
 _OPTIONAL = ("pixel_size_pm", "acquired_at", "complete", "meta")
@@ -41,8 +43,10 @@ class ProtocolError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-        self.acquisition = acquisition if isinstance(acquisition, str) else None
-        self.frame_id = frame_id if _is_int(frame_id) and frame_id >= 0 else None
+        self.acquisition = acquisition if isinstance(acquisition, str) \
+            and len(acquisition) <= MAX_ACQUISITION_CHARS else None
+        # named as sent (also an id above MAX_FRAME_ID) when msgpack can carry it back
+        self.frame_id = frame_id if _is_int(frame_id) and 0 <= frame_id < 2**64 else None
 
 
 @dataclass(slots=True)
@@ -134,10 +138,12 @@ def check_frame_header(h: dict) -> None:
     missing = [k for k in _REQUIRED if k not in h]
     if missing:
         raise ProtocolError("missing_field", f"header lacks {missing}", acq, fid)
-    if not _is_int(fid) or fid < 0:
-        raise ProtocolError("bad_header", f"frame_id must be an integer >= 0, got {fid!r}", acq)
-    if not isinstance(acq, str):
-        raise ProtocolError("bad_header", f"acquisition must be a string, got {acq!r}", None, fid)
+    if not _is_int(fid) or not 0 <= fid <= MAX_FRAME_ID:
+        raise ProtocolError("bad_header", f"frame_id must be an integer 0..{MAX_FRAME_ID} "
+                            f"(2^63 - 1), got {fid!r}", acq, fid)
+    if not isinstance(acq, str) or len(acq) > MAX_ACQUISITION_CHARS:
+        raise ProtocolError("bad_header", f"acquisition must be a string of at most "
+                            f"{MAX_ACQUISITION_CHARS} characters, got {str(acq)[:80]!r}", None, fid)
     if not isinstance(h["dtype"], str) or h["dtype"] not in _DTYPES:
         raise ProtocolError("bad_dtype", f"dtype {h['dtype']!r} is not one of "
                             f"{list(FRAME_DTYPES)}", acq, fid)

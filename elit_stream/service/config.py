@@ -86,6 +86,22 @@ class Delivery(Section):
     max_frame_px: int = Field(4096 * 4096, ge=64)
 
 
+class Limits(Section):
+    """Bounds on what one client can make the service spend (docs/operations.md, Limits)."""
+
+    # the network input a frame may become after rescaling and padding (px, rows x columns)
+    max_input_px: int = Field(4096 * 4096, ge=64)
+    # frames are accepted at pixel sizes within the model's pixel_size_range_pm widened by this
+    # factor both ways ([lo / f, hi * f]); outside: frame_rejected `bad_pixel_size`
+    pixel_size_factor: float = Field(2.0, ge=1.0, le=1000.0)
+    # messages queued per subscriber of the results socket before ZeroMQ drops that
+    # subscriber's messages (PUB behaviour); bounds the memory a stalled subscriber costs
+    results_sndhwm: int = Field(100, ge=1, le=1_000_000)
+    # seconds a stop (SIGTERM, SIGINT, shutdown) waits for the frame in hand and a model load
+    # before the frame is abandoned (said in the stop event); below systemd's TimeoutStopSec
+    stop_grace_s: float = Field(20.0, gt=0, le=3600)
+
+
 class Postprocess(_Overrides):
     """Overrides of postprocess.Params; unset keys keep the model side's defaults."""
 
@@ -164,6 +180,7 @@ class ServiceConfig(BaseSettings):
     metrics: Metrics = Metrics()
     model: ModelSection = ModelSection()
     delivery: Delivery = Delivery()
+    limits: Limits = Limits()
     postprocess: Postprocess = Postprocess()
     policy: Policy = Policy()
     maps: Maps = Maps()

@@ -3,13 +3,15 @@
 `handle(state, body)` turns one request body into exactly one reply dict (or a `Deferred` for
 `load_model`, answered when the load finishes). No exception escapes: unknown commands, bad
 arguments and refused changes become `{ok: false, error: {code, message}}`, and a refused
-change leaves the state as it was. Handlers run on the service thread between frames, so every
-change applies at a frame boundary; events they cause go to `state.outbox`.
+change leaves the state as it was. Handlers run on the control thread (service/hub.py) under
+`state.lock`; the frame thread takes its snapshot of the state under the same lock at each frame
+boundary, so every change applies from the next frame it starts. Events go to `state.outbox`.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +43,8 @@ class Refused(Exception):
 
 @dataclass
 class State:
-    """Everything control commands read or change. Owned by the service thread."""
+    """Everything control commands read or change. Changed under `lock` (control thread); the
+    frame thread reads engine/active/params once per frame under the same lock."""
 
     engine: Engine
     active: ActiveSet
@@ -62,6 +65,10 @@ class State:
     loader: ModelLoader | None = None
     stop_reason: str | None = None
     auth: dict = field(default_factory=dict)      # socket -> requires CURVE
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    in_flight: tuple | None = None     # (acquisition, frame id) the frame thread is working on
+    next_result_seq: int = 0           # `seq` of the next result published
+    limits: dict = field(default_factory=dict)   # shown by `status`
 
     @property
     def artifact(self) -> Artifact:
@@ -140,7 +147,12 @@ def status(state: State, req: m.Request) -> dict:
         "queue_depth": state.queue_depth, "params": params_dict(state.params),
         "maps": {"mode": state.maps_mode, "downsample": state.maps_downsample},
         "loading": state.loader is not None, "auth": dict(state.auth),
+        "in_flight": _frame_ref(state.in_flight), "limits": dict(state.limits),
     }
+
+
+def _frame_ref(key: tuple | None) -> dict | None:
+    return None if key is None else {"acquisition": key[0], "frame_id": key[1]}
 
 
 def members(state: State, req: m.Request) -> dict:
@@ -243,6 +255,8 @@ HANDLERS: dict[str, Callable[[State, Any], Any]] = {
     "set_maps": set_maps, "load_model": load_model, "shutdown": shutdown,
 }
 assert set(HANDLERS) == set(m.REQUESTS)
+CHANGES = frozenset({"set_active", "deselect", "select", "reset", "set_params", "set_maps"})
+"""Commands that change what the next frames get (their reply has `from_frame_seq`)."""
 
 
 def _active_dict(active: ActiveSet) -> dict:
@@ -257,14 +271,45 @@ def params_dict(params: Params) -> dict:
 
 # --------------------------------------------------------------------------- model loading
 def resolve_model_path(path: str, allowed_dirs: list[Path]) -> Path:
-    """Absolute paths as given; relative ones inside the first allowed dir that has them."""
+    """An artifact folder for load_model, checked before any file is opened: absolute paths as
+    given, relative ones inside the first allowed folder that has them (else Refused, listing
+    the folders); the folder and every file in it must resolve inside an allowed folder and be
+    a regular file (a FIFO would block the loader for ever). Refused('model_error') otherwise."""
     p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    for d in allowed_dirs:
-        if (Path(d) / p).exists():
-            return Path(d) / p
-    return Path(allowed_dirs[0]) / p if allowed_dirs else p
+    roots = [Path(d).resolve() for d in allowed_dirs]
+    if not p.is_absolute():
+        found = [Path(d) / p for d in allowed_dirs if (Path(d) / p).is_dir()]
+        if not found:
+            raise Refused("model_error", f"no artifact folder {path!r} in the allowed model "
+                          f"folders {[str(r) for r in roots]} (relative paths are looked up "
+                          "there; give an absolute path or add the folder to "
+                          "model.allowed_dirs)")
+        p = found[0]
+    _check_confined(p, roots)
+    if not p.is_dir():
+        raise Refused("model_error", f"{p}: not a folder")
+    for entry in p.iterdir():
+        _check_confined(entry, roots)
+        if entry.is_dir():
+            continue
+        try:
+            mode = entry.stat().st_mode
+        except OSError as exc:
+            raise Refused("model_error", f"{entry}: cannot stat ({exc.strerror})") from None
+        if not stat.S_ISREG(mode):
+            raise Refused("model_error", f"{entry}: not a regular file (a FIFO, socket or "
+                          "device); refusing to read it")
+    return p
+
+
+def _check_confined(p: Path, roots: list[Path]) -> None:
+    try:
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise Refused("model_error", f"{p}: not found ({exc})") from None
+    if not any(real.is_relative_to(r) for r in roots):
+        raise Refused("model_error", f"{p} resolves to {real}, outside the allowed model "
+                      f"folders {[str(r) for r in roots]}")
 
 
 class ModelLoader(threading.Thread):

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 log = logging.getLogger(__name__)
 
+COMMANDS = ("ping", "status", "members", "set_active", "deselect", "select", "reset",
+            "set_params", "set_maps", "load_model", "shutdown")   # = messages.REQUESTS
 STAGES = ("decode", "prepare", "infer", "analyse", "publish", "observe")
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _ATOM_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -62,7 +64,8 @@ class ServiceMetrics:
             self.advisories.labels(advisory=kind)
         self.model = Info("elit_model", "Loaded model artifact and provider", registry=r)
         self._stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
-        for reason in ("bad_msgpack", "bad_header", "size_mismatch", "non_finite", "too_large"):
+        for reason in ("bad_msgpack", "bad_header", "size_mismatch", "non_finite", "too_large",
+                       "bad_pixel_size", "shutting_down", "internal"):
             self.rejected.labels(reason=reason)  # show zeros for the common reasons
         self._server = None
 
@@ -77,6 +80,11 @@ class ServiceMetrics:
         self.atoms.observe(n_atoms)
         if not math.isnan(mean_uncertainty):
             self.mean_uncertainty.set(mean_uncertainty)
+
+    def count_command(self, cmd, ok: bool) -> None:
+        """Labels from a fixed set: client-chosen names would grow /metrics without bound."""
+        label = cmd if cmd in COMMANDS else "unknown"
+        self.commands.labels(cmd=label, ok=str(bool(ok))).inc()
 
     def set_model(self, name: str, sha256: str, provider: str, n_members: int,
                   fallback_reason: str | None = None, precision: str = "fp32") -> None:

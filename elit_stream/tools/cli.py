@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -327,7 +328,12 @@ def cmd_serve(args) -> int:
                       "provider": service.state.engine.provider,
                       "precision": service.state.engine.precision}), flush=True)
     logging.getLogger("elit_stream").info("listening: %s", endpoints)
-    return service.run()
+    code = service.run()
+    if service.hard_exit:   # a frame or a model load still in a native thread: leave now
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 SERVE_FLAGS = {  # config key -> the serve option that sets it (errors blame the option)
@@ -487,7 +493,10 @@ def cmd_replay(args) -> int:
     except TimeoutError:
         raise _no_answer(settings.endpoints["control"], settings.timeout_s, curve) from None
     print(f"sent {rep.sent}: {len(rep.results)} results, {len(rep.dropped)} dropped, "
-          f"{len(rep.rejected)} rejected" + ("" if rep.complete else " (some never answered)"))
+          f"{len(rep.rejected)} rejected" + ("" if rep.complete else
+                                             f" ({len(rep.unanswered)} never answered)")
+          + (f"; service restarted {rep.restarts}x, {rep.resent} frames sent again, "
+             f"{rep.repeats} repeated results ignored" if rep.restarts or rep.resent else ""))
     for fid, (code, message) in sorted(rep.rejected.items()):
         print(f"  frame {fid} rejected: {code}: {message}")
     if args.record:

@@ -4,7 +4,8 @@ Reads a movie with `readers.read_movie` (.npy, .npz, HDF5, TIFF, .dm3/.dm4, .emd
 converts pixel types the service does not take (`sendable`), sends every frame over a real PUSH socket (at a given rate or as fast as
 the service takes them); listens to results and events; can record every message to a JSON-lines
 file (docs/protocol.md, "Recording"). Waits until every sent frame is answered (result) or
-reported (frame_dropped / frame_rejected), or until a timeout.
+reported (frame_dropped / frame_rejected), or until a timeout; keeps every frame until then and
+sends the unanswered again when the service restarts (docs/protocol.md, Delivery guarantees).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+from elit_stream.protocol.client import RETRY_CODES, ControlClient, LosslessSender
 from elit_stream.tools.readers import StackError, read_movie, read_stack  # noqa: F401 (re-export)
 
 SENDABLE_DTYPES = ("uint8", "uint16", "uint32", "float32", "float64")  # what ingest takes
@@ -79,12 +80,16 @@ class ReplayReport:
     """What happened to each frame sent: the service's answer, by frame id."""
 
     sent: int = 0
-    results: dict = field(default_factory=dict)      # frame_id -> result dict
+    results: dict = field(default_factory=dict)      # frame_id -> result dict (the first one)
     dropped: list = field(default_factory=list)      # frame ids reported dropped
     rejected: dict = field(default_factory=dict)     # frame_id -> (code, message)
     events: list = field(default_factory=list)       # every event received
     sent_at: dict = field(default_factory=dict)      # frame_id -> perf_counter at send
     complete: bool = False                           # every frame accounted for
+    resent: int = 0                                  # frames sent again after a restart
+    restarts: int = 0                                # service restarts seen (new run_uid)
+    repeats: int = 0                                 # results for frames already answered
+    unanswered: list = field(default_factory=list)   # frame ids never answered
 
     @property
     def answered(self) -> int:
@@ -94,44 +99,40 @@ class ReplayReport:
 def replay(frames: Iterable[np.ndarray], endpoints: dict, *, acquisition: str | None = None,
            rate_fps: float | None = None, pixel_size_pm: float | None = None,
            record: Path | None = None, on_message: Callable[[dict, ReplayReport], None] | None = None,
-           wait_s: float = 60.0, first_id: int = 0, curve=None) -> ReplayReport:
+           wait_s: float = 60.0, first_id: int = 0, curve=None,
+           silence_s: float = 3.0) -> ReplayReport:
     """Send `frames`, collect answers; `on_message(msg, report)` sees every message live.
-    `curve`: an auth.ClientCurve when the service requires CURVE."""
+    Lossless across restarts: every frame is kept until answered and sent again when the
+    service restarts (client.LosslessSender). `curve`: an auth.ClientCurve for CURVE."""
     acq = acquisition or f"replay-{int(time.time() * 1000)}"
     rep = ReplayReport()
     out = open(record, "w") if record else None
-    with FrameSender(endpoints["ingest"], curve=curve) as sender, \
-            ResultSubscriber(endpoints["results"], curve=curve) as sub, \
-            ControlClient(endpoints["control"], curve=curve) as ctl:
-        sub.wait_ready(ctl)
 
-        def take(timeout_s: float) -> bool:
-            msg = sub.recv(timeout_s)
-            if msg is None:
-                return False
-            _account(msg, acq, rep)
-            if out:
-                out.write(to_json_line(msg) + "\n")
-            if on_message:
-                on_message(msg, rep)
-            return True
+    def seen(msg: dict) -> None:
+        _account(msg, acq, rep)
+        if out:
+            out.write(to_json_line(msg) + "\n")
+        if on_message:
+            on_message(msg, rep)
 
+    with LosslessSender(endpoints, curve=curve, silence_s=silence_s) as ls:
+        ls.start()
         t_start = time.perf_counter()
         for i, frame in enumerate(frames):
             if rate_fps:
                 while (left := t_start + i / rate_fps - time.perf_counter()) > 0:
-                    take(left)
+                    if (msg := ls.poll(left)) is not None:
+                        seen(msg)
             fid = first_id + i
             rep.sent_at[fid] = time.perf_counter()
-            sender.send(np.asarray(frame), fid, acq, pixel_size_pm=pixel_size_pm,
-                        acquired_at=time.time())
+            ls.send(np.asarray(frame), fid, acq, pixel_size_pm=pixel_size_pm,
+                    acquired_at=time.time())
             rep.sent += 1
-            while take(0):
-                pass
-        deadline = time.monotonic() + wait_s
-        while rep.answered < rep.sent and time.monotonic() < deadline:
-            take(min(0.2, max(0.0, deadline - time.monotonic())))
-        rep.complete = rep.answered >= rep.sent
+            while (msg := ls.poll(0)) is not None:
+                seen(msg)
+        rep.complete = ls.wait(wait_s, on_message=seen)
+        rep.resent, rep.restarts, rep.repeats = ls.resent, ls.restarts, ls.repeats
+        rep.unanswered = sorted(fid for a, fid in ls.pending if a == acq)
     if out:
         out.close()
     return rep
@@ -140,12 +141,13 @@ def replay(frames: Iterable[np.ndarray], endpoints: dict, *, acquisition: str | 
 def _account(msg: dict, acq: str, rep: ReplayReport) -> None:
     topic = msg["topic"]
     if topic == "result" and msg["acquisition"] == acq:
-        rep.results[msg["frame_id"]] = msg
+        rep.results.setdefault(msg["frame_id"], msg)
     elif topic.startswith("event."):
         rep.events.append(msg)
         if msg["event"] == "frame_dropped":
             rep.dropped += [f["frame_id"] for f in msg["frames"] if f["acquisition"] == acq]
-        elif msg["event"] == "frame_rejected" and msg["frame"]["acquisition"] == acq:
+        elif (msg["event"] == "frame_rejected" and msg["frame"]["acquisition"] == acq
+              and msg["code"] not in RETRY_CODES):
             rep.rejected[msg["frame"]["frame_id"]] = (msg["code"], msg["message"])
 
 
