@@ -66,6 +66,7 @@ class Service:
         self._frame_seq = 0
         self._last_ids: dict[str, int] = {}     # acquisition -> last frame id (LRU order)
         self._maps_subs: set[bytes] = set()
+        self._member_maps_subs: set[bytes] = set()
         self._pending: list[tuple[list, control.Deferred]] = []
         self._stop = threading.Event()
         self._stop_reason = "stopped"
@@ -217,7 +218,7 @@ class Service:
     def _process(self, frame: wire.Frame, t_recv: float, decode_s: float) -> None:
         st = self.state
         engine, active, params = st.engine, st.active, st.params  # fixed for this frame
-        want_maps = self._maps_wanted()
+        want_maps, want_members = self._maps_wanted(), self._member_maps_wanted()
         try:
             t0 = perf_counter()
             net_input, geom = engine.prepare(frame.pixels, frame.pixel_size_pm)
@@ -242,6 +243,8 @@ class Service:
         try:
             if want_maps:
                 self._publish_maps(frame, fa, geom, active)
+            if want_members:
+                self._publish_member_maps(frame, net_input, probs, geom, active)
             t4 = perf_counter()
             timings["publish"] = t4 - t3
             self._observe(frame, fa, active, timings, t4 - t_recv)
@@ -281,6 +284,18 @@ class Service:
                   "classes": list(self.state.artifact.class_names),
                   "frame_px_per_map_px": k / geom.scale}
         wire.send(self.results, wire.encode_maps(header, mean, std))
+
+    def _publish_member_maps(self, frame, net_input, probs, geom, active) -> None:
+        """Opt-in (topic `member_maps`, for the live view): the frame as the members saw it and
+        each member's atom map (sum over classes), valid region, every k-th pixel."""
+        k, (vh, vw) = self.state.maps_downsample, geom.valid_shape
+        image = net_input[0, 0, :vh:k, :vw:k]
+        atom = probs[:, :, :vh:k, :vw:k].sum(axis=1, dtype=np.float32)
+        header = {"protocol": 1, "kind": "member_maps", "frame_id": frame.frame_id,
+                  "acquisition": frame.acquisition, "active": list(active.active),
+                  "active_version": active.version, "shape": list(atom.shape),
+                  "dtype": "float16", "frame_px_per_map_px": k / geom.scale}
+        wire.send(self.results, wire.encode_member_maps(header, image, atom))
 
     def _observe(self, frame, fa, active, timings_s, e2e_s) -> None:
         self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty)
@@ -378,16 +393,21 @@ class Service:
         self.metrics.set_active(len(st.active.active), st.active.version)
 
     def _track_subscriptions(self) -> None:
-        """XPUB: remember whether anyone subscribed to `maps` (maps are costly)."""
+        """XPUB: remember who subscribed to `maps` / `member_maps` (both are costly)."""
         while True:
             try:
                 msg = self.results.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if msg[1:] and (msg[1:].startswith(wire.TOPIC_MAPS)
-                            or wire.TOPIC_MAPS.startswith(msg[1:])):
-                (self._maps_subs.add if msg[:1] == b"\x01" else self._maps_subs.discard)(msg[1:])
+            prefix = msg[1:]
+            for topic, subs in ((wire.TOPIC_MAPS, self._maps_subs),
+                                (wire.TOPIC_MEMBER_MAPS, self._member_maps_subs)):
+                if prefix and (prefix.startswith(topic) or topic.startswith(prefix)):
+                    (subs.add if msg[:1] == b"\x01" else subs.discard)(prefix)
 
     def _maps_wanted(self) -> bool:
         mode = self.state.maps_mode
         return mode == "always" or (mode == "subscribe" and bool(self._maps_subs))
+
+    def _member_maps_wanted(self) -> bool:
+        return self.state.maps_mode != "never" and bool(self._member_maps_subs)
