@@ -125,6 +125,42 @@ def test_token_and_origin_are_checked():
     asyncio.run(go())
 
 
+def test_a_stalled_page_neither_blocks_other_pages_nor_queues():
+    """One page never reads; the other still gets the newest frame, and the view keeps only
+    the latest value per panel (the stalled page's sender waits on one message, no backlog)."""
+    async def go():
+        import socket
+
+        from aiohttp.test_utils import TestClient, TestServer
+        view = View(ViewOptions(results="tcp://127.0.0.1:1", control="tcp://127.0.0.1:1",
+                                models_dirs=[], fps=50.0))
+        async with TestClient(TestServer(view.app)) as client:
+            stalled = socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect((client.host, client.port))
+            stalled.sendall(f"GET /ws HTTP/1.1\r\nHost: {client.host}:{client.port}\r\n"
+                            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+                            "dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                            .encode())
+            ws = await client.ws_connect("/ws")
+            while view.state.browsers < 2:
+                await asyncio.sleep(0.01)
+            blob = "x" * 200_000                      # ~ one frame's images
+            for i in range(100):
+                view.state.set("images", {"frame_id": i, "blob": blob})
+                await asyncio.sleep(0.005)
+            got = []
+            while not got or got[-1] != 99:
+                msg = await ws.receive_json(timeout=30)
+                if msg["type"] == "images":
+                    got.append(msg["frame_id"])
+            assert view.state.browsers == 2           # the stalled page is still connected
+            assert got == sorted(got) and len(got) <= 100
+            stalled.close()
+            await ws.close()
+    asyncio.run(go())
+
+
 # ------------------------------------------------------------------ the opt-in topic
 def test_member_maps_roundtrip_through_the_wire():
     image = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -205,7 +241,7 @@ def _start_view(ep: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
 def test_operator_deselects_member_0_in_a_real_browser(tmp_path):
     sync_api = _playwright()
     from elit_stream.tools.movie import make_movie, save_movie
-    movie = save_movie(make_movie(n_frames=60, size_px=256, seed=3), tmp_path / "movie.npz")
+    movie = save_movie(make_movie(n_frames=120, size_px=256, seed=3), tmp_path / "movie.npz")
     procs: list[subprocess.Popen] = []
     with ServiceProcess(["--threads", "1"], log_path=tmp_path / "serve.log") as svc:
         ep = svc.endpoints
@@ -242,7 +278,7 @@ def _drive_the_page(sync_api, url: str, ep: dict, out: Path) -> None:
             page.wait_for_function("Number(document.getElementById('frame').dataset.atomsDrawn)"
                                    " > 0", timeout=timeout_ms)
             page.click("#member-0 button:has-text('deselect')", timeout=timeout_ms)
-            page.wait_for_selector("#reply.ok", timeout=timeout_ms)
+            page.wait_for_selector("#reply.ok:has-text('deselect: ok')", timeout=timeout_ms)
             _member_0_has_left(ep)
             page.wait_for_selector("#member-0.inactive", timeout=timeout_ms)
             page.wait_for_function("document.querySelector('#events li.subset') !== null",

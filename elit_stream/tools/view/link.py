@@ -74,7 +74,8 @@ class ServiceLink:
             thumb_px
         self.poll_s = poll_s
         self.ctx = zmq.asyncio.Context()
-        self._poll_ctl = ControlClient(control, timeout_s=max(2.0, 2 * poll_s), curve=curve)
+        # Commands are answered between frames: allow a few slow frames before "not answering".
+        self._poll_ctl = ControlClient(control, timeout_s=max(10.0, 2 * poll_s), curve=curve)
         self._action_ctl = ControlClient(control, timeout_s=120.0, curve=curve)
         self._poll_pool = ThreadPoolExecutor(1, thread_name_prefix="view-poll")
         self._action_pool = ThreadPoolExecutor(1, thread_name_prefix="view-action")

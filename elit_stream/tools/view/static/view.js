@@ -134,7 +134,7 @@ function memberCards() {
       card.innerHTML = `<div class="name"><span>member ${m.id}</span><span class="state"></span></div>
         <canvas width="122" height="122"></canvas><div class="fig"></div>
         <button type="button"></button>`;
-      card.addEventListener("click", () => toggleMember(m.id));
+      card.addEventListener("click", () => toggleMember(card));
       strip.appendChild(card);
     }
     const on = active.has(m.id), streak = m.outlier_streak || 0;
@@ -152,9 +152,9 @@ function memberCards() {
   });
 }
 const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
-function toggleMember(id) {
-  const active = new Set((S.status && S.status.active) || []);
-  act({ cmd: active.has(id) ? "deselect" : "select", members: [id] });
+function toggleMember(card) {     // what the operator sees on the card decides
+  const id = Number(card.dataset.member);
+  act({ cmd: card.classList.contains("inactive") ? "select" : "deselect", members: [id] });
 }
 
 // ---------------------------------------------------------------- status, events, health
@@ -260,7 +260,10 @@ function connect() {
   ws.onmessage = (ev) => {
     const m = JSON.parse(ev.data);
     if (m.type === "hello") { S.unc_max = m.unc_max; $("cbar-top").textContent = $("cbar-map-top").textContent = `≥ ${m.unc_max}`; }
-    else if (m.type === "status") { S.status = m; drawStatus(); }
+    else if (m.type === "status") {   // a missed poll keeps the last known members on screen
+      S.status = m.ok || !S.status ? m : { ...S.status, ok: false, error: m.error, models: m.models };
+      drawStatus();
+    }
     else if (m.type === "result") { S.result = m; drawResult(); }
     else if (m.type === "images") { S.images = m; if (m.result) { S.result = S.result && S.result.seq > m.result.seq ? S.result : m.result; } drawImages(); if (S.result) drawResult(); }
     else if (m.type === "events") drawEvents(m.events);
