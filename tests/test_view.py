@@ -216,6 +216,58 @@ def _topics(sub: ResultSubscriber, ctl: ControlClient) -> list[str]:
     return topics
 
 
+@pytest.mark.slow
+def test_page_actions_reach_a_curve_service_with_the_views_keys(tmp_path):
+    """The view against the real service with CURVE on every socket: status, a threshold, a
+    model load and a refused action travel with the view's key pair; events reach the log."""
+    from elit_stream.protocol.auth import ClientCurve, create_keys
+    keys = tmp_path / "keys"
+    create_keys(keys, ["operator"])
+    curve = ClientCurve.from_files(keys / "clients" / "operator.key_secret", keys / "server.key")
+    root = tmp_path / "models"
+    tiny = build_tiny_artifact(root, n_members=3, name="tiny")
+    build_tiny_artifact(root, n_members=4, seed=1, name="tiny4")
+    with ServiceProcess(["--model", str(tiny), "--threads", "1", "--allowed-dir", str(root),
+                         "--auth", "all", "--keys", str(keys)]) as svc:
+        opts = ViewOptions(results=svc.endpoints["results"], control=svc.endpoints["control"],
+                           curve=curve, models_dirs=[root])
+        replies, status, events = asyncio.run(_act_through_the_page(opts))
+    assert status["ok"] and status["models"] == ["tiny", "tiny4"], status
+    assert replies["set_params"]["ok"] and replies["set_params"]["params"]["threshold"] == 0.4
+    assert replies["load_model"]["ok"] and replies["load_model"]["members"] == [0, 1, 2, 3]
+    assert replies["deselect"]["error"]["code"] == "unknown_member"
+    shown = {e["event"] for e in events}
+    assert {"params_changed", "model_loaded", "subset_changed", "set_params", "deselect"} <= shown
+    refused = next(e for e in events if e["event"] == "deselect")
+    assert "refused: unknown_member" in refused["text"]
+
+
+async def _act_through_the_page(opts: ViewOptions):
+    from aiohttp.test_utils import TestClient, TestServer
+    view = View(opts)
+    replies, status, events = {}, None, []
+    async with TestClient(TestServer(view.app)) as client:
+        ws = await client.ws_connect("/ws")
+        actions = [{"cmd": "set_params", "threshold": 0.4},
+                   {"cmd": "load_model", "path": "tiny4"},
+                   {"cmd": "deselect", "members": [9]}]
+        deadline = time.monotonic() + 3 * TIMEOUT_S
+        wanted = {"params_changed", "model_loaded", "subset_changed", "set_params", "deselect"}
+        while time.monotonic() < deadline and (len(replies) < 3 or status is None or
+                                               not wanted <= {e["event"] for e in events}):
+            if actions and (status or {}).get("ok"):
+                await ws.send_json({"type": "action", "id": 1, **actions.pop(0)})
+            msg = await ws.receive_json(timeout=TIMEOUT_S)
+            if msg["type"] == "reply":
+                replies[msg["cmd"]] = msg["reply"]
+            elif msg["type"] == "status":
+                status = msg
+            elif msg["type"] == "events":
+                events = msg["events"]
+        await ws.close()
+    return replies, status, events
+
+
 # ------------------------------------------------------------------ the page in Chromium
 def _playwright():
     if not CHROMIUM.exists():
