@@ -129,19 +129,11 @@ def test_a_stalled_page_neither_blocks_other_pages_nor_queues():
     """One page never reads; the other still gets the newest frame, and the view keeps only
     the latest value per panel (the stalled page's sender waits on one message, no backlog)."""
     async def go():
-        import socket
-
         from aiohttp.test_utils import TestClient, TestServer
         view = View(ViewOptions(results="tcp://127.0.0.1:1", control="tcp://127.0.0.1:1",
                                 models_dirs=[], fps=50.0))
         async with TestClient(TestServer(view.app)) as client:
-            stalled = socket.socket()
-            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            stalled.connect((client.host, client.port))
-            stalled.sendall(f"GET /ws HTTP/1.1\r\nHost: {client.host}:{client.port}\r\n"
-                            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
-                            "dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                            .encode())
+            stalled = _stalled_page(client.host, client.port)
             ws = await client.ws_connect("/ws")
             while view.state.browsers < 2:
                 await asyncio.sleep(0.01)
@@ -159,6 +151,41 @@ def test_a_stalled_page_neither_blocks_other_pages_nor_queues():
             stalled.close()
             await ws.close()
     asyncio.run(go())
+
+
+def test_a_page_that_reads_nothing_is_dropped(monkeypatch):
+    from elit_stream.tools.view import server
+    monkeypatch.setattr(server, "SEND_TIMEOUT_S", 0.5)
+
+    async def go():
+        from aiohttp.test_utils import TestClient, TestServer
+        view = View(ViewOptions(results="tcp://127.0.0.1:1", control="tcp://127.0.0.1:1",
+                                models_dirs=[], fps=50.0))
+        async with TestClient(TestServer(view.app)) as client:
+            stalled = _stalled_page(client.host, client.port)
+            while view.state.browsers < 1:
+                await asyncio.sleep(0.01)
+            assert view.link.maps_subscribed
+            for i in range(1000):
+                if view.state.browsers == 0:
+                    break
+                view.state.set("images", {"frame_id": i, "blob": "x" * 200_000})
+                await asyncio.sleep(0.02)
+            assert view.state.browsers == 0 and not view.link.maps_subscribed
+            stalled.close()
+    asyncio.run(go())
+
+
+def _stalled_page(host: str, port: int):
+    """A websocket opened by hand that never reads (small receive buffer)."""
+    import socket
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((host, port))
+    s.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+              "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    return s
 
 
 # ------------------------------------------------------------------ the opt-in topic

@@ -100,6 +100,7 @@ class ServiceLink:
         for t in (b"result", b"event."):
             self.sub.setsockopt(zmq.SUBSCRIBE, t)
         self.maps = self._sub(2)
+        self.browsers_changed(self.state.browsers)        # a page may have come first
         try:
             await asyncio.gather(self._read_results(), self._read_maps(), self._poll())
         finally:

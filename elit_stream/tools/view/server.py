@@ -134,7 +134,7 @@ class View:
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1 << 16)
         await ws.prepare(request)
         self._browser(+1)
-        sender = asyncio.get_running_loop().create_task(self._send_loop(ws))
+        sender = asyncio.get_running_loop().create_task(self._send_loop(ws, request))
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -159,7 +159,7 @@ class View:
         await self._send(ws, {"type": "reply", "id": req.get("id"), "cmd": req.get("cmd"),
                               "reply": reply})
 
-    async def _send_loop(self, ws: web.WebSocketResponse) -> None:
+    async def _send_loop(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         """Latest-value sender: one copy of each changed slot, frames at most `fps` per s."""
         seen = {name: 0 for name in ViewState.SLOTS}
         gap_s = 1.0 / self.opts.fps
@@ -170,18 +170,25 @@ class View:
             for name, slot in self.state.slots.items():
                 if slot.gen > seen[name] and slot.value is not None:
                     seen[name] = slot.gen
-                    await self._send(ws, {"type": name, **slot.value})
+                    if not await self._send(ws, {"type": name, **slot.value}):
+                        if request.transport is not None:     # drop it, no closing handshake
+                            request.transport.abort()
+                        return
             await asyncio.sleep(gap_s / 2)      # at most ~2 rounds per frame interval
             await self.state.wait_newer(gen, timeout_s=5.0)
 
-    async def _send(self, ws: web.WebSocketResponse, doc: dict) -> None:
+    async def _send(self, ws: web.WebSocketResponse, doc: dict) -> bool:
+        """False if the page is gone or has not taken a message for SEND_TIMEOUT_S."""
         try:
             await asyncio.wait_for(ws.send_str(json.dumps(doc, separators=(",", ":"))),
                                    SEND_TIMEOUT_S)
-        except (TimeoutError, ConnectionResetError):
-            log.warning("closing a page that does not read (no message taken in %s s)",
+            return True
+        except TimeoutError:
+            log.warning("dropping a page that does not read (no message taken in %s s)",
                         SEND_TIMEOUT_S)
-            await ws.close()
+        except ConnectionResetError:
+            pass
+        return False
 
 
 async def serve(opts: ViewOptions, ready=None) -> None:

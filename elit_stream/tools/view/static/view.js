@@ -210,14 +210,14 @@ function plot(canvas, t, series, opts = {}) {
   ctx.fillText(ymax >= 100 ? String(Math.round(ymax)) : ymax.toPrecision(2), 2, 12); ctx.fillText("0", 24, H - B);
   ctx.fillText(`${Math.round(t0)} s`, L, H - 2); ctx.fillText("now", W - 22, H - 2);
   series.forEach((s, k) => {
-    ctx.strokeStyle = s.c; ctx.lineWidth = 1.4; ctx.beginPath();
+    ctx.strokeStyle = s.c; ctx.lineWidth = 1.4; ctx.setLineDash(s.dash || []); ctx.beginPath();
     let pen = false;
     s.v.forEach((v, i) => {
       if (v === null) { pen = false; return; }
       if (pen) ctx.lineTo(X(t[i]), Y(v)); else ctx.moveTo(X(t[i]), Y(v));
       pen = true;
     });
-    ctx.stroke();
+    ctx.stroke(); ctx.setLineDash([]);
     if (series.length > 1) { ctx.fillStyle = s.c; ctx.fillText(s.n, L + 6 + 52 * k, 12); }
   });
 }
@@ -225,7 +225,7 @@ function drawHealth(h) {
   const t = h.t;
   $("health-span").textContent = t.length ? `${Math.round(-t[0] / 60 * 10) / 10} min` : "–";
   plot($("h-fps"), t, [{ n: "fps", v: h.fps, c: "#58a6ff" }]);
-  plot($("h-stage"), t, [{ n: "total", v: h.total, c: "#e6e6e6" }, { n: "infer", v: h.infer, c: "#f0883e" },
+  plot($("h-stage"), t, [{ n: "total", v: h.total, c: "#e6e6e6", dash: [4, 3] }, { n: "infer", v: h.infer, c: "#f0883e" },
     { n: "analyse", v: h.analyse, c: "#3fb950" }, { n: "prepare", v: h.prepare, c: "#bc8cff" }]);
   plot($("h-queue"), t, [{ n: "queue", v: h.queue_depth, c: "#d29922" }]);
   plot($("h-drop"), t, [{ n: "dropped", v: h.dropped, c: "#d29922" }, { n: "rejected", v: h.rejected, c: "#f85149" }]);
