@@ -216,14 +216,26 @@ def test_service_publishes_member_maps_only_to_a_subscriber(tmp_path):
                 mm.wait_ready(ctl)
                 ctl.call("set_maps", downsample=2)
                 sender.send(frame, 1, "mm", timeout_s=TIMEOUT_S)
-                msg = mm.recv(TIMEOUT_S)
-                while msg is not None and msg["topic"] != "member_maps":
-                    msg = mm.recv(TIMEOUT_S)
+                msg = _next_member_maps(mm)
+                sender.send(gaussian_blobs((400, 400), seed=2)[0], 2, "mm", timeout_s=TIMEOUT_S)
+                big = _next_member_maps(mm)            # capped: maps 192 px, image 512 px
+                assert big["shape"] == [3, 134, 134] and big["frame_px_per_map_px"] == 3.0
+                assert big["image_shape"] == [200, 200] and big["frame_px_per_image_px"] == 2.0
             assert msg is not None, svc.log_tail()
             assert msg["shape"] == [3, 32, 32] and msg["image"].shape == (32, 32)
             assert msg["active"] == [0, 1, 2] and msg["frame_px_per_map_px"] == 2.0
+            assert msg["frame_px_per_image_px"] == 2.0 and msg["image_shape"] == [32, 32]
             assert 0.0 <= float(msg["atom"].min()) and float(msg["atom"].max()) <= 2.0
-            assert _topics(everything, ctl) == ["result", "member_maps"]   # no `maps`
+            topics = _topics(everything, ctl)
+            assert topics[:2] == ["result", "member_maps"] and "maps" not in topics, topics
+
+
+def _next_member_maps(sub: ResultSubscriber) -> dict:
+    msg = sub.recv(TIMEOUT_S)
+    while msg is not None and msg["topic"] != "member_maps":
+        msg = sub.recv(TIMEOUT_S)
+    assert msg is not None, "no member_maps"
+    return msg
 
 
 def _topics(sub: ResultSubscriber, ctl: ControlClient) -> list[str]:

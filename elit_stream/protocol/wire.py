@@ -3,7 +3,7 @@
 Ingest (PUSH -> PULL):      [header (msgpack map), pixels (raw little-endian, C order)]
 Results (PUB, XPUB here):   [b"result", header, col_0, col_1, ...]   columns as named in header
                             [b"maps", header, mean, std]             float16 [C, h, w]
-                            [b"member_maps", header, image, atom]    float16 [h, w], [M, h, w]
+                            [b"member_maps", header, image, atom]    float16 [hi, wi], [M, h, w]
                             [b"event.<name>", document]
 Control (DEALER/REQ -> ROUTER): [envelope..., b"", request]  ->  [envelope..., b"", reply]
 
@@ -241,7 +241,7 @@ def encode_maps(header: dict, mean: np.ndarray, std: np.ndarray) -> list:
 
 
 def encode_member_maps(header: dict, image: np.ndarray, atom: np.ndarray) -> list:
-    """[b"member_maps", header, image [h, w], atom [M, h, w]], both float16."""
+    """[b"member_maps", header, image [hi, wi], atom [M, h, w]], both float16."""
     return [TOPIC_MEMBER_MAPS, pack(header), np.ascontiguousarray(image, np.float16),
             np.ascontiguousarray(atom, np.float16)]
 
@@ -278,7 +278,8 @@ def decode_published(parts: Sequence[Any]) -> dict:
         if len(parts) != 4:
             raise ProtocolError("bad_parts", f"member_maps message has {len(parts)} parts, not 4")
         shape = doc["shape"]
-        doc["image"] = np.frombuffer(_buffer(parts[2]), "<f2").reshape(shape[1:])
+        doc["image"] = np.frombuffer(_buffer(parts[2]), "<f2").reshape(
+            doc.get("image_shape", shape[1:]))
         doc["atom"] = np.frombuffer(_buffer(parts[3]), "<f2").reshape(shape)
     return doc
 

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 POLL_MS = 100
 MAX_DRAIN = 10_000
 MAX_ACQUISITIONS = 256      # acquisitions whose last frame id is remembered (frame_gap)
+MEMBER_IMAGE_MAX_PX = 512   # member_maps: longest side of the image, of each member's map
+MEMBER_MAP_MAX_PX = 192     # (for a person to look at; keeps the cost per frame small)
 
 
 def zmq_bind_address(addr: str) -> str:
@@ -287,14 +289,17 @@ class Service:
 
     def _publish_member_maps(self, frame, net_input, probs, geom, active) -> None:
         """Opt-in (topic `member_maps`, for the live view): the frame as the members saw it and
-        each member's atom map (sum over classes), valid region, every k-th pixel."""
-        k, (vh, vw) = self.state.maps_downsample, geom.valid_shape
-        image = net_input[0, 0, :vh:k, :vw:k]
-        atom = probs[:, :, :vh:k, :vw:k].sum(axis=1, dtype=np.float32)
+        each member's atom map (sum over classes), valid region, subsampled to at most
+        MEMBER_IMAGE_MAX_PX / MEMBER_MAP_MAX_PX (and at least maps.downsample)."""
+        (vh, vw), k = geom.valid_shape, self.state.maps_downsample
+        ki, km = (max(k, -(-max(vh, vw) // n)) for n in (MEMBER_IMAGE_MAX_PX, MEMBER_MAP_MAX_PX))
+        image = net_input[0, 0, :vh:ki, :vw:ki]
+        atom = probs[:, :, :vh:km, :vw:km].sum(axis=1, dtype=np.float32)
         header = {"protocol": 1, "kind": "member_maps", "frame_id": frame.frame_id,
                   "acquisition": frame.acquisition, "active": list(active.active),
                   "active_version": active.version, "shape": list(atom.shape),
-                  "dtype": "float16", "frame_px_per_map_px": k / geom.scale}
+                  "image_shape": list(image.shape), "dtype": "float16",
+                  "frame_px_per_map_px": km / geom.scale, "frame_px_per_image_px": ki / geom.scale}
         wire.send(self.results, wire.encode_member_maps(header, image, atom))
 
     def _observe(self, frame, fa, active, timings_s, e2e_s) -> None:

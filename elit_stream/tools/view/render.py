@@ -38,18 +38,20 @@ def _image(a: np.ndarray, lo: float, hi: float) -> dict:
 
 def images(mm: dict, unc_max: float, max_px: int = 384, thumb_px: int = 96) -> dict:
     """Browser payload from a decoded `member_maps` message."""
-    image = np.asarray(mm["image"], np.float32)
-    atom = np.asarray(mm["atom"], np.float32)               # [M, h, w]
-    s, ts = step_for(image.shape, max_px), step_for(image.shape, thumb_px)
+    image = np.asarray(mm["image"], np.float32)              # [hi, wi]
+    atom = np.asarray(mm["atom"], np.float32)                # [M, h, w], often coarser
+    s, us, ts = (step_for(a.shape, n) for a, n in ((image, max_px), (atom, max_px),
+                                                    (atom, thumb_px)))
     active = [int(i) for i in mm.get("active", range(atom.shape[0]))]
-    unc = atom[active, ::s, ::s].std(axis=0) if active else np.zeros_like(image[::s, ::s])
+    unc = atom[active, ::us, ::us].std(axis=0) if active else np.zeros_like(atom[0, ::us, ::us])
     img = image[::s, ::s]
     lo, hi = np.percentile(img, (0.5, 99.5)) if img.size else (0.0, 1.0)
+    per_map_px = float(mm["frame_px_per_map_px"])
     return {
         "frame_id": mm["frame_id"], "acquisition": mm["acquisition"],
         "active_version": mm.get("active_version"),
-        "frame_px_per_px": float(mm["frame_px_per_map_px"]) * s,
-        "frame_px_per_thumb_px": float(mm["frame_px_per_map_px"]) * ts,
+        "frame_px_per_px": float(mm.get("frame_px_per_image_px", per_map_px)) * s,
+        "frame_px_per_thumb_px": per_map_px * ts,
         "image": _image(img, float(lo), float(hi)),
         "uncertainty": _image(unc, 0.0, unc_max), "unc_max": unc_max,
         "unc_frame_max": round(float(unc.max()) if unc.size else 0.0, 4),
