@@ -9,7 +9,8 @@ Not a test. Starts `elit-stream serve` (models/default), then measures in phases
 Per phase: closed loop (send one frame, wait for its result: client round trip, median and
 90th percentile), the service's own `publish` stage (Prometheus `elit_stage_seconds`, mean),
 and throughput with the sender running ahead (lossless, frames/s). The two `no view` phases
-bracket the others so the noise of a shared machine shows. Usage:
+bracket the others so the noise of a shared machine shows. Last, what `member_maps` costs the
+service per frame on its own (the same operations as loop.py, in this process). Usage:
 
     .venv/bin/python benchmarks/bench_view.py [--frames 20] [--size 256] [--threads N]
 """
@@ -129,6 +130,31 @@ def stalled_page(port: int):
         s.close()
 
 
+def member_maps_cost_ms(size_px: int, n_members: int = 8, repeats: int = 50) -> float:
+    """What the service adds per frame for `member_maps`, in this process: the same slicing,
+    class sum, float16 conversion and zero-copy send to a PUB socket as loop.py (median ms)."""
+    import zmq
+
+    from elit_stream.protocol import wire
+    from elit_stream.service.loop import MEMBER_IMAGE_MAX_PX, MEMBER_MAP_MAX_PX
+    probs = np.random.default_rng(0).random((n_members, 2, size_px, size_px), np.float32)
+    net = probs[:1, :1].copy()
+    ki, km = (-(-size_px // n) for n in (MEMBER_IMAGE_MAX_PX, MEMBER_MAP_MAX_PX))
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind("tcp://127.0.0.1:*")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        atom = probs[:, :, ::km, ::km].sum(axis=1, dtype=np.float32)
+        wire.send(pub, wire.encode_member_maps({"shape": list(atom.shape)},
+                                               net[0, 0, ::ki, ::ki], atom))
+        times.append(1e3 * (time.perf_counter() - t0))
+    pub.close(0)
+    ctx.term()
+    return float(np.median(times))
+
+
 def run_phase(name: str, ep: dict, frames: np.ndarray, ps: float, attach) -> dict:
     with attach() as extra:
         time.sleep(SETTLE_S)
@@ -172,6 +198,10 @@ def main() -> int:
         page = f"{got['messages']} msgs, {got['bytes'] / 1e6:.1f} MB" if got else "–"
         print(f"| {r['phase']} | {r['median']:.0f} | {r['p90']:.0f} | {r['publish']:.2f} | "
               f"{r['fps']:.2f} | {page} |")
+    print("\nmember_maps build + send alone, in this process (8 members, 2 classes), median ms:")
+    print("| frame | ms |\n|---|---|")
+    for size in (256, 512, 1024):
+        print(f"| {size}x{size} | {member_maps_cost_ms(size):.2f} |")
     return 0
 
 

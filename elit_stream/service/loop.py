@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 POLL_MS = 100
 MAX_DRAIN = 10_000
 MAX_ACQUISITIONS = 256      # acquisitions whose last frame id is remembered (frame_gap)
-MEMBER_IMAGE_MAX_PX = 512   # member_maps: longest side of the image, of each member's map
-MEMBER_MAP_MAX_PX = 192     # (for a person to look at; keeps the cost per frame small)
+MEMBER_IMAGE_MAX_PX = 512   # member_maps (for a person to look at): longest side of the image,
+MEMBER_MAP_MAX_PX = 192     # of each member's map,
+MEMBER_MAPS_MIN_GAP_S = 0.1  # and at most 10 per second, whatever the frame rate
 
 
 def zmq_bind_address(addr: str) -> str:
@@ -69,6 +70,7 @@ class Service:
         self._last_ids: dict[str, int] = {}     # acquisition -> last frame id (LRU order)
         self._maps_subs: set[bytes] = set()
         self._member_maps_subs: set[bytes] = set()
+        self._member_maps_t = 0.0
         self._pending: list[tuple[list, control.Deferred]] = []
         self._stop = threading.Event()
         self._stop_reason = "stopped"
@@ -415,4 +417,8 @@ class Service:
         return mode == "always" or (mode == "subscribe" and bool(self._maps_subs))
 
     def _member_maps_wanted(self) -> bool:
-        return self.state.maps_mode != "never" and bool(self._member_maps_subs)
+        if self.state.maps_mode == "never" or not self._member_maps_subs \
+                or perf_counter() - self._member_maps_t < MEMBER_MAPS_MIN_GAP_S:
+            return False
+        self._member_maps_t = perf_counter()
+        return True

@@ -390,13 +390,15 @@ def _view_parser(sub) -> None:
                        "Needs the `view` extra (pip install -e '.[view]'). Loopback only unless "
                        "an access token is given. Prints one JSON line {\"ready\": true, "
                        "\"url\": ...} when serving.")
-    v.add_argument("--results", metavar="ADDR", default="tcp://127.0.0.1:5556")
-    v.add_argument("--control", metavar="ADDR", default="tcp://127.0.0.1:5557")
+    v.add_argument("--results", metavar="ADDR", default="tcp://127.0.0.1:5556",
+                   help="the service's results socket (default tcp://127.0.0.1:5556)")
+    v.add_argument("--control", metavar="ADDR", default="tcp://127.0.0.1:5557",
+                   help="the service's control socket (default tcp://127.0.0.1:5557)")
     v.add_argument("--host", default="127.0.0.1", help="address to serve the page on "
                    "(default 127.0.0.1; anything else needs --token)")
     v.add_argument("--port", type=int, default=8090, help="HTTP port (default 8090; 0: free)")
     v.add_argument("--token", metavar="TEXT", help="access token the page URL must carry "
-                   "(default: $ELIT_VIEW_TOKEN)")
+                   "(default: $ELIT_VIEW_TOKEN, which other users cannot see in `ps`)")
     v.add_argument("--models", action="append", metavar="DIR", help="folder whose artifacts "
                    "the page offers to load (repeatable; default models/)")
     v.add_argument("--fps", type=float, default=5.0, help="most frames per second sent to a "
