@@ -218,15 +218,16 @@ def test_service_publishes_member_maps_only_to_a_subscriber(tmp_path):
                 msg = _next_member_maps(mm)
                 big, fid = msg, 2              # at most 10 per s: resend until one comes
                 while big["frame_id"] < 2:
-                    sender.send(gaussian_blobs((400, 400), seed=2)[0], fid, "mm",
+                    sender.send(gaussian_blobs((600, 600), seed=2)[0], fid, "mm",
                                 timeout_s=TIMEOUT_S)
                     fid += 1
                     got = mm.recv(0.5)
                     big = got if got is not None and got["topic"] == "member_maps" else big
                     assert fid < 200, "no member_maps for the larger frames"
                 # capped: maps at most 192 px, image at most 512 px
-                assert big["shape"] == [3, 134, 134] and big["frame_px_per_map_px"] == 3.0
-                assert big["image_shape"] == [200, 200] and big["frame_px_per_image_px"] == 2.0
+                assert big["shape"] == [3, 200, 200] and big["frame_px_per_map_px"] == 3.0
+                assert big["image_shape"] == [300, 300] and big["frame_px_per_image_px"] == 2.0
+                assert big["atom"].max() <= 2.0
             assert msg is not None, svc.log_tail()
             assert msg["shape"] == [3, 32, 32] and msg["image"].shape == (32, 32)
             assert msg["active"] == [0, 1, 2] and msg["frame_px_per_map_px"] == 2.0

@@ -146,9 +146,11 @@ function memberCards() {
     const count = res && res.count_per_member ? res.count_per_member[i] : m.count_last;
     const dis = res && res.disagreement_per_member ? res.disagreement_per_member[i] : m.disagreement_last;
     card.querySelector(".fig").innerHTML =
-      `<span>count</span><b>${fmt(count, 0)}</b><i>avg ${fmt(m.count_mean, 0)}</i>` +
-      `<span>disagr.</span><b>${fmt(dis, 3)}</b><i>avg ${fmt(m.disagreement_mean, 3)}</i>` +
-      `<span>z</span><b>${fmt(m.z_last, 1)}</b><i>streak ${streak}</i>`;
+      `<span></span><i>now</i><i>avg</i>` +
+      `<span>count</span><b>${fmt(count, 0)}</b><i>${fmt(m.count_mean, 0)}</i>` +
+      `<span>disagr.</span><b>${fmt(dis, 3)}</b><i>${fmt(m.disagreement_mean, 3)}</i>` +
+      `<span>z</span><b>${fmt(m.z_last, 1)}</b><i></i>` +
+      `<span>streak</span><b>${streak}</b><i></i>`;
   });
 }
 const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
