@@ -187,6 +187,42 @@ def _stalled_page(host: str, port: int):
     return s
 
 
+def test_an_unreadable_message_is_reported_and_the_view_goes_on():
+    """A publisher that sends garbage and then a good result: the page is told, and still
+    gets the result (bad input: a clear message, never a dead view)."""
+    import zmq
+
+    async def go():
+        from aiohttp.test_utils import TestClient, TestServer
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        view = View(ViewOptions(results=f"tcp://127.0.0.1:{port}", control="tcp://127.0.0.1:1",
+                                models_dirs=[]))
+        good = wire.encode_result({"protocol": 1, "kind": "result", "frame_id": 5,
+                                   "acquisition": "a", "n_atoms": 0},
+                                  {"x": np.zeros(0, np.float32)})
+        try:
+            async with TestClient(TestServer(view.app)) as client:
+                ws = await client.ws_connect("/ws")
+                got, events = None, []
+                for _ in range(400):                       # until the subscription is live
+                    pub.send_multipart([b"result", b"\xc1not msgpack"])
+                    pub.send_multipart(good)
+                    await asyncio.sleep(0.05)
+                    if view.state.slots["result"].value and view.state.events.items:
+                        break
+                while got is None or not events:
+                    msg = await ws.receive_json(timeout=TIMEOUT_S)
+                    got = msg if msg["type"] == "result" else got
+                    events = msg["events"] if msg["type"] == "events" else events
+                assert got["frame_id"] == 5
+                assert events[0]["event"] == "unreadable" and "bad_msgpack" in events[0]["text"]
+                await ws.close()
+        finally:
+            pub.close(0)
+    asyncio.run(go())
+
+
 # ------------------------------------------------------------------ the opt-in topic
 def test_member_maps_roundtrip_through_the_wire():
     image = np.arange(12, dtype=np.float32).reshape(3, 4)

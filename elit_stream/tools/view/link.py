@@ -128,11 +128,20 @@ class ServiceLink:
     # ------------------------------------------------------------------ readers
     async def _read_results(self) -> None:
         while True:
-            msg = wire.decode_published(await self.sub.recv_multipart(copy=False))
-            if msg["topic"] == "result":
-                self._on_result(msg)
-            else:
-                self._on_event(msg)
+            parts = await self.sub.recv_multipart(copy=False)
+            try:
+                msg = wire.decode_published(parts)
+                if msg["topic"] == "result":
+                    self._on_result(msg)
+                else:
+                    self._on_event(msg)
+            except (wire.ProtocolError, KeyError, TypeError, ValueError) as exc:
+                self._unreadable(exc)
+
+    def _unreadable(self, exc: Exception) -> None:
+        """A message the view cannot read: said in the log and on the page, then go on."""
+        log.warning("unreadable message from the service: %s", exc)
+        self.state.log({"kind": "error", "event": "unreadable", "text": str(exc)})
 
     def _on_result(self, msg: dict) -> None:
         self.counts["results"] += 1
@@ -173,10 +182,14 @@ class ServiceLink:
                 self.counts["member_maps_skipped"] += 1
                 continue
             self._last_images_s = now
-            mm = wire.decode_published(parts)
-            payload = render.images(mm, self.unc_max, self.max_px, self.thumb_px)
-            raw = self._recent.get((mm["acquisition"], mm["frame_id"]))
-            payload["result"] = render.result_summary(raw) if raw is not None else None
+            try:
+                mm = wire.decode_published(parts)
+                payload = render.images(mm, self.unc_max, self.max_px, self.thumb_px)
+                raw = self._recent.get((mm["acquisition"], mm["frame_id"]))
+                payload["result"] = render.result_summary(raw) if raw is not None else None
+            except (wire.ProtocolError, KeyError, TypeError, ValueError) as exc:
+                self._unreadable(exc)
+                continue
             self.state.set("images", payload)
 
     # ------------------------------------------------------------------ control
@@ -196,8 +209,9 @@ class ServiceLink:
         try:
             st = self._poll_ctl.call("status")
             mem = self._poll_ctl.call("members")
-        except TimeoutError:
-            return {"ok": False, "error": f"the service at {self.control_addr} does not answer",
+        except (TimeoutError, wire.ProtocolError) as exc:
+            why = "does not answer" if isinstance(exc, TimeoutError) else f"answered {exc}"
+            return {"ok": False, "error": f"the service at {self.control_addr} {why}",
                     "models": list_models(self.models_dirs)}
         return {**st, "members": mem.get("members", []), "models": list_models(self.models_dirs),
                 "view": {"maps_subscribed": self.maps_subscribed, **self.counts}}
@@ -214,9 +228,9 @@ class ServiceLink:
         try:
             reply = await loop.run_in_executor(self._action_pool,
                                                lambda: self._action_ctl.call(cmd, **args))
-        except TimeoutError:
-            reply = {"ok": False, "cmd": cmd, "error": {"code": "timeout",
-                                                        "message": "the service did not answer"}}
+        except (TimeoutError, wire.ProtocolError) as exc:
+            reply = {"ok": False, "cmd": cmd, "error": {"code": "timeout", "message":
+                     f"the service did not answer ({exc})"}}
         self.state.log({"kind": "action", "event": cmd, "members": args.get("members"),
                         "text": _action_text(cmd, args, reply)})
         return reply
