@@ -38,7 +38,7 @@ POLL_MS = 100
 MAX_DRAIN = 10_000
 MAX_ACQUISITIONS = 256      # acquisitions whose last frame id is remembered (frame_gap)
 MEMBER_IMAGE_MAX_PX = 512   # member_maps (for a person to look at): longest side of the image,
-MEMBER_MAP_MAX_PX = 256     # of each member's map (block means),
+MEMBER_MAP_MAX_PX = 256     # of each member's map,
 MEMBER_MAPS_MIN_GAP_S = 0.1  # and at most 10 per second, whatever the frame rate
 
 
@@ -291,14 +291,13 @@ class Service:
 
     def _publish_member_maps(self, frame, net_input, probs, geom, active) -> None:
         """Opt-in (topic `member_maps`, for the live view): the frame as the members saw it and
-        each member's atom map (sum over classes), valid region, reduced to at most
-        MEMBER_IMAGE_MAX_PX / MEMBER_MAP_MAX_PX (and at least by maps.downsample)."""
+        each member's atom map (sum over classes), valid region, every k-th pixel (like `maps`;
+        block means cost ~50x more, memory-bound) for at most MEMBER_IMAGE_MAX_PX /
+        MEMBER_MAP_MAX_PX per side, k >= maps.downsample."""
         (vh, vw), k = geom.valid_shape, self.state.maps_downsample
         ki, km = (max(k, -(-max(vh, vw) // n)) for n in (MEMBER_IMAGE_MAX_PX, MEMBER_MAP_MAX_PX))
         image = net_input[0, 0, :vh:ki, :vw:ki]
-        h, w = vh // km, vw // km                       # block means, not every k-th pixel:
-        atom = probs[:, :, :h * km, :w * km].sum(axis=1, dtype=np.float32)   # no aliasing
-        atom = atom.reshape(-1, h, km, w, km).mean(axis=(2, 4)) if km > 1 else atom
+        atom = probs[:, :, :vh:km, :vw:km].sum(axis=1, dtype=np.float32)
         header = {"protocol": 1, "kind": "member_maps", "frame_id": frame.frame_id,
                   "acquisition": frame.acquisition, "active": list(active.active),
                   "active_version": active.version, "shape": list(atom.shape),
