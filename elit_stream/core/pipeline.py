@@ -32,6 +32,8 @@ class FrameOutput:
     y: np.ndarray
     geom: Geometry
     timings_s: dict[str, float]          # prepare, infer, analyse
+    net_input: np.ndarray                # [1, 1, H, W] what the members saw (engine's buffer)
+    probs: np.ndarray                    # [M, C, H, W] every member's maps (engine's buffer)
 
 
 def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | None,
@@ -48,7 +50,8 @@ def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | Non
     fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
     x, y = geom.to_frame_xy(fa.x, fa.y)
     t3 = perf_counter()
-    return FrameOutput(fa, x, y, geom, {"prepare": t1 - t0, "infer": t2 - t1, "analyse": t3 - t2})
+    return FrameOutput(fa, x, y, geom, {"prepare": t1 - t0, "infer": t2 - t1, "analyse": t3 - t2},
+                       net_input, probs)
 
 
 def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,

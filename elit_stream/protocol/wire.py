@@ -3,6 +3,7 @@
 Ingest (PUSH -> PULL):      [header (msgpack map), pixels (raw little-endian, C order)]
 Results (PUB, XPUB here):   [b"result", header, col_0, col_1, ...]   columns as named in header
                             [b"maps", header, mean, std]             float16 [C, h, w]
+                            [b"member_maps", header, image, atom]    float16 [hi, wi], [M, h, w]
                             [b"event.<name>", document]
 Control (DEALER/REQ -> ROUTER): [envelope..., b"", request]  ->  [envelope..., b"", reply]
 
@@ -24,6 +25,7 @@ from elit_stream.protocol.messages import FRAME_DTYPES, PROTOCOL_VERSION
 
 TOPIC_RESULT = b"result"
 TOPIC_MAPS = b"maps"
+TOPIC_MEMBER_MAPS = b"member_maps"      # opt-in, for the live view (docs/protocol.md 2.2b)
 TOPIC_EVENT = b"event."
 
 MAX_HEADER_BYTES = 65536
@@ -244,6 +246,12 @@ def encode_maps(header: dict, mean: np.ndarray, std: np.ndarray) -> list:
             np.ascontiguousarray(std, np.float16)]
 
 
+def encode_member_maps(header: dict, image: np.ndarray, atom: np.ndarray) -> list:
+    """[b"member_maps", header, image [hi, wi], atom [M, h, w]], both float16."""
+    return [TOPIC_MEMBER_MAPS, pack(header), np.ascontiguousarray(image, np.float16),
+            np.ascontiguousarray(atom, np.float16)]
+
+
 def encode_event(doc: dict) -> list:
     return [TOPIC_EVENT + doc["event"].encode(), pack(doc)]
 
@@ -252,7 +260,7 @@ def decode_published(parts: Sequence[Any]) -> dict:
     """Decode any message of the results socket into a dict with numpy columns.
 
     result -> header fields + "atoms": {column: ndarray}; maps -> header + "mean", "std";
-    event -> the document. Every dict also has "topic" (str).
+    member_maps -> header + "image", "atom"; event -> the document. Every dict also has "topic" (str).
     """
     if len(parts) < 2:
         raise ProtocolError("bad_parts", f"published message has {len(parts)} parts (min 2)")
@@ -272,6 +280,13 @@ def decode_published(parts: Sequence[Any]) -> dict:
         shape = doc["shape"]
         doc["mean"], doc["std"] = (np.frombuffer(_buffer(p), "<f2").reshape(shape)
                                    for p in parts[2:])
+    elif topic == "member_maps":
+        if len(parts) != 4:
+            raise ProtocolError("bad_parts", f"member_maps message has {len(parts)} parts, not 4")
+        shape = doc["shape"]
+        doc["image"] = np.frombuffer(_buffer(parts[2]), "<f2").reshape(
+            doc.get("image_shape", shape[1:]))
+        doc["atom"] = np.frombuffer(_buffer(parts[3]), "<f2").reshape(shape)
     return doc
 
 

@@ -19,6 +19,7 @@ import time
 from time import perf_counter
 
 import msgpack
+import numpy as np
 import zmq
 
 from elit_stream.core.engine import EngineError
@@ -35,15 +36,20 @@ log = logging.getLogger(__name__)
 POLL_MS = 50
 MAX_DRAIN = 10_000
 MAX_ACQUISITIONS = 256      # acquisitions whose last frame id is remembered (frame_gap)
+MEMBER_IMAGE_MAX_PX = 512   # member_maps (for a person to look at): longest side of the image,
+MEMBER_MAP_MAX_PX = 256     # of each member's map,
+MEMBER_MAPS_MIN_GAP_S = 0.1  # and at most 10 per second, whatever the frame rate
 
 
 class FrameLoop:
     """Owns the ingest socket and the frame thread's end of the inproc pipe to the hub."""
 
     def __init__(self, cfg: ServiceConfig, state: control.State, metrics: ServiceMetrics,
-                 ingest: zmq.Socket, to_hub: zmq.Socket, maps_subscribers: set):
+                 ingest: zmq.Socket, to_hub: zmq.Socket, maps_subscribers: set,
+                 member_maps_subscribers: set):
         self.cfg, self.state, self.metrics = cfg, state, metrics
         self.ingest, self.to_hub, self.maps_subscribers = ingest, to_hub, maps_subscribers
+        self.member_maps_subscribers, self._member_maps_t = member_maps_subscribers, 0.0
         lim = cfg.limits
         self.admission = Admission(lim.pixel_size_factor, lim.max_input_px, self._warn)
         self.answered = AnsweredFrames()
@@ -155,7 +161,7 @@ class FrameLoop:
                 st.in_flight = None
 
     def _infer_and_publish(self, frame, t_recv, decode_s, engine, active, params) -> None:
-        want_maps = self._maps_wanted()
+        want_maps, want_members = self._maps_wanted(), self._member_maps_wanted()
         t0 = perf_counter()
         pixel_size_pm = self.admission.check(frame, engine)   # ProtocolError before any work
         admit_s = perf_counter() - t0
@@ -166,6 +172,8 @@ class FrameLoop:
         try:
             if want_maps:
                 self._publish_maps(frame, fa, out.geom, engine.artifact, active)
+            if want_members:
+                self._publish_member_maps(frame, out, active)
             t4 = perf_counter()
             timings["publish"] = t4 - t3
             self._observe(frame, fa, active, timings, t4 - t_recv)
@@ -199,6 +207,22 @@ class FrameLoop:
                   "classes": list(art.class_names),
                   "frame_px_per_map_px": k / geom.scale}
         wire.send(self.to_hub, wire.encode_maps(header, mean, std))
+
+    def _publish_member_maps(self, frame, out, active) -> None:
+        """Opt-in (topic `member_maps`, for the live view): the frame as the members saw it and
+        each member's atom map (sum over classes), valid region, every k-th pixel (like `maps`;
+        block means cost ~50x more, memory-bound) for at most MEMBER_IMAGE_MAX_PX /
+        MEMBER_MAP_MAX_PX per side, k >= maps.downsample."""
+        geom, (vh, vw), k = out.geom, out.geom.valid_shape, self.state.maps_downsample
+        ki, km = (max(k, -(-max(vh, vw) // n)) for n in (MEMBER_IMAGE_MAX_PX, MEMBER_MAP_MAX_PX))
+        image = out.net_input[0, 0, :vh:ki, :vw:ki]
+        atom = out.probs[:, :, :vh:km, :vw:km].sum(axis=1, dtype=np.float32)
+        header = {"protocol": 1, "kind": "member_maps", "frame_id": frame.frame_id,
+                  "acquisition": frame.acquisition, "active": list(active.active),
+                  "active_version": active.version, "shape": list(atom.shape),
+                  "image_shape": list(image.shape), "dtype": "float16",
+                  "frame_px_per_map_px": km / geom.scale, "frame_px_per_image_px": ki / geom.scale}
+        wire.send(self.to_hub, wire.encode_member_maps(header, image, atom))
 
     def _observe(self, frame, fa, active, timings_s, e2e_s) -> None:
         self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty)
@@ -265,6 +289,13 @@ class FrameLoop:
     def _event(self, name: str, **payload) -> None:
         """From the frame thread: the control thread adds seq and publishes, in order."""
         self.to_hub.send_multipart([wire.TOPIC_EVENT + name.encode(), wire.pack(payload)])
+
+    def _member_maps_wanted(self) -> bool:
+        if self.state.maps_mode == "never" or not self.member_maps_subscribers \
+                or perf_counter() - self._member_maps_t < MEMBER_MAPS_MIN_GAP_S:
+            return False
+        self._member_maps_t = perf_counter()
+        return True
 
     def _maps_wanted(self) -> bool:
         mode = self.state.maps_mode

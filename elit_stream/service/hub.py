@@ -36,6 +36,7 @@ class Hub:
         for s in (control_sock, results_sock, from_frames):
             self.poller.register(s, zmq.POLLIN)
         self.maps_subscribers: set[bytes] = set()
+        self.member_maps_subscribers: set[bytes] = set()     # the live view's opt-in topic
         self.frames_report: dict | None = None     # the frame thread's last word, once stopped
         self._event_seq = 0
         self._pending: list[tuple[list, control.Deferred]] = []
@@ -129,16 +130,17 @@ class Hub:
             self.publish_event(name, **payload)
 
     def track_subscriptions(self) -> None:
-        """XPUB: remember whether anyone subscribed to `maps` (maps are costly)."""
+        """XPUB: remember who subscribed to `maps` / `member_maps` (both are costly)."""
         while True:
             try:
                 msg = self.results.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if msg[1:] and (msg[1:].startswith(wire.TOPIC_MAPS)
-                            or wire.TOPIC_MAPS.startswith(msg[1:])):
-                (self.maps_subscribers.add if msg[:1] == b"\x01"
-                 else self.maps_subscribers.discard)(msg[1:])
+            prefix = msg[1:]
+            for topic, subs in ((wire.TOPIC_MAPS, self.maps_subscribers),
+                                (wire.TOPIC_MEMBER_MAPS, self.member_maps_subscribers)):
+                if prefix and (prefix.startswith(topic) or topic.startswith(prefix)):
+                    (subs.add if msg[:1] == b"\x01" else subs.discard)(prefix)
 
 
 def _args(body: list) -> str:

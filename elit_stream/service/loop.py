@@ -106,7 +106,7 @@ class Service:
         self._to_hub.connect(inproc)
         self.hub = Hub(self.state, self.metrics, self.control, self.results, self._from_frames)
         self.frames = FrameLoop(self.cfg, self.state, self.metrics, self.ingest, self._to_hub,
-                                self.hub.maps_subscribers)
+                                self.hub.maps_subscribers, self.hub.member_maps_subscribers)
         if self.auth is not None:
             self.auth.watch()
         if self.cfg.metrics.enabled:
