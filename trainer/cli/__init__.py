@@ -131,6 +131,9 @@ def _positive_int(text: str) -> int:
 def _synth_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("synthetic data")
     g.add_argument("--lattice", choices=["graphene", "square", "perovskite"], default="graphene")
+    g.add_argument("--world", choices=["legacy", "physical"], default="legacy",
+                   help="legacy: Gaussian atoms on --lattice (the original generator); physical: "
+                        "every scene under an aberrated probe, 7-40 pm/px (docs/training-world.md)")
     g.add_argument("--classes", type=int, choices=[1, 2], default=2,
                    help="1: atoms vs background; 2: lattice atoms vs heavy impurities (default)")
     g.add_argument("--size", type=int, default=None, help="training tile size in px (multiple of 8)")
@@ -164,6 +167,8 @@ def synth_config(args):
     from trainer.data.synth import SynthConfig
 
     cfg = SynthConfig(lattice=args.lattice, n_classes=args.classes)
+    if getattr(args, "world", "legacy") == "physical":
+        cfg = SynthConfig.physical(n_classes=args.classes)
     if args.size is not None:
         if args.size % 8 or args.size < 32:
             raise ValueError(f"--size must be a multiple of 8 and at least 32, got {args.size}")
