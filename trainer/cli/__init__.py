@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tiles are the test set and the --n-val before them validation")
     g.add_argument("--init-from", metavar="SPEC",
                    help="start every member from these weights instead of from scratch: "
-                   "ARTIFACT_DIR:MEMBER (e.g. models/default:3), RUN_DIR:MEMBER or a final.pt file")
+                   "ARTIFACT_DIR:MEMBER (e.g. models/default:3), RUN_DIR:MEMBER or a final.pt file; "
+                   "ARTIFACT_DIR:* or RUN_DIR:* starts member K from member K")
     g.add_argument("--parent", type=Path, metavar="ARTIFACT_DIR",
                    help="the artifact this one is retrained from: recorded in the manifest lineage")
     p.set_defaults(func=cmd_train)
@@ -152,6 +153,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="epochs whose weights are averaged (SWA), ending at the best epoch")
     g.add_argument("--patience", type=_positive_int, default=d.patience,
                    help="early stopping: epochs without validation improvement")
+    g.add_argument("--min-delta", type=float, default=d.min_delta,
+                   help="early stopping: a relative fall of the validation loss below this is no "
+                        "improvement (default 0)")
+    g.add_argument("--member-budget-s", type=float, default=d.member_budget_s,
+                   help="wall-clock budget per member in s: no new epoch once spent (default 0: none)")
     g.add_argument("--lr", type=float, default=d.lr, help="constant learning rate (Adam)")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     g.add_argument("--n-train", type=_positive_int, default=d.n_train, help="training images")
@@ -187,7 +193,8 @@ def train_config(args):
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     return TrainConfig(members=args.members, base_seed=args.seed, max_epochs=args.epochs,
-                       swa_epochs=args.swa_epochs, patience=args.patience, lr=args.lr,
+                       swa_epochs=args.swa_epochs, patience=args.patience,
+                       min_delta=args.min_delta, member_budget_s=args.member_budget_s, lr=args.lr,
                        batch_size=args.batch_size, n_train=args.n_train, n_val=args.n_val,
                        n_test=args.n_test, data_seed=args.data_seed, threads=args.threads,
                        synth=synth_config(args),
