@@ -371,7 +371,7 @@ def test_detector_lag_smears_along_the_fast_scan_only():
     from trainer.data.acquire import acquire
     clean = np.zeros((32, 32))
     clean[16, 16] = 1.0
-    out, _ = acquire(np.random.default_rng(0), replace(base, lag_range=(0.5, 0.5)), clean,
+    out, _, _ = acquire(np.random.default_rng(0), replace(base, lag_range=(0.5, 0.5)), clean,
                      np.zeros((0, 2)), 10.0)
     assert out[16, 17] > 0.3 and out[16, 15] == 0 and out[17, 16] == 0 and out[15, 16] == 0
 

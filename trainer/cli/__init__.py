@@ -281,7 +281,8 @@ def cmd_evaluate(args) -> None:
     for image, mask in zip(ds.images[:, 0], ds.masks):
         p = runner.probs(image)
         probs.append(p)
-        pred, truth = p.sum(1) > 0.5, mask > 0
+        valid = mask != 255                       # "ignore": e.g. atoms too faint to be seen
+        pred, truth = (p.sum(1) > 0.5) & valid, (mask > 0) & valid
         inter += (pred & truth).sum((1, 2))
         union += (pred | truth).sum((1, 2))
     iou = inter / np.maximum(union, 1)

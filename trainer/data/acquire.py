@@ -10,11 +10,14 @@ the fast scan, a slow background (thickness, diffuse scattering), a dose that ma
 frame, Poisson counts, a gain that may jump at one line, read noise, clipping, detector lag along
 the fast scan and a few glitched lines. Units before the detector: the peak of the scene's light
 reference (a carbon atom, the lightest column …) under this tile's probe = 1, so the dose is
-"counts per light-atom peak". Truth (`xy`) follows the drift and the jitter.
+"counts per light-atom peak". Truth (`xy`) follows the drift and the jitter; atoms that the
+noise hides (`visibility_snr` below VISIBLE_SNR) are masked "ignore", so the network is never
+taught to paint atoms into noise.
 """
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import minimum_filter
 from scipy.signal import lfilter
 
 from trainer.data.config import SynthConfig
@@ -23,6 +26,10 @@ from trainer.data.samples import CARBON_Z, Scene
 
 FINE_PM = 12.0        # the finest grid spacing the object is rendered on
 PAD_PM = 400.0        # margin around the tile (probe tails, wrap-around of the FFT)
+CONTRAST_PM = 150.0   # an atom's contrast is measured against the darkest point this close
+SNR_RADIUS_PM = 40.0  # ... and its SNR over the pixels this close (the core of the peak)
+VISIBLE_SNR = 5.0     # below this an atom is "ignore" in the mask, not an atom (Rose criterion)
+SATURATED_QUANTILE = (0.97, 0.999)   # when clipped, this quantile of the frame is the ceiling
 DENSITY_BLOCK_PM = 40.0   # the support's (smooth) density is evaluated on blocks this wide
 
 
@@ -88,12 +95,14 @@ def _texture(rng: np.random.Generator, scene: Scene, pixel_pm: float, size: int,
 
 
 def acquire(rng: np.random.Generator, cfg: SynthConfig, clean: np.ndarray, xy_px: np.ndarray,
-            pixel_pm: float) -> tuple[np.ndarray, np.ndarray]:
+            pixel_pm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scan and detector: jitter, background, dose, Poisson, gain, read noise, clipping, lag,
-    glitches; min-max normalised float32 and the jittered truth."""
+    glitches. Returns the min-max normalised float32 image, the jittered truth and each atom's
+    signal-to-noise ratio (`visibility_snr`)."""
     size = clean.shape[0]
     image, xy_px = _jitter(rng, cfg, clean, xy_px, pixel_pm)
-    image = image + _background(rng, cfg, size)
+    background = _background(rng, cfg, size)
+    image = image + background
     dose = _log_u(rng, cfg.dose_range) * np.linspace(1.0, rng.uniform(*cfg.dose_drift_range),
                                                      size)[:, None]
     expected = np.maximum(image, 0.0) * dose
@@ -101,9 +110,12 @@ def acquire(rng: np.random.Generator, cfg: SynthConfig, clean: np.ndarray, xy_px
     gain = np.ones((size, 1))
     if rng.random() < cfg.gain_jump_prob:
         gain[rng.integers(1, size):] = rng.uniform(*cfg.gain_jump_range)
-    signal = gain * counts + rng.normal(0.0, rng.uniform(*cfg.read_noise_range), counts.shape)
-    if rng.random() < cfg.saturation_prob:
-        signal = np.minimum(signal, rng.uniform(*cfg.saturation_range) * dose.max())
+    read_noise = rng.uniform(*cfg.read_noise_range)
+    snr = visibility_snr(clean, background, dose, read_noise, xy_px, pixel_pm,
+                         cfg.poisson_prob > 0)
+    signal = gain * counts + rng.normal(0.0, read_noise, counts.shape)
+    if rng.random() < cfg.saturation_prob:       # the detector / ADC clips the brightest part
+        signal = np.minimum(signal, np.quantile(signal, rng.uniform(*SATURATED_QUANTILE)))
     lag = rng.uniform(*cfg.lag_range)
     if lag > 0:
         signal = lfilter([1.0 - lag], [1.0, -lag], signal, axis=1)
@@ -111,7 +123,27 @@ def acquire(rng: np.random.Generator, cfg: SynthConfig, clean: np.ndarray, xy_px
         signal = _glitch(rng, signal)
     lo, hi = signal.min(), signal.max()
     out = (signal - lo) / (hi - lo) if hi > lo else np.zeros_like(signal)
-    return out.astype(np.float32), xy_px
+    return out.astype(np.float32), xy_px, snr
+
+
+def visibility_snr(clean: np.ndarray, background: np.ndarray, dose: np.ndarray,
+                   read_noise: float, xy_px: np.ndarray, pixel_pm: float,
+                   shot_noise: bool = True) -> np.ndarray:
+    """How visible each atom is: its contrast over the darkest point within CONTRAST_PM (the
+    hexagon centre, the gap between columns, a dip of the support) in counts, over the noise of
+    one pixel there, times the square root of the pixels within SNR_RADIUS_PM (what an eye or a
+    network can average). Atoms below VISIBLE_SNR are not labelled as atoms (mask "ignore")."""
+    size = clean.shape[0]
+    if len(xy_px) == 0:
+        return np.zeros(0)
+    floor = minimum_filter(clean, size=2 * int(np.ceil(CONTRAST_PM / pixel_pm)) + 1, mode="nearest")
+    col = np.clip(np.rint(xy_px[:, 0]).astype(np.int64), 0, size - 1)
+    row = np.clip(np.rint(xy_px[:, 1]).astype(np.int64), 0, size - 1)
+    contrast = np.maximum(clean[row, col] - floor[row, col], 0.0) * dose[row, 0]
+    level = (floor[row, col] + background[row, col]) * dose[row, 0]
+    noise = np.sqrt((level + contrast if shot_noise else 0.0) + read_noise**2 + 1e-12)
+    pixels = max(1.0, np.pi * (SNR_RADIUS_PM / pixel_pm) ** 2)
+    return contrast / noise * np.sqrt(pixels)
 
 
 def _jitter(rng, cfg, image, xy_px, pixel_pm):

@@ -59,9 +59,9 @@ class SynthConfig:
     z_exponent_range: tuple[float, float] = (1.6, 2.0)   # HAADF: intensity ~ Z ** n, n per tile
     voltages_kv: tuple[float, ...] = (60.0, 80.0, 200.0, 300.0)
     aperture_mrad_range: tuple[float, float] = (18.0, 35.0)   # probe semi-angle
-    defocus_nm_range: tuple[float, float] = (0.1, 5.0)     # |C10|, log-uniform, random sign
-    astigmatism_nm_range: tuple[float, float] = (0.1, 5.0)  # |C12|, log-uniform, random angle
-    coma_nm_range: tuple[float, float] = (1.0, 100.0)      # |C21|, log-uniform, random angle
+    defocus_nm_range: tuple[float, float] = (0.1, 4.0)     # |C10|, log-uniform, random sign
+    astigmatism_nm_range: tuple[float, float] = (0.1, 3.0)  # |C12|, log-uniform, random angle
+    coma_nm_range: tuple[float, float] = (1.0, 80.0)      # |C21|, log-uniform, random angle
     cs_um_range: tuple[float, float] = (-5.0, 5.0)         # C30 (corrected instrument)
     focus_drift_nm_range: tuple[float, float] = (0.0, 3.0)  # C10 change over the slow scan
     source_pm_range: tuple[float, float] = (5.0, 35.0)     # source size, Gaussian sigma
@@ -71,7 +71,7 @@ class SynthConfig:
     channelling_range: tuple[float, float] = (0.7, 1.0)    # column intensity ~ thickness ** this
     support_density_range: tuple[float, float] = (20.0, 1500.0)  # a-C atoms / nm^2, log-uniform
     amorphous_prob: float = 0.3      # lattice scenes: monolayer amorphous patches (atoms, labelled)
-    contamination_prob: float = 0.4  # patchy hydrocarbon (unlabelled texture) over the sample
+    contamination_prob: float = 0.3  # patchy hydrocarbon (unlabelled texture) over the sample
     read_noise_range: tuple[float, float] = (0.0, 3.0)     # detector read noise, counts rms
     gain_jump_prob: float = 0.2      # the gain changes at a random scan line ...
     gain_jump_range: tuple[float, float] = (0.6, 1.6)      # ... by this factor

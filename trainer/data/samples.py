@@ -65,7 +65,7 @@ def _plus(a: Density | None, b: Density) -> Density:
 def _contamination(rng: np.random.Generator, radius_pm: float) -> Density:
     """Patchy hydrocarbon: amorphous carbon where a smooth field exceeds a threshold."""
     field = field_fn(rng, rng.uniform(0.15, 0.6) * max(radius_pm, 300.0))
-    threshold, density = rng.uniform(-0.5, 1.5), _log_u(rng, (50.0, 1500.0))
+    threshold, density = rng.uniform(-0.5, 1.5), _log_u(rng, (20.0, 400.0))
     return lambda xy: density * np.clip(field(xy) - threshold, 0.0, 1.0)
 
 
