@@ -391,3 +391,30 @@ def test_legacy_configs_without_the_new_fields_still_load_and_render_the_old_way
     assert cfg.imaging == "gaussian" and cfg.scenes == ()
     with pytest.raises(ValueError, match="scenes need"):
         SynthConfig(scenes=("graphene",), scene_weights=(1.0,))
+
+
+def test_visibility_snr_grows_with_dose_and_falls_with_background():
+    from trainer.data.acquire import visibility_snr
+    clean = np.zeros((32, 32))
+    clean[16, 16] = 1.0
+    xy = np.array([[16.0, 16.0]])
+    flat = np.zeros_like(clean)
+
+    def snr(dose, bg=0.0):
+        return visibility_snr(clean, flat + bg, np.full((32, 1), dose), 0.0, xy, 10.0)[0]
+    assert snr(100.0) > snr(10.0) > snr(1.0)
+    assert snr(10.0, bg=5.0) < snr(10.0)
+    assert snr(100.0) == pytest.approx(np.sqrt(100.0) * np.sqrt(np.pi * 16), rel=1e-6)
+
+
+@pytest.mark.parametrize("dose, hidden", [((1000.0, 1000.0), False), ((0.05, 0.05), True)])
+def test_atoms_the_noise_hides_are_ignored_not_taught(dose, hidden):
+    from trainer.data.synth import IGNORE
+    cfg = replace(_only("graphene"), dose_range=dose, contamination_prob=0.0, amorphous_prob=0.0,
+                  removed_fraction_range=(0.0, 0.0), zoom_range=(2.0, 2.0))
+    s = make_sample(np.random.default_rng(8), cfg)
+    ignored = np.mean(s.mask == IGNORE)
+    if hidden:
+        assert ignored > 0.2 and len(s.xy) == 0
+    else:
+        assert ignored == 0.0 and len(s.xy) > 20
