@@ -35,7 +35,7 @@ def main(argv=None) -> None:
             ax.set_title(f"{scene} {s.pixel_size_pm:.0f} pm/px", fontsize=7)
             ax.set_axis_off()
     fig.suptitle("physical training world (dots: truth; blue lattice, red heavy)", fontsize=9)
-    fig.savefig(args.out, dpi=90)
+    fig.savefig(args.out, dpi=70)
     print(f"wrote {args.out}")
 
 

@@ -65,7 +65,7 @@ class SynthConfig:
     cs_um_range: tuple[float, float] = (-5.0, 5.0)         # C30 (corrected instrument)
     focus_drift_nm_range: tuple[float, float] = (0.0, 3.0)  # C10 change over the slow scan
     source_pm_range: tuple[float, float] = (5.0, 35.0)     # source size, Gaussian sigma
-    object_pm_range: tuple[float, float] = (12.0, 22.0)    # atom's own width (potential + thermal)
+    object_pm_range: tuple[float, float] = (8.0, 20.0)     # atom's own width (potential + thermal)
     thickness_range: tuple[float, float] = (2.0, 40.0)     # atoms per column (crystals), log-uniform
     thickness_gradient_range: tuple[float, float] = (0.0, 0.8)   # wedge: relative change per radius
     channelling_range: tuple[float, float] = (0.7, 1.0)    # column intensity ~ thickness ** this
