@@ -217,3 +217,204 @@ def test_preview_png_is_written(tmp_path):
     path = tmp_path / "preview.png"
     preview_png(make_dataset(3, 0, SMALL), path, n=3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the physical world
+# (imaging="probe": trainer.data.probe / samples / acquire)
+
+from trainer.data.acquire import render_clean  # noqa: E402
+from trainer.data.lattice import Atoms  # noqa: E402
+from trainer.data.probe import Optics, peak_shape, psf, wavelength_pm  # noqa: E402
+from trainer.data.config import SCENES as SCENE_NAMES  # noqa: E402
+from trainer.data.samples import Scene, make_scene  # noqa: E402
+
+PHYSICAL = SynthConfig.physical(size_px=64)
+QUIET = replace(PHYSICAL.without_noise(), defocus_nm_range=(1e-3, 1e-3),
+                astigmatism_nm_range=(1e-3, 1e-3), coma_nm_range=(1e-3, 1e-3), cs_um_range=(0, 0),
+                focus_drift_nm_range=(0, 0), drift_max=0.0, source_pm_range=(20, 20),
+                object_pm_range=(15, 15))
+
+
+def _only(scene: str, cfg: SynthConfig = PHYSICAL) -> SynthConfig:
+    return replace(cfg, scene_weights=tuple(float(s == scene) for s in cfg.scenes))
+
+
+def _two_atoms(z1: int, z2: int) -> Scene:
+    xy = np.array([[-295.0, 5.0], [295.0, 5.0]])     # on pixel centres at 10 pm, 96 px
+    return Scene("test", Atoms(xy, np.array([z1, z2]), np.array([False, True])), z1, 1.0, None)
+
+
+def test_wavelength_is_relativistic():
+    assert wavelength_pm(200) == pytest.approx(2.508, abs=1e-3)
+    assert wavelength_pm(60) == pytest.approx(4.866, abs=1e-3)
+
+
+def test_an_ideal_probe_has_the_diffraction_limited_width():
+    # Airy disc FWHM ≈ 0.51 λ/α
+    shape = peak_shape(psf(Optics(voltage_kv=200, aperture_mrad=25), (256, 256), 5.0), 5.0)
+    assert shape[0] == pytest.approx(0.51 * wavelength_pm(200) / 0.025, rel=0.1)
+    assert shape[1] < 1.1
+
+
+def test_two_fold_astigmatism_elongates_the_probe_and_defocus_widens_it():
+    ideal = peak_shape(psf(Optics(), (256, 256), 5.0), 5.0)
+    astig = peak_shape(psf(Optics(c10_nm=2.0, c12_nm=2.0), (256, 256), 5.0), 5.0)
+    defocus = peak_shape(psf(Optics(c10_nm=8.0), (256, 256), 5.0), 5.0)
+    assert astig[1] > 1.4 > ideal[1]
+    assert psf(Optics(c10_nm=8.0), (256, 256), 5.0).max() < 0.5 * psf(Optics(), (256, 256), 5.0).max()
+    assert defocus[0] >= ideal[0]
+
+
+def test_coma_makes_a_tail_along_its_angle():
+    """The centre of mass moves away from the peak towards φ21 (a comet tail); no tail without."""
+    y, x = np.mgrid[:256, :256]
+    for c21, phi, want in [(0.0, 0.0, (0.0, 0.0)), (300.0, 0.0, (1.0, 0.0)), (300.0, np.pi / 2, (0.0, 1.0))]:
+        p = np.fft.fftshift(psf(Optics(c21_nm=c21, phi21_rad=phi), (256, 256), 5.0))
+        row, col = np.unravel_index(np.argmax(p), p.shape)
+        tail = np.array([(p * x).sum() - col, (p * y).sum() - row])
+        assert np.allclose(tail / max(np.linalg.norm(tail), 1.0), want, atol=0.2)
+        assert (np.linalg.norm(tail) > 2.0) == (c21 > 0)
+
+
+@pytest.mark.parametrize("n", [1.6, 2.0])
+@pytest.mark.parametrize("z1, z2", [(6, 14), (6, 78), (14, 26)])
+def test_heavier_atom_peak_ratio_follows_z_to_the_n(n, z1, z2):
+    cfg = replace(QUIET, z_exponent_range=(n, n))
+    image, xy = render_clean(np.random.default_rng(0), cfg, _two_atoms(z1, z2), 10.0, 96)
+    peaks = [image[int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3].max()
+             for x, y in xy]
+    assert peaks[0] == pytest.approx(1.0, rel=0.05)          # the light reference peak is 1
+    assert peaks[1] / peaks[0] == pytest.approx((z2 / z1) ** n, rel=0.05)
+
+
+def test_column_intensity_grows_with_thickness():
+    thin, thick = (replace(_only("square", QUIET), thickness_range=(t, t),
+                           thickness_gradient_range=(0, 0), channelling_range=(0.8, 0.8),
+                           dopant_fraction_range=(0, 0)) for t in (4.0, 16.0))
+    scene_thin = make_scene(np.random.default_rng(1), thin, 800.0)
+    scene_thick = make_scene(np.random.default_rng(1), thick, 800.0)
+    assert np.allclose(scene_thick.atoms.count, 16.0) and np.allclose(scene_thin.atoms.count, 4.0)
+    # per atom brightness relative to the scene's own reference column is the same, but against a
+    # fixed (thin) reference the thick column is (16/4)**0.8 brighter
+    ref = Scene("t", scene_thick.atoms, scene_thin.ref_z, 4.0, None)
+    img_thick, _ = render_clean(np.random.default_rng(2), thick, ref, 15.0, 64)
+    img_thin, _ = render_clean(np.random.default_rng(2), thin, scene_thin, 15.0, 64)
+    assert img_thick.max() / img_thin.max() == pytest.approx(4.0 ** 0.8, rel=0.1)
+
+
+def test_physical_pixel_size_range_covers_7_to_40_pm_and_is_recorded():
+    assert PHYSICAL.pixel_size_range_pm[0] == pytest.approx(7.0)
+    assert PHYSICAL.pixel_size_range_pm[1] == pytest.approx(40.0)
+    d = PHYSICAL.to_dict()
+    assert d["imaging"] == "probe" and d["pixel_size_pm"] == 40.0 and set(d["scenes"]) >= {
+        "graphene", "single_atoms", "nanoparticle", "vacuum"}
+    assert SynthConfig.from_dict(json.loads(json.dumps(d))) == PHYSICAL
+    sizes = [s.pixel_size_pm for s in _samples(replace(PHYSICAL, size_px=16), 40)]
+    assert 7.0 <= min(sizes) < 10.0 and 30.0 < max(sizes) <= 40.0
+
+
+def test_physical_tiles_are_deterministic_normalised_and_masks_match_atoms():
+    a = make_dataset(4, 5, PHYSICAL)
+    _assert_same(a, make_dataset(4, 5, PHYSICAL), 4)
+    for i in range(4):
+        assert a.images[i].min() == 0.0 and a.images[i].max() == 1.0
+        col, row = np.rint(a.xy[i]).astype(int).T
+        assert np.all(a.masks[i][row, col] >= a.cls[i])
+
+
+@pytest.mark.parametrize("scene", SCENE_NAMES)
+def test_every_scene_renders(scene):
+    for s in _samples(_only(scene), 3, seed=3):
+        assert np.isfinite(s.image).all() and s.image.max() == 1.0
+        if scene == "vacuum":
+            assert len(s.xy) == 0 and not s.mask.any()
+        if scene in ("single_atoms", "nanoparticle"):
+            assert np.all(s.cls == 2), "single atoms and particle columns are the heavy class"
+
+
+def test_single_atoms_sit_on_a_support_that_is_not_labelled():
+    cfg = replace(_only("single_atoms"), contamination_prob=0.0)
+    scenes = [make_scene(np.random.default_rng([7, i]), cfg, 1500.0) for i in range(10)]
+    assert all(s.support is not None for s in scenes)
+    assert sum(len(s.atoms.z) for s in scenes) > 0
+    assert all(np.all(s.atoms.z >= 26) and np.all(s.atoms.heavy) for s in scenes)
+
+
+def test_support_texture_adds_signal_but_no_atoms():
+    cfg = replace(_only("single_atoms", QUIET), contamination_prob=0.0)
+    rng = np.random.default_rng(4)
+    scene = make_scene(rng, cfg, 1500.0)
+    bare = Scene("bare", scene.atoms, scene.ref_z, scene.ref_count, None)
+    with_support, _ = render_clean(np.random.default_rng(5), cfg, scene, 20.0, 64)
+    without, _ = render_clean(np.random.default_rng(5), cfg, bare, 20.0, 64)
+    assert with_support.mean() > without.mean() + 0.1
+
+
+def test_scan_distortions_move_the_truth_with_the_image():
+    """Drift shear and line jitter: the labelled centres still sit on the image's peaks."""
+    cfg = replace(_only("square", QUIET), drift_max=0.03, line_jitter_pm_range=(8.0, 8.0),
+                  dopant_fraction_range=(0, 0), thickness_gradient_range=(0, 0),
+                  square_a_pm_range=(400.0, 400.0), zoom_range=(4.0, 4.0))
+    s = make_sample(np.random.default_rng(6), cfg)
+    for x, y in s.xy:
+        col, row = int(round(x)), int(round(y))
+        if 3 <= col < 61 and 3 <= row < 61:
+            window = s.image[row - 3:row + 4, col - 3:col + 4]
+            dy, dx = np.unravel_index(np.argmax(window), window.shape)
+            assert abs(dx - 3) <= 1 and abs(dy - 3) <= 1
+
+
+def test_detector_lag_smears_along_the_fast_scan_only():
+    base = replace(_only("vacuum"), background_range=(0.0, 0.0), poisson_prob=0.0,
+                   read_noise_range=(0.0, 0.0), glitch_prob=0.0, gain_jump_prob=0.0,
+                   saturation_prob=0.0, dose_drift_range=(1.0, 1.0), line_jitter_pm_range=(0, 0))
+    from trainer.data.acquire import acquire
+    clean = np.zeros((32, 32))
+    clean[16, 16] = 1.0
+    out, _, _ = acquire(np.random.default_rng(0), replace(base, lag_range=(0.5, 0.5)), clean,
+                     np.zeros((0, 2)), 10.0)
+    assert out[16, 17] > 0.3 and out[16, 15] == 0 and out[17, 16] == 0 and out[15, 16] == 0
+
+
+def test_physical_generator_is_fast_enough_for_training():
+    """Not a timing assertion: the work per tile is bounded by the grid size (FFT-based)."""
+    from trainer.data.acquire import FINE_PM
+    for pixel_pm in PHYSICAL.pixel_size_range_pm:
+        s = max(1, int(np.ceil(pixel_pm / FINE_PM)))
+        assert pixel_pm / s <= FINE_PM
+
+
+def test_legacy_configs_without_the_new_fields_still_load_and_render_the_old_way():
+    old = {k: v for k, v in SMALL.to_dict().items() if k in (
+        "lattice", "n_classes", "size_px", "pixel_size_pm", "zoom_range")}
+    cfg = SynthConfig.from_dict(old)
+    assert cfg.imaging == "gaussian" and cfg.scenes == ()
+    with pytest.raises(ValueError, match="scenes need"):
+        SynthConfig(scenes=("graphene",), scene_weights=(1.0,))
+
+
+def test_visibility_snr_grows_with_dose_and_falls_with_background():
+    from trainer.data.acquire import visibility_snr
+    clean = np.zeros((32, 32))
+    clean[16, 16] = 1.0
+    xy = np.array([[16.0, 16.0]])
+    flat = np.zeros_like(clean)
+
+    def snr(dose, bg=0.0):
+        return visibility_snr(clean, flat + bg, np.full((32, 1), dose), 0.0, xy, 10.0)[0]
+    assert snr(100.0) > snr(10.0) > snr(1.0)
+    assert snr(10.0, bg=5.0) < snr(10.0)
+    assert snr(100.0) == pytest.approx(np.sqrt(100.0) * np.sqrt(np.pi * 16), rel=1e-6)
+
+
+@pytest.mark.parametrize("dose, hidden", [((1000.0, 1000.0), False), ((0.05, 0.05), True)])
+def test_atoms_the_noise_hides_are_ignored_not_taught(dose, hidden):
+    from trainer.data.synth import IGNORE
+    cfg = replace(_only("graphene"), dose_range=dose, contamination_prob=0.0, amorphous_prob=0.0,
+                  removed_fraction_range=(0.0, 0.0), zoom_range=(2.0, 2.0))
+    s = make_sample(np.random.default_rng(8), cfg)
+    ignored = np.mean(s.mask == IGNORE)
+    if hidden:
+        assert ignored > 0.2 and len(s.xy) == 0
+    else:
+        assert ignored == 0.0 and len(s.xy) > 20

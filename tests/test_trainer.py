@@ -14,8 +14,8 @@ from trainer.model.artifact import ArtifactError, verify_artifact  # noqa: E402
 from trainer.model.export import (EnsembleGraph, ExportError, check_parity, export_onnx,  # noqa: E402
                             parity_frames, write_artifact)
 from trainer.data.synth import SynthConfig  # noqa: E402
-from trainer.model.train import (MemberResult, SplitData, TrainConfig, _swa_window, recompute_bn,  # noqa: E402
-                           swa_average)
+from trainer.model.train import (MemberResult, SplitData, TrainConfig, _stop_reason,  # noqa: E402
+                                 _swa_window, recompute_bn, swa_average)
 from trainer.model.unet import UNet, UNetConfig  # noqa: E402
 
 pytestmark = pytest.mark.train
@@ -75,6 +75,35 @@ def test_swa_window_ends_at_best_epoch(epoch, best, n_snap, k, expected):
     snapshots = [{"epoch": e} for e in range(epoch - n_snap + 1, epoch + 1)]
     state = {"epoch": epoch, "best_epoch": best, "snapshots": snapshots}
     assert [s["epoch"] for s in _swa_window(state, k)] == expected
+
+
+@pytest.mark.parametrize("epoch,best,elapsed,kw,expected", [
+    (3, 3, 10.0, {}, None),
+    (4, 2, 10.0, {}, "early stopping"),                  # patience 2 spent
+    (8, 8, 10.0, {}, "max_epochs"),
+    (3, 3, 10.0, {"member_budget_s": 5.0}, "budget"),
+    (3, 3, 4.0, {"member_budget_s": 5.0}, None),
+])
+def test_stop_reason_early_stopping_max_epochs_or_budget(epoch, best, elapsed, kw, expected):
+    cfg = TrainConfig(max_epochs=8, patience=2, **kw)
+    assert _stop_reason({"epoch": epoch, "best_epoch": best, "elapsed_s": elapsed}, cfg) == expected
+
+
+def test_member_init_spec_star_means_member_k_from_member_k():
+    from trainer.model.init_weights import member_spec
+    assert member_spec("models/default:*", 3) == "models/default:3"
+    assert member_spec("models/default:5", 3) == "models/default:5"
+
+
+def test_a_run_config_written_before_new_fields_existed_still_resumes(tmp_path):
+    from trainer.model.train import _check_or_write_config
+    cfg = tiny_config()
+    old = cfg.to_dict()
+    del old["min_delta"], old["member_budget_s"], old["synth"]["imaging"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _check_or_write_config(cfg, tmp_path)                       # no "different configuration"
+    with pytest.raises(ValueError, match="different configuration"):
+        _check_or_write_config(tiny_config(min_delta=0.01), tmp_path)
 
 
 def test_export_parity_passes_for_the_right_graph(tmp_path):

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tiles are the test set and the --n-val before them validation")
     g.add_argument("--init-from", metavar="SPEC",
                    help="start every member from these weights instead of from scratch: "
-                   "ARTIFACT_DIR:MEMBER (e.g. models/default:3), RUN_DIR:MEMBER or a final.pt file")
+                   "ARTIFACT_DIR:MEMBER (e.g. models/default:3), RUN_DIR:MEMBER or a final.pt file; "
+                   "ARTIFACT_DIR:* or RUN_DIR:* starts member K from member K")
     g.add_argument("--parent", type=Path, metavar="ARTIFACT_DIR",
                    help="the artifact this one is retrained from: recorded in the manifest lineage")
     p.set_defaults(func=cmd_train)
@@ -133,6 +134,9 @@ def _positive_int(text: str) -> int:
 def _synth_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("synthetic data")
     g.add_argument("--lattice", choices=["graphene", "square", "perovskite"], default="graphene")
+    g.add_argument("--world", choices=["legacy", "physical"], default="legacy",
+                   help="legacy: Gaussian atoms on --lattice (the original generator); physical: "
+                        "every scene under an aberrated probe, 7-40 pm/px (docs/training-world.md)")
     g.add_argument("--classes", type=int, choices=[1, 2], default=2,
                    help="1: atoms vs background; 2: lattice atoms vs heavy impurities (default)")
     g.add_argument("--size", type=int, default=None, help="training tile size in px (multiple of 8)")
@@ -151,6 +155,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="epochs whose weights are averaged (SWA), ending at the best epoch")
     g.add_argument("--patience", type=_positive_int, default=d.patience,
                    help="early stopping: epochs without validation improvement")
+    g.add_argument("--min-delta", type=float, default=d.min_delta,
+                   help="early stopping: a relative fall of the validation loss below this is no "
+                        "improvement (default 0)")
+    g.add_argument("--member-budget-s", type=float, default=d.member_budget_s,
+                   help="wall-clock budget per member in s: no new epoch once spent (default 0: none)")
     g.add_argument("--lr", type=float, default=d.lr, help="constant learning rate (Adam)")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     g.add_argument("--n-train", type=_positive_int, default=d.n_train, help="training images")
@@ -166,6 +175,8 @@ def synth_config(args):
     from trainer.data.synth import SynthConfig
 
     cfg = SynthConfig(lattice=args.lattice, n_classes=args.classes)
+    if getattr(args, "world", "legacy") == "physical":
+        cfg = SynthConfig.physical(n_classes=args.classes)
     if args.size is not None:
         if args.size % 8 or args.size < 32:
             raise ValueError(f"--size must be a multiple of 8 and at least 32, got {args.size}")
@@ -184,7 +195,8 @@ def train_config(args):
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     return TrainConfig(members=args.members, base_seed=args.seed, max_epochs=args.epochs,
-                       swa_epochs=args.swa_epochs, patience=args.patience, lr=args.lr,
+                       swa_epochs=args.swa_epochs, patience=args.patience,
+                       min_delta=args.min_delta, member_budget_s=args.member_budget_s, lr=args.lr,
                        batch_size=args.batch_size, n_train=args.n_train, n_val=args.n_val,
                        n_test=args.n_test, data_seed=args.data_seed, threads=args.threads,
                        synth=synth_config(args),
@@ -272,7 +284,8 @@ def cmd_evaluate(args) -> None:
     for image, mask in zip(ds.images[:, 0], ds.masks):
         p = runner.probs(image)
         probs.append(p)
-        pred, truth = p.sum(1) > 0.5, mask > 0
+        valid = mask != 255                       # "ignore": e.g. atoms too faint to be seen
+        pred, truth = (p.sum(1) > 0.5) & valid, (mask > 0) & valid
         inter += (pred & truth).sum((1, 2))
         union += (pred | truth).sum((1, 2))
     iou = inter / np.maximum(union, 1)

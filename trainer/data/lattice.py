@@ -32,6 +32,7 @@ class Atoms:
     xy_pm: np.ndarray  # float64 [N, 2]: x, y
     z: np.ndarray      # int64 [N]: atomic number (a column's dominant element)
     heavy: np.ndarray  # bool [N]: belongs to the heavy class (class 2 when n_classes = 2)
+    count: np.ndarray | None = None  # float [N]: atoms per projected column (None: one each)
 
 
 def make_atoms(rng: np.random.Generator, cfg: SynthConfig, radius_pm: float) -> Atoms:

@@ -18,24 +18,30 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from trainer.data.acquire import PAD_PM, VISIBLE_SNR, acquire, render_clean
 from trainer.data.config import SynthConfig
 from trainer.data.lattice import make_atoms
+from trainer.data.samples import make_scene
 
 DATASET_FORMAT = "elit-synth-dataset"
 DATASET_FORMAT_VERSION = "1"
+IGNORE = 255          # mask value: neither atom nor background (e.g. an atom the noise hides)
 
 
 @dataclass
 class Sample:
     image: np.ndarray    # float32 [H, W], min-max normalised to [0, 1]
-    mask: np.ndarray     # uint8 [H, W]: 0 background, 1..C class
+    mask: np.ndarray     # uint8 [H, W]: 0 background, 1..C class, 255 ignore
     xy: np.ndarray       # float32 [N, 2]: x = column, y = row, origin at the top-left pixel centre
     cls: np.ndarray      # uint8 [N], 1..C
     pixel_size_pm: float  # this tile's pixel size (after zoom)
 
 
 def make_sample(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
-    """One tile: a random crop of a random lattice at a random zoom, rendered and augmented."""
+    """One tile: a random crop of a random lattice at a random zoom, rendered and augmented
+    (`imaging="probe"`: a random scene under an aberrated probe, see `_make_physical`)."""
+    if cfg.imaging == "probe":
+        return _make_physical(rng, cfg)
     zoom = _log_uniform(rng, cfg.zoom_range)
     pixel_pm = cfg.pixel_size_pm / zoom
     sigma_px = rng.uniform(*cfg.sigma_pm_range) / pixel_pm
@@ -50,6 +56,27 @@ def make_sample(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     mask = paint_discs(xy, cls, cfg.atom_radius_px * zoom, size)
     inside = np.all((xy >= -0.5) & (xy < size - 0.5), axis=1)
     return Sample(image, mask, xy[inside].astype(np.float32), cls[inside], float(pixel_pm))
+
+
+def _make_physical(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
+    """The physical world: scene (trainer.data.samples) -> probe image and detector
+    (trainer.data.acquire); masks and coordinates as for the legacy tiles."""
+    zoom = _log_uniform(rng, cfg.zoom_range)
+    pixel_pm = cfg.pixel_size_pm / zoom
+    size = cfg.size_px
+    reach_px = size / np.sqrt(2.0) + PAD_PM / pixel_pm + cfg.atom_radius_px * zoom + 2.0
+    scene = make_scene(rng, cfg, reach_px * pixel_pm)
+    clean, xy = render_clean(rng, cfg, scene, pixel_pm, size)
+    image, xy, snr = acquire(rng, cfg, clean, xy, pixel_pm)
+    heavy = scene.atoms.heavy
+    cls = (1 + heavy).astype(np.uint8) if cfg.n_classes == 2 else np.ones(len(xy), np.uint8)
+    seen = snr >= VISIBLE_SNR
+    radius_px = cfg.atom_radius_px * zoom
+    mask = paint_discs(xy[seen], cls[seen], radius_px, size)
+    hidden = paint_discs(xy[~seen], np.ones((~seen).sum(), np.uint8), radius_px, size)
+    mask[(mask == 0) & (hidden > 0)] = IGNORE
+    keep = seen & np.all((xy >= -0.5) & (xy < size - 0.5), axis=1)
+    return Sample(image, mask, xy[keep].astype(np.float32), cls[keep], float(pixel_pm))
 
 
 def render_gaussians(xy: np.ndarray, amplitude: np.ndarray, sigma_px: float,

@@ -152,9 +152,17 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def class_table(n_classes: int) -> list[dict]:
+def class_table(n_classes: int, imaging: str = "gaussian") -> list[dict]:
     if n_classes == 1:
         return [{"index": 0, "name": "atom", "description": "any atomic column"}]
+    if imaging == "probe":        # the physical world (docs/training-world.md, "Samples")
+        return [{"index": 0, "name": "lattice",
+                 "description": "light host atoms or columns (C, B, N in monolayers; S2 in MoS2; "
+                                "the lighter sublattice of a crystal)"},
+                {"index": 1, "name": "impurity",
+                 "description": "heavier atoms: Z >= 14 on a light host, single heavy atoms and "
+                                "particles on a support, the heavier sublattice or heavy "
+                                "substitutions of a crystal (Z-contrast, not brightness)"}]
     return [{"index": 0, "name": "lattice", "description": "host lattice atoms (e.g. carbon in graphene)"},
             {"index": 1, "name": "impurity", "description": "heavier substitutional atoms (Z >= 14)"}]
 
@@ -183,7 +191,7 @@ def build_manifest(name: str, graph: EnsembleGraph, results: list[MemberResult],
         "pixel_size_pm": round(cfg.synth.nominal_pixel_size_pm, 4),
         "pixel_size_range_pm": [round(v, 4) for v in cfg.synth.pixel_size_range_pm],
         "atom_radius_px": round(cfg.synth.nominal_atom_radius_px, 4),
-        "classes": class_table(cfg.unet.n_classes),
+        "classes": class_table(cfg.unet.n_classes, cfg.synth.imaging),
         "members": [{"id": r.id, "seed": r.seed, "epochs": r.epochs, "swa_epochs": r.swa_epochs,
                      "best_val_loss": r.best_val_loss, "test_iou": r.test_iou} for r in results],
         "test_set": {"frames": test_frames, "seed": cfg.data_seed + 2,

@@ -14,11 +14,16 @@ import torch
 from trainer.model.unet import UNet, UNetConfig
 
 
+def member_spec(spec: str, member_id: int) -> str:
+    """``PATH:*`` means "member K starts from member K of PATH" (keeps the parent's diversity)."""
+    return f"{spec[:-2]}:{member_id}" if spec.endswith(":*") else spec
+
+
 def load_init_state(spec: str, unet_cfg: UNetConfig, log=print) -> dict:
     """Starting weights from ``spec``: ``PATH.pt`` (a state dict, e.g. ``member_03/final.pt``),
     ``RUN_DIR:K`` (that run's ``member_KK/final.pt``) or ``ARTIFACT_DIR:K`` (member K of an exported
     ensemble, read back from the ONNX graph's initializers, which carry the PyTorch parameter names
-    ``members.K.<name>``)."""
+    ``members.K.<name>``). ``PATH:*`` is resolved per member by `member_spec` first."""
     path, _, member = spec.rpartition(":") if ":" in spec else (spec, "", "")
     path = Path(path)
     if path.suffix == ".pt" and not member:

@@ -3,7 +3,8 @@
 A member's seed drives its weight initialisation and the order of its mini-batches; all members see
 the same synthetic training set (the paper's classical ensemble + SWA, "multi-SWA"). Per member:
 constant learning rate; after every epoch the weights are kept as a snapshot; training stops early
-when the validation loss has not improved for ``patience`` epochs (or at ``max_epochs``); the
+when the validation loss has not improved (fallen by more than ``min_delta``, relative) for
+``patience`` epochs (or at ``max_epochs``); the
 snapshots of the ``swa_epochs`` epochs ending at the best epoch are averaged with
 ``torch.optim.swa_utils.AveragedModel``; then BatchNorm statistics are **recomputed** for the
 averaged weights (``update_bn``): statistics accumulated for other weights are stale.
@@ -36,7 +37,8 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from trainer.data.synth import SynthConfig, load_dataset, make_dataset, save_dataset
 from trainer.model.executor import ExecutorSpec, run_members
-from trainer.model.init_weights import apply_init_state, load_init_state, onnx_member_state  # noqa: F401
+from trainer.model.init_weights import (apply_init_state, load_init_state, member_spec,  # noqa: F401
+                                        onnx_member_state)
 from trainer.model.unet import UNet, UNetConfig
 
 
@@ -47,6 +49,9 @@ class TrainConfig:
     max_epochs: int = 8
     swa_epochs: int = 3              # K: snapshots averaged, ending at the best epoch
     patience: int = 2                # early stopping: epochs without validation improvement
+    min_delta: float = 0.0           # ... an improvement is a relative fall of more than this
+    member_budget_s: float = 0.0     # wall-clock budget per member (0 = none): no epoch starts
+                                     # after it is spent (the stop reason is recorded)
     lr: float = 1e-3                 # constant (Adam)
     batch_size: int = 16
     n_train: int = 1024
@@ -83,6 +88,7 @@ class MemberResult:
     best_val_loss: float
     history: dict                    # {"train_loss": [...], "val_loss": [...]}
     test_iou: float | None = None
+    stop_reason: str = ""            # "early stopping" | "max_epochs" | "budget"
 
 
 @dataclass
@@ -249,7 +255,7 @@ def train_member(member_id: int, cfg: TrainConfig, train: SplitData, val: SplitD
         state = saved["state"]
         log(f"member {member_id}: resuming after epoch {state['epoch']}")
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    while state["epoch"] < cfg.max_epochs and state["epoch"] - state["best_epoch"] < cfg.patience:
+    while _stop_reason(state, cfg) is None:
         epoch = state["epoch"] + 1
         t0 = time.perf_counter()
         bar = _progress(steps, f"member {member_id} epoch {epoch}/{cfg.max_epochs}", show_progress)
@@ -258,7 +264,7 @@ def train_member(member_id: int, cfg: TrainConfig, train: SplitData, val: SplitD
         if bar is not None:
             bar.close()
         val_loss = evaluate_loss(model, val, cfg.batch_size)
-        improved = val_loss < state["best_val"]
+        improved = val_loss < state["best_val"] * (1.0 - cfg.min_delta)
         if improved:
             state["best_val"], state["best_epoch"] = val_loss, epoch
         state["history"]["train_loss"].append(train_loss)
@@ -266,6 +272,7 @@ def train_member(member_id: int, cfg: TrainConfig, train: SplitData, val: SplitD
         state["snapshots"].append(copy.deepcopy(model.state_dict()))
         state["snapshots"] = state["snapshots"][-(cfg.swa_epochs + cfg.patience):]
         state["epoch"] = epoch
+        state["elapsed_s"] = state.get("elapsed_s", 0.0) + time.perf_counter() - t0
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state},
                    ckpt_path)
         log(f"member {member_id} epoch {epoch}: train {train_loss:.4f}  val {val_loss:.4f}"
@@ -274,8 +281,18 @@ def train_member(member_id: int, cfg: TrainConfig, train: SplitData, val: SplitD
     averaged = recompute_bn(swa_average(window, cfg.unet), train, cfg.batch_size, cfg.bn_batches)
     result = MemberResult(id=member_id, seed=seed, epochs=state["epoch"], swa_epochs=len(window),
                           best_epoch=state["best_epoch"], best_val_loss=state["best_val"],
-                          history=state["history"])
+                          history=state["history"], stop_reason=_stop_reason(state, cfg))
     return averaged, result
+
+
+def _stop_reason(state: dict, cfg: TrainConfig) -> str | None:
+    if state["epoch"] - state["best_epoch"] >= cfg.patience:
+        return "early stopping"
+    if state["epoch"] >= cfg.max_epochs:
+        return "max_epochs"
+    if cfg.member_budget_s and state.get("elapsed_s", 0.0) >= cfg.member_budget_s:
+        return "budget"
+    return None
 
 
 def _swa_window(state: dict, swa_epochs: int) -> list[dict]:
@@ -311,7 +328,9 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
         torch.set_num_threads(cfg.threads)
     splits = prepare_data(cfg, run_dir, log)
     train, val, test = (SplitData.from_dataset(splits[k]) for k in ("train", "val", "test"))
-    init_state = load_init_state(cfg.init_from, cfg.unet, log) if cfg.init_from else None
+    per_member = bool(cfg.init_from) and cfg.init_from.endswith(":*")
+    init_state = (load_init_state(cfg.init_from, cfg.unet, log)
+                  if cfg.init_from and not per_member else None)
     results, todo = {}, []
     for member_id in range(cfg.members):
         member_dir = run_dir / f"member_{member_id:02d}"
@@ -321,17 +340,20 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
             log(f"member {member_id}: already trained (test IoU {results[member_id].test_iou:.4f})")
         else:
             todo.append(member_id)
+    if per_member:      # DIR:* - member K starts from the artifact's member K (loaded here, once)
+        init_state = {k: load_init_state(member_spec(cfg.init_from, k), cfg.unet, log) for k in todo}
     executor = executor or ExecutorSpec()
     local = executor.kind == "local"
     job = MemberJob(cfg, train, val, test, str(run_dir), init_state, show_progress and local,
-                    log if local else None)
+                    log if local else None, per_member)
     for member_id, (state, result) in run_members(_member_task, todo, job, executor, log,
                                                   show_progress):
         member_dir = run_dir / f"member_{member_id:02d}"
         member_dir.mkdir(parents=True, exist_ok=True)
         torch.save(state, member_dir / "final.pt")
         (member_dir / "result.json").write_text(json.dumps(asdict(result), indent=1))
-        log(f"member {member_id}: done after {result.epochs} epochs, SWA over {result.swa_epochs},"
+        log(f"member {member_id}: done after {result.epochs} epochs ({result.stop_reason}), "
+            f"SWA over {result.swa_epochs},"
             f" test IoU {result.test_iou:.4f}")
         results[member_id] = result
     results = [results[i] for i in sorted(results)]
@@ -350,6 +372,7 @@ class MemberJob:
     init_state: dict | None
     show_progress: bool
     log: Callable[[str], None] | None = None      # None (Ray workers): print
+    per_member_init: bool = False                 # init_state is {member id: state} (DIR:*)
 
 
 def _member_task(member_id: int, job: MemberJob) -> tuple[dict, MemberResult]:
@@ -357,8 +380,9 @@ def _member_task(member_id: int, job: MemberJob) -> tuple[dict, MemberResult]:
     if job.cfg.threads:
         torch.set_num_threads(job.cfg.threads)
     member_dir = Path(job.run_dir) / f"member_{member_id:02d}"
+    init = job.init_state[member_id] if job.per_member_init else job.init_state
     model, result = train_member(member_id, job.cfg, job.train, job.val, member_dir,
-                                 job.log or print, job.show_progress, job.init_state)
+                                 job.log or print, job.show_progress, init)
     result.test_iou = atom_iou(model, job.test, job.cfg.batch_size)
     return model.state_dict(), result
 
@@ -380,7 +404,7 @@ def load_results(run_dir: Path, cfg: TrainConfig) -> list[MemberResult]:
 def _check_or_write_config(cfg: TrainConfig, run_dir: Path) -> None:
     path = run_dir / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = json.loads(json.dumps(TrainConfig.from_dict(json.loads(path.read_text())).to_dict()))
         if old != json.loads(json.dumps(cfg.to_dict())):
             raise ValueError(f"{run_dir} holds a run with a different configuration; "
                              "use another --run-dir or delete it to start afresh")
@@ -408,10 +432,10 @@ def write_training_report(results: list[MemberResult], report_dir: Path) -> None
     fig.savefig(report_dir / "loss_curves.png", dpi=110)
     plt.close(fig)
     ious = np.array([r.test_iou for r in results if r.test_iou is not None])
-    lines = ["| member | seed | epochs | SWA epochs | best val loss | test IoU |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.id} | {r.seed} | {r.epochs} | {r.swa_epochs} | {r.best_val_loss:.4f} | "
-              f"{r.test_iou:.4f} |" for r in results]
+    lines = ["| member | seed | epochs | stopped by | SWA epochs | best val loss | test IoU |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [f"| {r.id} | {r.seed} | {r.epochs} | {r.stop_reason or '-'} | {r.swa_epochs} | "
+              f"{r.best_val_loss:.4f} | {r.test_iou:.4f} |" for r in results]
     if len(ious):
-        lines.append(f"| **mean ± std** | | | | | **{ious.mean():.4f} ± {ious.std(ddof=0):.4f}** |")
+        lines.append(f"| **mean ± std** | | | | | | **{ious.mean():.4f} ± {ious.std(ddof=0):.4f}** |")
     (report_dir / "members.md").write_text("\n".join(lines) + "\n")
