@@ -9,6 +9,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip > /dev/null 2>&1 || true
 echo "installing into $VENV (log: $VENV/install.log) ..." >&2
-"$VENV/bin/python" -m pip install -q -e ".[openvino,io]" > "$VENV/install.log" 2>&1 \
+"$VENV/bin/python" -m pip install -q -e ".[openvino,io,view]" > "$VENV/install.log" 2>&1 \
     || { cat "$VENV/install.log" >&2; echo "installation failed (see above)" >&2; exit 1; }
 exec "$VENV/bin/elit-stream" demo "$@"

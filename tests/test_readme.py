@@ -17,6 +17,7 @@ Not run: `bash scripts/test.sh` (this suite itself) and blocks preceded by an HT
 from __future__ import annotations
 
 import json
+import urllib.request
 import os
 import re
 import signal
@@ -104,6 +105,23 @@ class Reader:
         assert out.returncode == 0, f"block failed ({out.returncode}):\n{body}\n{out.stderr}"
         return out.stdout
 
+    def view(self, line: str) -> str:
+        """`elit-stream view` (a second terminal): started on a free HTTP port, its page fetched
+        once, then stopped; -> its ready line."""
+        command = line.split("#")[0].strip() + " --port 0"
+        proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.cwd, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        try:
+            first = proc.stdout.readline()
+            assert first.startswith("{"), f"`{line}` did not start: {first!r}"
+            with urllib.request.urlopen(json.loads(first)["url"], timeout=30) as page:
+                assert page.status == 200 and b"<html" in page.read(4096).lower()
+            return first
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+
     def python(self, body: str) -> str:
         for name, port in DEFAULT_PORTS.items():
             if self.endpoints:
@@ -126,6 +144,8 @@ def run_shell_block(reader: Reader, body: str) -> str:
     lines = [ln for ln in body.splitlines() if ln.strip()]
     if len(lines) == 1 and re.match(r"(\.venv/bin/)?elit-stream serve\b", lines[0]):
         return reader.serve(lines[0])
+    if len(lines) == 1 and re.match(r"(\.venv/bin/)?elit-stream view\b", lines[0]):
+        return reader.view(lines[0])
     if any(ln.startswith("bash scripts/") for ln in lines):      # set-up: in the repository
         run = [ln for ln in lines if ln.split("#")[0].strip() not in NOT_RUN_LINES]
         assert len(run) == len(lines) - 1, lines       # exactly the test suite is left out
