@@ -27,6 +27,8 @@ RESULT_COLUMNS = (
     ("prob", "float32"),         # consensus (active-member mean) probability at the atom
     ("uncertainty", "float32"),  # active-member standard deviation at the atom
     ("det_frac", "float32"),     # fraction of active members that detect the atom
+    ("cls_prob", "float32"),     # consensus probability of the atom's class (1/C..1)
+    ("cls_agree", "float32"),    # fraction of active members voting for the atom's class
 )
 """Per-atom columns of a result, in wire order, with their dtypes."""
 
@@ -103,6 +105,9 @@ class ResultHeader(Strict):
     disagreement_per_member: list[float]  # all members, manifest order
     mean_uncertainty: float
     timings_ms: dict[str, float]          # decode, prepare, infer, analyse, total
+    figures: dict[str, float] | None = None   # frame figures: density, disagreement, area_cv
+    ood: float | None = None              # out-of-distribution score; None: model has no reference
+    ood_flag: bool = False                # ood > the reference's flag_above
 
 
 class MapsHeader(Strict):
@@ -172,7 +177,7 @@ class SubsetChangedEvent(EventBase):
 
 class DriftAdvisoryEvent(EventBase):
     event: Literal["drift_advisory"] = "drift_advisory"
-    advisory: str               # the policy's kind, e.g. "drift" or "outlier"
+    advisory: str               # the policy's kind: "drift", "outlier", "ood", "ood_cleared"
     members: list[int]
     message: str
     figures: dict[str, Any]

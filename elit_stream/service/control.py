@@ -140,6 +140,7 @@ def status(state: State, req: m.Request) -> dict:
         "queue_depth": state.queue_depth, "params": params_dict(state.params),
         "maps": {"mode": state.maps_mode, "downsample": state.maps_downsample},
         "loading": state.loader is not None, "auth": dict(state.auth),
+        "ood": state.policy.ood.status(),
     }
 
 
@@ -304,7 +305,7 @@ class ModelLoader(threading.Thread):
 
 
 def new_policy(cfg: PolicyConfig, artifact: Artifact) -> SelectionPolicy:
-    return SelectionPolicy(cfg, list(artifact.member_ids))
+    return SelectionPolicy(cfg, list(artifact.member_ids), artifact.ood_reference)
 
 
 def swap_in(state: State, loader: ModelLoader, next_seq: int) -> dict:

@@ -30,7 +30,7 @@ from elit_stream.protocol.messages import error_reply
 from elit_stream.service import control
 from elit_stream.service.config import ServiceConfig
 from elit_stream.service.metrics import ServiceMetrics
-from elit_stream.service.selection import PolicyConfig, SelectionPolicy
+from elit_stream.service.selection import PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Service:
         self.state = control.State(
             engine=engine, active=ActiveSet.full(art.member_ids),
             params=Params().replace(**cfg.postprocess.overrides()),
-            policy=SelectionPolicy(policy_cfg, list(art.member_ids)), policy_cfg=policy_cfg,
+            policy=control.new_policy(policy_cfg, art), policy_cfg=policy_cfg,
             delivery=cfg.delivery.mode, run_uid=uuid.uuid4().hex,
             allowed_dirs=list(cfg.model.allowed_dirs), maps_mode=cfg.maps.mode,
             maps_downsample=cfg.maps.downsample, warm_shape=tuple(cfg.model.warmup_shape_px))
@@ -230,10 +230,11 @@ class Service:
             t2 = perf_counter()
             fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
             x, y = geom.to_frame_xy(fa.x, fa.y)
+            ood = st.policy.ood.score(fa, params.threshold)   # None: no reference in the model
             t3 = perf_counter()
             timings = {"decode": decode_s, "prepare": t1 - t0, "infer": t2 - t1,
                        "analyse": t3 - t2}
-            self._publish_result(frame, fa, x, y, active, timings, t3 - t_recv)
+            self._publish_result(frame, fa, x, y, active, timings, t3 - t_recv, ood)
         except Exception as exc:  # a bug or a failed inference: report the frame, keep serving
             log.exception("frame %s/%s failed", frame.acquisition, frame.frame_id)
             self._reject(frame.acquisition, frame.frame_id, "internal",
@@ -244,13 +245,13 @@ class Service:
                 self._publish_maps(frame, fa, geom, active)
             t4 = perf_counter()
             timings["publish"] = t4 - t3
-            self._observe(frame, fa, active, timings, t4 - t_recv)
+            self._observe(frame, fa, active, timings, t4 - t_recv, ood)
             self.metrics.stage.labels(stage="observe").observe(perf_counter() - t4)
         except Exception as exc:  # the result is out; report the failure as an event
             log.exception("after frame %s/%s", frame.acquisition, frame.frame_id)
             self._event("error", code="internal", message=f"{type(exc).__name__}: {exc}")
 
-    def _publish_result(self, frame, fa, x, y, active, timings_s, total_s) -> None:
+    def _publish_result(self, frame, fa, x, y, active, timings_s, total_s, ood) -> None:
         st, art = self.state, self.state.artifact
         header = {
             "protocol": 1, "kind": "result", "frame_id": frame.frame_id,
@@ -261,13 +262,15 @@ class Service:
             "n_atoms": fa.n_atoms, "classes": list(art.class_names),
             "count_per_member": fa.count_per_member.tolist(),
             "disagreement_per_member": fa.disagreement_per_member.tolist(),
-            "mean_uncertainty": fa.mean_uncertainty,
+            "mean_uncertainty": fa.mean_uncertainty, "figures": fa.figures.as_dict(),
+            "ood": None if ood is None else ood.score, "ood_flag": bool(ood and ood.flagged),
             "timings_ms": {k: round(v * 1e3, 3) for k, v in timings_s.items()}
             | {"total": round(total_s * 1e3, 3)},
         }
         columns = {"x": x.astype(np.float32, copy=False), "y": y.astype(np.float32, copy=False),
                    "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
-                   "uncertainty": fa.uncertainty, "det_frac": fa.det_frac}
+                   "uncertainty": fa.uncertainty, "det_frac": fa.det_frac,
+                   "cls_prob": fa.cls_prob, "cls_agree": fa.cls_agree}
         wire.send(self.results, wire.encode_result(header, columns))
         self._frame_seq += 1
         st.counts["processed"] += 1
@@ -282,10 +285,11 @@ class Service:
                   "frame_px_per_map_px": k / geom.scale}
         wire.send(self.results, wire.encode_maps(header, mean, std))
 
-    def _observe(self, frame, fa, active, timings_s, e2e_s) -> None:
-        self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty)
+    def _observe(self, frame, fa, active, timings_s, e2e_s, ood) -> None:
+        self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty, ood)
         st = self.state
-        for adv in st.policy.observe(fa, active):
+        for adv in st.policy.observe(fa, active, ood, frame.acquisition, frame.frame_id):
+            log.warning("%s advisory: %s", adv.kind, adv.message)
             self.metrics.advisories.labels(advisory=adv.kind).inc()
             self._event("drift_advisory", advisory=adv.kind, members=list(adv.members),
                         message=adv.message, figures=dict(adv.figures),

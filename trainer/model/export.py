@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data.synth import make_sample
+from trainer.model import reference
 from trainer.model.artifact import normalise_minmax, sha256_file
 from trainer.model.train import MemberResult, TrainConfig
 from trainer.model.unet import UNet, atom_probabilities
@@ -213,8 +214,11 @@ def _probe_synth(cfg: TrainConfig):
 def write_artifact(out_dir: Path, members: list[UNet], results: list[MemberResult],
                    cfg: TrainConfig, command: str, lineage: dict | None = None,
                    report_dir: Path | None = None, force: bool = False,
-                   log=print) -> Path:
-    """Export, verify and write ``out_dir`` (atomically); returns the manifest path."""
+                   log=print, reference_frames: int = reference.DEFAULT_FRAMES) -> Path:
+    """Export, verify and write ``out_dir`` (atomically); returns the manifest path.
+
+    The manifest gets an ``ood_reference`` from ``reference_frames`` synthetic frames
+    (``trainer.model.reference``, as ``elit-train reference`` computes it); 0 leaves it out."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} exists; pass --force to replace it")
@@ -231,6 +235,11 @@ def write_artifact(out_dir: Path, members: list[UNet], results: list[MemberResul
             manifest["files"][fname] = {"sha256": sha256_file(tmp / fname),
                                         "bytes": (tmp / fname).stat().st_size}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if reference_frames:
+            ref = reference.compute_reference(tmp, frames=reference_frames, log=log)
+            manifest["ood_reference"] = ref
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            log(f"ood reference from {reference_frames} synthetic frames written")
         if report_dir is not None and report_dir.exists():
             shutil.copytree(report_dir, tmp / "report")
         if out_dir.exists():
