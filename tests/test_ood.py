@@ -165,3 +165,59 @@ def test_reference_refuses_a_training_seed(tiny_artifact, tmp_path, capsys):
     seed = json.loads((art / "manifest.json").read_text())["test_set"]["seed"]
     assert main(["reference", str(art), "--frames", "8", "--size", "32", "--seed", str(seed)]) == 1
     assert "training data" in capsys.readouterr().err
+
+
+# --- the service, end to end ------------------------------------------------------------------
+
+def served_reference(art_dir, blob_frame) -> dict:
+    """A reference whose density band is centred on what the model gives for `blob_frame`."""
+    from elit_stream.core.engine import Engine
+
+    eng = Engine(load_artifact(art_dir), threads=1)
+    x, geom = eng.prepare(blob_frame)
+    density = analyse(eng.run(x), np.arange(3), Params(), geom.valid_shape).figures.density
+    assert density > 0.01
+    c = float(np.log(density + 1e-4))
+    return {"version": 1, "threshold": 0.5, "flag_above": 1.0, "frames": 10, "seed": 1,
+            "size_px": 64, "figures": {"density": {"low": c - 0.5, "median": c, "high": c + 0.5,
+                                                   "scale": 0.5, "floor": 1e-4}}}
+
+
+@pytest.mark.slow
+def test_service_streams_class_confidence_and_flags_ood_from_the_first_frame(tmp_path):
+    from elit_stream.protocol import messages
+    from elit_stream.protocol.client import ControlClient, FrameSender, ResultSubscriber
+    from elit_stream.tools.launcher import ServiceProcess
+    from tests.fixtures.tiny_artifact import build_tiny_artifact, gaussian_blobs
+
+    art = build_tiny_artifact(tmp_path, n_members=3, name="tiny")
+    blobs = gaussian_blobs((64, 64), seed=1)[0]
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["ood_reference"] = served_reference(art, blobs)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    empty = np.full((64, 64), 7.0, np.float32)
+    with ServiceProcess(["--model", str(art), "--threads", "1"]) as sp, \
+            ControlClient(sp.endpoints["control"], timeout_s=30) as ctl, \
+            ResultSubscriber(sp.endpoints["results"]) as sub, \
+            FrameSender(sp.endpoints["ingest"]) as sender:
+        sub.wait_ready(ctl)
+        for i, frame in enumerate([empty, empty, blobs]):      # starts out of distribution
+            sender.send(frame, i, "session-1", timeout_s=30)
+        results, advisories = [], []
+        while len(results) < 3 or len(advisories) < 2:     # events follow their result
+            msg = sub.recv(30)
+            assert msg is not None, sp.log_tail()
+            if msg["topic"] == "result":
+                messages.ResultHeader.model_validate(
+                    {k: v for k, v in msg.items() if k not in ("topic", "atoms")})
+                results.append(msg)
+            elif msg.get("event") == "drift_advisory":
+                advisories.append(msg)
+        status = ctl.call("status")
+    assert [r["ood_flag"] for r in results] == [True, True, False]
+    assert results[2]["ood"] == 0.0 and results[0]["ood"] > 1.0
+    assert [(a["advisory"], a["frame_id"]) for a in advisories] == [("ood", 0), ("ood_cleared", 2)]
+    atoms = results[2]["atoms"]
+    assert len(atoms["cls_prob"]) == len(atoms["cls_agree"]) == results[2]["n_atoms"] > 0
+    assert all(0 <= v <= 1 for v in atoms["cls_agree"])
+    assert status["ood"]["reference"] is True and status["ood"]["last"]["frame_id"] == 2

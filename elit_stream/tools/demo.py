@@ -121,8 +121,14 @@ def _score(rep, mov, movies) -> None:
           f"precision {precision:.3f}, recall {recall:.3f} (tp {tp}, fp {fp}, fn {fn})")
 
 
+LOW_CLASS_AGREEMENT = 0.75   # overlay: ring atoms whose class fewer active members share
+
+
 def write_overlay(frame: np.ndarray, result: dict, out: Path) -> Path:
-    """PNG: the frame in grey, atoms as dots coloured by uncertainty (matplotlib Agg)."""
+    """PNG: the frame in grey, atoms as dots coloured by uncertainty (matplotlib Agg); atoms whose
+    class the active members doubt (cls_agree < LOW_CLASS_AGREEMENT) ringed in cyan; the title
+    says whether the frame is out of distribution."""
+    from elit_stream.tools.replay import ood_text
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,8 +138,15 @@ def write_overlay(frame: np.ndarray, result: dict, out: Path) -> Path:
     ax.imshow(frame, cmap="gray")  # pixel centres at integer (x=column, y=row), like results
     sc = ax.scatter(a["x"], a["y"], c=a["uncertainty"], cmap="plasma", s=14, linewidths=0)
     fig.colorbar(sc, ax=ax, label="uncertainty (std over active members)")
+    if "cls_agree" in a:
+        doubt = np.asarray(a["cls_agree"]) < LOW_CLASS_AGREEMENT
+        ax.scatter(np.asarray(a["x"])[doubt], np.asarray(a["y"])[doubt], s=60, facecolors="none",
+                   edgecolors="cyan", linewidths=0.8,
+                   label=f"class doubted ({int(doubt.sum())}: < {LOW_CLASS_AGREEMENT:.0%} agree)")
+        ax.legend(loc="lower right", fontsize=7)
     ax.set_title(f"frame {result['frame_id']}: {result['n_atoms']} atoms, "
-                 f"{len(result['active'])} active members (v{result['active_version']})")
+                 f"{len(result['active'])} active members (v{result['active_version']})"
+                 f"{ood_text(result)}", color="red" if result.get("ood_flag") else "black")
     ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(out)
