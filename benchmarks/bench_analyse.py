@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, process_time
 
 import numpy as np
 
@@ -56,17 +57,23 @@ def main(argv=None) -> int:
     act, vs = np.arange(art.n_members), geom.valid_shape
     runs = {f"baseline ({a.rev})": (base.analyse, base.Params()), "this checkout": (analyse, Params())}
     times = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
     atoms = {k: fn(probs, act, p, vs).n_atoms for k, (fn, p) in runs.items()}
     for _ in range(a.repeats):
         for k, (fn, p) in runs.items():
-            t0 = perf_counter()
+            t0, c0 = perf_counter(), process_time()
             fn(probs, act, p, vs)
             times[k].append(perf_counter() - t0)
+            cpu[k].append(process_time() - c0)
     print(f"analyse at {a.size}x{a.size}, {art.n_members} members, {a.repeats} interleaved calls")
-    print(f"{'version':28s} {'median ms':>10s} {'p90 ms':>8s} {'atoms':>6s}")
+    print("(wall: elapsed; cpu: this process's CPU time, less sensitive to a loaded machine)")
+    print(f"{'version':28s} {'wall median':>11s} {'wall p90':>9s} {'cpu median':>11s} "
+          f"{'atoms':>6s}  (ms)")
     for k, t in times.items():
-        ms = np.array(t) * 1e3
-        print(f"{k:28s} {np.median(ms):10.2f} {np.percentile(ms, 90):8.2f} {atoms[k]:6d}")
+        ms, cms = np.array(t) * 1e3, np.array(cpu[k]) * 1e3
+        print(f"{k:28s} {np.median(ms):11.2f} {np.percentile(ms, 90):9.2f} "
+              f"{np.median(cms):11.2f} {atoms[k]:6d}")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     return 0
 
 

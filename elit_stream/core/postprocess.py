@@ -12,7 +12,7 @@ top-left pixel centre):
 - `cls_prob` = the consensus probability of that class given an atom: the component's sum of the
   active-mean class map `cls` over its sum of a (1/C..1; 1 with one class).
 - `cls_agree` = fraction of ACTIVE members voting for `cls`; member m votes argmax_c of its own
-  class map c summed over the peak window (below).
+  class map c at the component's maximum of a (the peak pixel).
 - peak window: the 3x3 pixels centred on the component's maximum of a (clipped at the border).
 - `uncertainty` = mean over the peak window of the std over ACTIVE members of a_m (population
   std, ddof=0: 0 with one active member).
@@ -142,9 +142,8 @@ def analyse(probs: np.ndarray, active, params: Params,
     consensus = _active_mean(atom, act)                                 # [H, W]
     mask = consensus[:vh, :vw] > params.threshold
     blobs = _blobs(mask, consensus, params)
-    window = _peak_window(blobs, vh, vw, w)                             # [9, N]
-    win = atom.reshape(n_m, -1)[:, window]                              # [M, 9, N]
-    cls, cls_prob, cls_agree = _classes(probs, act, blobs, window, win)
+    cls, cls_prob, cls_agree = _classes(probs, act, blobs)
+    win = atom.reshape(n_m, -1)[:, _peak_window(blobs, vh, vw, w)]      # [M, 9, N]
     detected = win.max(axis=1) >= params.detect_threshold             # [M, N]
     uncertainty = win[act].std(axis=0).mean(axis=0).astype(np.float32)
     member_on = atom[:, :vh, :vw] > params.threshold
@@ -224,12 +223,11 @@ def _blobs(mask: np.ndarray, consensus: np.ndarray, params: Params) -> _Blobs:
     return _Blobs(lab, flat, peak_flat, x, y, peak, total)
 
 
-def _classes(probs: np.ndarray, act: np.ndarray, blobs: _Blobs, window: np.ndarray,
-             win_atom: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _classes(probs: np.ndarray, act: np.ndarray, blobs: _Blobs
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """cls (argmax_c of the blob sum of the active-mean class map), cls_prob and cls_agree.
 
-    The last class's sum is the blob's consensus total minus the others' (classes sum to a);
-    likewise for a member's window sums (win_atom: [M, 9, N] of a_m at the peak window).
+    The last class's sum is the blob's consensus total minus the others' (classes sum to a).
     """
     n_c, n = probs.shape[1], blobs.n
     if n_c == 1 or n == 0:
@@ -243,21 +241,16 @@ def _classes(probs: np.ndarray, act: np.ndarray, blobs: _Blobs, window: np.ndarr
     per_class[-1] = blobs.weight - per_class[:-1].sum(axis=0)
     cls = per_class.argmax(axis=0)
     cls_prob = per_class[cls, np.arange(n)] / np.maximum(blobs.weight, 1e-12)
-    votes = _member_votes(probs, act, window, win_atom[act])            # [A, N]
+    votes = _member_votes(probs, act, blobs.peak_flat)                  # [A, N]
     cls_agree = (votes == cls).mean(axis=0)
     return cls.astype(np.uint8), cls_prob.astype(np.float32), cls_agree.astype(np.float32)
 
 
-def _member_votes(probs: np.ndarray, act: np.ndarray, window: np.ndarray,
-                  win_atom: np.ndarray) -> np.ndarray:
-    """[A, N] each active member's class: argmax_c of its class map c summed over the window."""
+def _member_votes(probs: np.ndarray, act: np.ndarray, peak_flat: np.ndarray) -> np.ndarray:
+    """[A, N] each active member's class: argmax_c of its class map c at the atom's peak pixel."""
     n_m, n_c = probs.shape[:2]
-    flat = probs.reshape(n_m, n_c, -1)
-    sums = np.empty((n_c, act.size, window.shape[1]), np.float32)
-    for c in range(n_c - 1):
-        sums[c] = flat[act[:, None, None], c, window[None]].sum(axis=1)  # [A, 9, N] -> [A, N]
-    sums[-1] = win_atom.sum(axis=1) - sums[:-1].sum(axis=0)
-    return sums.argmax(axis=0)
+    at_peak = np.take(probs.reshape(n_m, n_c, -1), peak_flat, axis=2)   # [M, C, N], small
+    return at_peak[act].argmax(axis=1)
 
 
 def _mean_uncertainty(uncertainty: np.ndarray, active_counts: np.ndarray) -> float:
