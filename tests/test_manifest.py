@@ -253,6 +253,10 @@ MUTATIONS = {
     "ood command null": _set(("ood_reference",), {**OOD_OK, "command": None}),
     "ood scale 0": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
         **OOD_OK["figures"]["density"], "scale": 0.0}}}),
+    "ood side low": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
+        **OOD_OK["figures"]["density"], "side": "low"}}}),
+    "ood side bad": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
+        **OOD_OK["figures"]["density"], "side": "left"}}}),
     "ood band extra": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
         **OOD_OK["figures"]["density"], "p1": 0.0}}}),
 }

@@ -71,15 +71,41 @@ def test_frame_figures():
     assert f.disagreement == pytest.approx((1 - 50 / 75) / 4)
 
 
+def blob_maps(rng, n_members=5, shape=(48, 56), n_atoms=20):
+    """Members' class maps of Gaussian atoms at jittered positions, some missed, some extra."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    centres = rng.uniform(3, np.array(shape)[::-1] - 3, (n_atoms, 2))
+    probs = np.zeros((n_members, 2, *shape), np.float32)
+    for m in range(n_members):
+        seen = centres[rng.random(n_atoms) < 0.9] + rng.normal(0, 0.4, (1, 2))
+        atom = sum(np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.5) for x, y in seen)
+        share = rng.uniform(0.6, 1.0)
+        probs[m, 0], probs[m, 1] = 0.95 * share * np.minimum(atom, 1), 0.95 * (1 - share) * \
+            np.minimum(atom, 1)
+    return probs
+
+
 def test_trainer_and_service_compute_the_same_figures():
     from trainer.model.reference import frame_figures
 
     rng = np.random.default_rng(3)
     for _ in range(5):
-        probs = (rng.random((5, 2, 40, 48)) ** 3 * 0.6).astype(np.float32)
-        service = analyse(probs, np.arange(5), Params()).figures.as_dict()
-        trainer = frame_figures(probs)
-        assert trainer == pytest.approx(service, abs=1e-6)
+        probs = blob_maps(rng)
+        fa = analyse(probs, np.arange(5), Params())
+        assert fa.n_atoms >= 10 and fa.figures.crystallinity > 0
+        assert frame_figures(probs) == pytest.approx(fa.figures.as_dict(), rel=1e-5, abs=1e-6)
+
+
+def test_crystallinity_tells_a_lattice_from_random_atoms():
+    from elit_stream.core.postprocess import crystallinity
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    lattice = np.cos(2 * np.pi * xx / 8) ** 8 * np.cos(2 * np.pi * yy / 8) ** 8
+    spots = rng.uniform(0, 128, (256, 2))
+    random = sum(np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4) for x, y in spots)
+    assert crystallinity(lattice[::2, ::2]) > 100 > 30 > crystallinity(random[::2, ::2])
+    assert crystallinity(np.zeros((64, 64))) == 0.0
 
 
 # --- the score ------------------------------------------------------------------------------
@@ -94,12 +120,12 @@ REF = {"version": 1, "threshold": 0.5, "flag_above": 1.0, "frames": 100, "seed":
 def test_score_is_zero_inside_the_band_and_grows_outside():
     ref = OodReference.from_manifest(REF)
     assert sorted(ref.bands) == ["density"]                  # unknown figures are ignored
-    inside = ref.score(FrameFigures(0.1, 0.2, 0.1), 0.5)
+    inside = ref.score(FrameFigures(0.1, 0.2, 0.1, 50.0), 0.5)
     assert inside.score == 0.0 and not inside.flagged
-    empty = ref.score(FrameFigures(0.0, 0.0, 0.0), 0.5)       # vacuum: nothing detected
+    empty = ref.score(FrameFigures(0.0, 0.0, 0.0, 0.0), 0.5)       # vacuum: nothing detected
     assert empty.flagged and empty.score == pytest.approx((np.log(0.02) - np.log(1e-4)) / 0.5,
                                                           rel=1e-3)
-    assert ref.score(FrameFigures(0.0, 0.0, 0.0), 0.6) is None  # another threshold
+    assert ref.score(FrameFigures(0.0, 0.0, 0.0, 0.0), 0.6) is None  # another threshold
 
 
 def test_reference_without_known_figures_is_refused():
@@ -113,7 +139,7 @@ def test_ood_advisory_on_the_first_frame_and_on_each_change():
     seq = [("a", 0.0), ("a", 0.0), ("b", 0.1), ("a", 0.1), ("a", 0.1), ("a", 0.0)]
     kinds = []
     for i, (acq, density) in enumerate(seq):
-        score = ref.score(FrameFigures(density, 0.1, 0.1), 0.5)
+        score = ref.score(FrameFigures(density, 0.1, 0.1, 50.0), 0.5)
         kinds.append([a.kind for a in watch.observe(score, acq, i, (0, 1))])
     assert kinds == [["ood"], [], [], ["ood_cleared"], [], ["ood"]]
     assert watch.status()["flagged_acquisitions"] == ["a"]

@@ -118,6 +118,7 @@ class FigureBandSpec(_Strict):
     high: float
     scale: float = Field(gt=0)
     floor: float = Field(gt=0)
+    side: Literal["both", "low", "high"] = "both"
 
 
 class OodReferenceSpec(_Strict):

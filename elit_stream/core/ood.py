@@ -8,8 +8,9 @@ its [low, high] band, in units of that figure's interquartile range (`scale`):
     z_k = max(0, L_k - high_k, low_k - L_k) / scale_k,   L_k = log(figure_k + floor_k)
     ood = max_k z_k;   flagged when ood > flag_above
 
-So 0 means every figure lies inside the band seen on in-distribution frames; 1 means one figure
-lies an interquartile range beyond it. Absolute: it needs no history, so the first frame of a
+(a figure whose `side` is "high" counts only above `high`, "low" only below `low`). So 0 means
+every figure lies inside the band seen on in-distribution frames; 1 means one figure lies an
+interquartile range beyond it. Absolute: it needs no history, so the first frame of a
 session is scored like any other. Figures computed at another post-processing threshold than the
 reference's are not comparable: `score` then returns None. Pure numpy, no I/O.
 """
@@ -34,6 +35,7 @@ class FigureBand:
     high: float
     scale: float     # interquartile range of the same, > 0
     floor: float     # > 0, added before the log (figures may be 0)
+    side: str = "both"   # which excursions count: "both", "low" or "high"
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class OodReference:
         for name, b in ref["figures"].items():
             if name not in known:
                 continue
-            band = FigureBand(*(float(b[k]) for k in ("low", "median", "high", "scale", "floor")))
+            band = FigureBand(*(float(b[k]) for k in ("low", "median", "high", "scale", "floor")),
+                              side=b.get("side", "both"))
             if not (band.low <= band.median <= band.high and band.scale > 0 and band.floor > 0):
                 raise ReferenceError(f"ood_reference.figures.{name}: need low <= median <= high, "
                                      f"scale > 0 and floor > 0, got {b}")
@@ -81,6 +84,8 @@ class OodReference:
         z = {}
         for name, b in self.bands.items():
             v = math.log(max(getattr(figures, name), 0.0) + b.floor)
-            z[name] = round(max(0.0, v - b.high, b.low - v) / b.scale, 4)
+            above = v - b.high if b.side != "low" else 0.0
+            below = b.low - v if b.side != "high" else 0.0
+            z[name] = round(max(0.0, above, below) / b.scale, 4)
         score = max(z.values())
         return OodScore(score, score > self.flag_above, z)

@@ -76,8 +76,10 @@ class Service:
         engine = Engine(art, device=cfg.model.device, threads=cfg.model.threads,
                         cpu_fallback=cfg.model.cpu_fallback, precision=cfg.model.precision)
         engine.warm_up(tuple(cfg.model.warmup_shape_px))
-        log.info("model %s (%d members, classes %s) on %s, %s", art.name, art.n_members,
-                 ",".join(art.class_names), engine.provider, engine.precision)
+        log.info("model %s (%d members, classes %s) on %s, %s; %s", art.name, art.n_members,
+                 ",".join(art.class_names), engine.provider, engine.precision,
+                 "OOD reference present" if art.ood_reference else "no OOD reference (no "
+                 "absolute out-of-distribution score; elit-train reference adds one)")
         if (hint := bf16_hint(engine.provider, engine.precision)) is not None:
             log.info("%s", hint)
         return engine

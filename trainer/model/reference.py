@@ -11,11 +11,15 @@ active members, in ``elit_stream/core/postprocess.py``; the two sides share no c
 
 - ``density``: fraction of pixels with a > threshold;
 - ``disagreement``: mean over members of 1 - IoU(a_m > threshold, a > threshold) (0 if both empty);
-- ``area_cv``: std / mean over members of the pixel count of a_m > threshold (0 if all are 0).
+- ``area_cv``: std / mean over members of the pixel count of a_m > threshold (0 if all are 0);
+- ``crystallinity``: with P = |FFT|^2 of a[::2, ::2] minus its mean, the largest P / exp(mean of
+  log P over its ring) among frequencies with rounded |k| >= CRYSTAL_MIN_CYCLES cycles per side
+  (0 for a constant map).
 
 Per figure the reference keeps quantiles of log(value + floor): ``low`` (0.5 %), ``median``,
-``high`` (99.5 %) and ``scale`` (the interquartile range). The service flags a frame whose figures
-leave the [low, high] band by more than ``flag_above`` × scale.
+``high`` (99.5 %) and ``scale`` (the interquartile range), and the ``side`` that flags (SIDES). The
+service flags a frame whose figures leave the [low, high] band on that side by more than
+``flag_above`` × scale.
 """
 from __future__ import annotations
 
@@ -31,9 +35,13 @@ from trainer.model.artifact import read_manifest, verify_artifact
 
 VERSION = 1
 THRESHOLD = 0.5                      # the service's default post-processing threshold
-FLOORS = {"density": 1e-4, "disagreement": 1e-2, "area_cv": 1e-2}
+FLOORS = {"density": 1e-4, "disagreement": 1e-2, "area_cv": 1e-2, "crystallinity": 1.0}
+# The side of the band that flags: fewer or more detections than ever (density), more disagreement
+# or spread of the members' areas than ever, less lattice order than ever (crystallinity).
+SIDES = {"density": "both", "disagreement": "high", "area_cv": "high", "crystallinity": "low"}
+CRYSTAL_MIN_CYCLES = 4
 QUANTILES = (0.005, 0.25, 0.5, 0.75, 0.995)
-FLAG_ABOVE = 1.0
+FLAG_ABOVE = 0.1
 MIN_SCALE = 0.05                     # log units: a figure that hardly varies still gets a band
 DEFAULT_FRAMES = 200
 DEFAULT_SEED = 60_613
@@ -51,7 +59,54 @@ def frame_figures(probs: np.ndarray, threshold: float = THRESHOLD) -> dict[str, 
     dis = np.where(either > 0, 1.0 - inter / np.maximum(either, 1), 0.0)
     mean_area = areas.mean()
     return {"density": float(cons.mean()), "disagreement": float(dis.mean()),
-            "area_cv": float(areas.std() / mean_area) if mean_area > 0 else 0.0}
+            "area_cv": float(areas.std() / mean_area) if mean_area > 0 else 0.0,
+            "crystallinity": _crystallinity(atom.mean(axis=0)[::2, ::2])}
+
+
+def _crystallinity(half: np.ndarray) -> float:
+    h, w = half.shape
+    power = np.abs(np.fft.rfft2(half - half.mean())) ** 2
+    scale = float(power.mean())
+    if scale <= 0:
+        return 0.0
+    ring = np.rint(np.hypot(np.fft.fftfreq(h)[:, None] * h, np.fft.rfftfreq(w)[None, :] * w))
+    ring = ring.astype(np.intp).ravel()
+    logp = np.log(power.ravel() / scale + 1e-12)
+    envelope = np.bincount(ring, logp) / np.maximum(np.bincount(ring), 1)
+    keep = ring >= CRYSTAL_MIN_CYCLES
+    return float(np.exp((logp - envelope[ring])[keep].max())) if keep.any() else 0.0
+
+
+def _crystallinity(half: np.ndarray) -> float:
+    h, w = half.shape
+    power = np.abs(np.fft.rfft2(half - half.mean())) ** 2
+    scale = float(power.mean())
+    if scale <= 0:
+        return 0.0
+    ring = np.rint(np.hypot(np.fft.fftfreq(h)[:, None] * h, np.fft.rfftfreq(w)[None, :] * w))
+    ring = ring.astype(np.intp).ravel()
+    logp = np.log(power.ravel() / scale + 1e-12)
+    envelope = np.bincount(ring, logp) / np.maximum(np.bincount(ring), 1)
+    keep = ring >= CRYSTAL_MIN_CYCLES
+    return float(np.exp((logp - envelope[ring])[keep].max())) if keep.any() else 0.0
+
+
+def _nearest_neighbours(mean_map: np.ndarray, cons: np.ndarray, threshold: float
+                        ) -> tuple[float, float]:
+    """(median, (q75 - q25) / median) of the atoms' nearest-neighbour distances, px."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    labels, n = ndimage.label(cons)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = np.flatnonzero((sizes >= MIN_BLOB_PX) & (sizes <= MAX_BLOB_PX))
+    keep = keep[keep > 0]
+    if keep.size < 3:
+        return 0.0, 0.0
+    weight = np.where(cons, mean_map - threshold, 0.0)
+    xy = np.array(ndimage.center_of_mass(weight, labels, keep))[:, ::-1]      # (x, y)
+    q1, med, q3 = np.percentile(cKDTree(xy).query(xy, k=2)[0][:, 1], (25, 50, 75))
+    return float(med), float((q3 - q1) / med) if med > 0 else 0.0
 
 
 def bands(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -62,7 +117,8 @@ def bands(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         low, q1, med, q3, high = np.quantile(logs, QUANTILES)
         out[name] = {"low": round(float(low), 5), "median": round(float(med), 5),
                      "high": round(float(high), 5),
-                     "scale": round(max(float(q3 - q1), MIN_SCALE), 5), "floor": floor}
+                     "scale": round(max(float(q3 - q1), MIN_SCALE), 5), "floor": floor,
+                     "side": SIDES[name]}
     return out
 
 
