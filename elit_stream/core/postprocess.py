@@ -34,7 +34,8 @@ top-left pixel centre):
   `density` = fraction of pixels with a > threshold; `disagreement` = mean over active m of
   `disagreement_per_member`; `area_cv` = std / mean over active m of the pixel count of
   a_m > threshold (0 when all are 0); `crystallinity` = the largest whitened power of the
-  consensus atom map (every 2nd pixel, mean removed): |FFT|^2 over its ring's geometric-mean
+  consensus atom map (every 2nd pixel, its central `CRYSTAL_SIDE_PX` square, mean removed; the
+  same number of frequencies whatever the frame size): |FFT|^2 over its ring's geometric-mean
   envelope, among frequencies of at least `CRYSTAL_MIN_CYCLES` cycles per side (function
   `crystallinity`; a lattice's Bragg peaks stand far out, atoms at random places do not).
 """
@@ -48,6 +49,7 @@ from scipy import ndimage
 
 MAX_UNCERTAINTY = 0.5
 CRYSTAL_MIN_CYCLES = 4
+CRYSTAL_SIDE_PX = 128      # crystallinity: central 128 x 128 of every 2nd pixel (size-independent)
 _WINDOW = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.intp)
 
 
@@ -160,7 +162,8 @@ def analyse(probs: np.ndarray, active, params: Params,
         count_per_member=counts, disagreement_per_member=disagreement,
         mean_uncertainty=_mean_uncertainty(uncertainty, counts[act]),
         cls_prob=cls_prob, cls_agree=cls_agree,
-        figures=_frame_figures(areas[act], mask, disagreement[act], consensus[:vh:2, :vw:2]))
+        figures=_frame_figures(areas[act], mask, disagreement[act],
+                               central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX)))
     if want_maps:
         result.mean_map, result.std_map = active_maps(probs, act, vh, vw)
     return result
@@ -274,6 +277,12 @@ def _frame_figures(areas: np.ndarray, mask: np.ndarray, disagreement: np.ndarray
                         disagreement=float(disagreement.mean()),
                         area_cv=float(areas.std() / mean_area) if mean_area > 0 else 0.0,
                         crystallinity=crystallinity(consensus_half))
+
+
+def central(a: np.ndarray, side: int) -> np.ndarray:
+    """The central side x side part of `a` (all of it along a shorter axis)."""
+    y0, x0 = max(0, (a.shape[0] - side) // 2), max(0, (a.shape[1] - side) // 2)
+    return a[y0:y0 + side, x0:x0 + side]
 
 
 def crystallinity(half: np.ndarray) -> float:

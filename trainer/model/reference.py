@@ -12,9 +12,9 @@ active members, in ``elit_stream/core/postprocess.py``; the two sides share no c
 - ``density``: fraction of pixels with a > threshold;
 - ``disagreement``: mean over members of 1 - IoU(a_m > threshold, a > threshold) (0 if both empty);
 - ``area_cv``: std / mean over members of the pixel count of a_m > threshold (0 if all are 0);
-- ``crystallinity``: with P = |FFT|^2 of a[::2, ::2] minus its mean, the largest P / exp(mean of
-  log P over its ring) among frequencies with rounded |k| >= CRYSTAL_MIN_CYCLES cycles per side
-  (0 for a constant map).
+- ``crystallinity``: with P = |FFT|^2 of the central CRYSTAL_SIDE_PX square of a[::2, ::2] minus
+  its mean, the largest P / exp(mean of log P over its ring) among frequencies with rounded
+  |k| >= CRYSTAL_MIN_CYCLES cycles per side (0 for a constant map).
 
 Per figure the reference keeps quantiles of log(value + floor): ``low`` (0.5 %), ``median``,
 ``high`` (99.5 %) and ``scale`` (the interquartile range), and the ``side`` that flags (SIDES). The
@@ -40,6 +40,7 @@ FLOORS = {"density": 1e-4, "disagreement": 1e-2, "area_cv": 1e-2, "crystallinity
 # or spread of the members' areas than ever, less lattice order than ever (crystallinity).
 SIDES = {"density": "both", "disagreement": "high", "area_cv": "high", "crystallinity": "low"}
 CRYSTAL_MIN_CYCLES = 4
+CRYSTAL_SIDE_PX = 128
 QUANTILES = (0.005, 0.25, 0.5, 0.75, 0.995)
 FLAG_ABOVE = 0.1
 MIN_SCALE = 0.05                     # log units: a figure that hardly varies still gets a band
@@ -60,7 +61,12 @@ def frame_figures(probs: np.ndarray, threshold: float = THRESHOLD) -> dict[str, 
     mean_area = areas.mean()
     return {"density": float(cons.mean()), "disagreement": float(dis.mean()),
             "area_cv": float(areas.std() / mean_area) if mean_area > 0 else 0.0,
-            "crystallinity": _crystallinity(atom.mean(axis=0)[::2, ::2])}
+            "crystallinity": _crystallinity(_central(atom.mean(axis=0)[::2, ::2]))}
+
+
+def _central(a: np.ndarray, side: int = CRYSTAL_SIDE_PX) -> np.ndarray:
+    y0, x0 = max(0, (a.shape[0] - side) // 2), max(0, (a.shape[1] - side) // 2)
+    return a[y0:y0 + side, x0:x0 + side]
 
 
 def _crystallinity(half: np.ndarray) -> float:
