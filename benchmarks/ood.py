@@ -111,11 +111,12 @@ def run(model: Path, n_id: int, n_ood: int, size: int, seed: int, log=print) -> 
     wrong, cprob, cagree = [], [], []
     for case in ("in_distribution", *CASES):
         n = n_id if case == "in_distribution" else n_ood
-        scores = []
+        scores, figures = [], []
         for image, sample in frames_of(case, rng, n, size, synth):
             x, geom = eng.prepare(np.asarray(image, np.float32))
             fa = analyse(eng.run(x), act, params, geom.valid_shape)
             scores.append(ref.score(fa.figures, params.threshold).score)
+            figures.append(fa.figures.as_dict())
             if sample is not None and art.n_classes > 1:
                 w, p, a = class_pairs(fa, sample, synth)
                 wrong.append(w), cprob.append(p), cagree.append(a)
@@ -123,7 +124,7 @@ def run(model: Path, n_id: int, n_ood: int, size: int, seed: int, log=print) -> 
         out["cases"][case] = {"frames": n, "flag_rate": float((s > ref.flag_above).mean()),
                               "score_median": float(np.median(s)),
                               "score_p5": float(np.percentile(s, 5)),
-                              "score_p95": float(np.percentile(s, 95))}
+                              "score_p95": float(np.percentile(s, 95)), "figures": figures}
         log(f"{case:18s} {n:4d} frames  flagged {100 * out['cases'][case]['flag_rate']:5.1f} %  "
             f"score median {np.median(s):.2f} (p5 {np.percentile(s, 5):.2f}, "
             f"p95 {np.percentile(s, 95):.2f})")

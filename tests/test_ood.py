@@ -247,3 +247,18 @@ def test_service_streams_class_confidence_and_flags_ood_from_the_first_frame(tmp
     assert len(atoms["cls_prob"]) == len(atoms["cls_agree"]) == results[2]["n_atoms"] > 0
     assert all(0 <= v <= 1 for v in atoms["cls_agree"])
     assert status["ood"]["reference"] is True and status["ood"]["last"]["frame_id"] == 2
+
+
+@pytest.mark.slow
+def test_ood_benchmark_runs_on_the_shipped_model():
+    from pathlib import Path
+
+    from benchmarks.ood import CASES, run
+
+    model = Path(__file__).resolve().parents[1] / "models" / "default"
+    if not (model / "manifest.json").exists() or load_artifact(model, check_probe=False) \
+            .ood_reference is None:
+        pytest.skip("models/default has no ood_reference")
+    res = run(model, n_id=2, n_ood=1, size=64, seed=5, log=lambda *_: None)
+    assert set(res["cases"]) == {"in_distribution", *CASES}
+    assert all(0.0 <= c["flag_rate"] <= 1.0 for c in res["cases"].values())
