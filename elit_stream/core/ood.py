@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elit_stream.core.postprocess import FrameFigures
+from elit_stream.core.postprocess import FIGURES, FrameFigures
 
 REFERENCE_VERSION = 1
 
@@ -60,7 +60,7 @@ class OodReference:
     def from_manifest(cls, ref: dict) -> OodReference:
         """From the manifest's `ood_reference` (schema-checked already); figures this service
         does not compute are ignored, and at least one known figure is required."""
-        known = set(FrameFigures.__dataclass_fields__)
+        known = set(FIGURES)
         bands = {}
         for name, b in ref["figures"].items():
             if name not in known:

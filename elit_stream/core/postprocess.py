@@ -37,7 +37,10 @@ top-left pixel centre):
   consensus atom map (every 2nd pixel, its central `CRYSTAL_SIDE_PX` square, mean removed; the
   same number of frequencies whatever the frame size): |FFT|^2 over its ring's geometric-mean
   envelope, among frequencies of at least `CRYSTAL_MIN_CYCLES` cycles per side (function
-  `crystallinity`; a lattice's Bragg peaks stand far out, atoms at random places do not).
+  `crystallinity`; a lattice's Bragg peaks stand far out, atoms at random places do not);
+  `order` = crystallinity / (density + `ORDER_DENSITY_FLOOR`): a lattice's peaks grow with the
+  number of atoms, random places' do not, so a dense frame without order stands out (a sparse
+  lattice has little crystallinity but also little density).
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ from scipy import ndimage
 
 MAX_UNCERTAINTY = 0.5
 CRYSTAL_MIN_CYCLES = 4
+ORDER_DENSITY_FLOOR = 0.01
+FIGURES = ("density", "disagreement", "area_cv", "crystallinity", "order")
 CRYSTAL_SIDE_PX = 128      # crystallinity: central 128 x 128 of every 2nd pixel (size-independent)
 _WINDOW = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.intp)
 
@@ -95,8 +100,12 @@ class FrameFigures:
     area_cv: float
     crystallinity: float
 
+    @property
+    def order(self) -> float:
+        return self.crystallinity / (self.density + ORDER_DENSITY_FLOOR)
+
     def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in FIGURES}
 
 
 @dataclass

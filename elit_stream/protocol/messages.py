@@ -105,7 +105,7 @@ class ResultHeader(Strict):
     disagreement_per_member: list[float]  # all members, manifest order
     mean_uncertainty: float
     timings_ms: dict[str, float]          # decode, prepare, infer, analyse, total
-    figures: dict[str, float] | None = None   # frame figures: density, disagreement, area_cv
+    figures: dict[str, float] | None = None   # frame figures (docs/ood.md)
     ood: float | None = None              # out-of-distribution score; None: model has no reference
     ood_flag: bool = False                # ood > the reference's flag_above
 

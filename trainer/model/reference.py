@@ -14,7 +14,8 @@ active members, in ``elit_stream/core/postprocess.py``; the two sides share no c
 - ``area_cv``: std / mean over members of the pixel count of a_m > threshold (0 if all are 0);
 - ``crystallinity``: with P = |FFT|^2 of the central CRYSTAL_SIDE_PX square of a[::2, ::2] minus
   its mean, the largest P / exp(mean of log P over its ring) among frequencies with rounded
-  |k| >= CRYSTAL_MIN_CYCLES cycles per side (0 for a constant map).
+  |k| >= CRYSTAL_MIN_CYCLES cycles per side (0 for a constant map);
+- ``order``: crystallinity / (density + ORDER_DENSITY_FLOOR) (a dense frame without lattice order).
 
 Per figure the reference keeps quantiles of log(value + floor): ``low`` (0.5 %), ``median``,
 ``high`` (99.5 %) and ``scale`` (the interquartile range), and the ``side`` that flags (SIDES). The
@@ -35,10 +36,13 @@ from trainer.model.artifact import read_manifest, verify_artifact
 
 VERSION = 1
 THRESHOLD = 0.5                      # the service's default post-processing threshold
-FLOORS = {"density": 1e-4, "disagreement": 1e-2, "area_cv": 1e-2, "crystallinity": 1.0}
+FLOORS = {"density": 1e-4, "disagreement": 1e-2, "area_cv": 1e-2, "crystallinity": 1.0,
+          "order": 1.0}
 # The side of the band that flags: fewer or more detections than ever (density), more disagreement
 # or spread of the members' areas than ever, less lattice order than ever (crystallinity).
-SIDES = {"density": "both", "disagreement": "high", "area_cv": "high", "crystallinity": "low"}
+SIDES = {"density": "both", "disagreement": "high", "area_cv": "high", "crystallinity": "low",
+         "order": "low"}
+ORDER_DENSITY_FLOOR = 0.01
 CRYSTAL_MIN_CYCLES = 4
 CRYSTAL_SIDE_PX = 128
 QUANTILES = (0.005, 0.25, 0.5, 0.75, 0.995)
@@ -59,9 +63,12 @@ def frame_figures(probs: np.ndarray, threshold: float = THRESHOLD) -> dict[str, 
     either = areas + cons.sum() - inter
     dis = np.where(either > 0, 1.0 - inter / np.maximum(either, 1), 0.0)
     mean_area = areas.mean()
-    return {"density": float(cons.mean()), "disagreement": float(dis.mean()),
+    density = float(cons.mean())
+    crystallinity = _crystallinity(_central(atom.mean(axis=0)[::2, ::2]))
+    return {"density": density, "disagreement": float(dis.mean()),
             "area_cv": float(areas.std() / mean_area) if mean_area > 0 else 0.0,
-            "crystallinity": _crystallinity(_central(atom.mean(axis=0)[::2, ::2]))}
+            "crystallinity": crystallinity,
+            "order": crystallinity / (density + ORDER_DENSITY_FLOOR)}
 
 
 def _central(a: np.ndarray, side: int = CRYSTAL_SIDE_PX) -> np.ndarray:
