@@ -262,3 +262,18 @@ def test_ood_benchmark_runs_on_the_shipped_model():
     res = run(model, n_id=2, n_ood=1, size=64, seed=5, log=lambda *_: None)
     assert set(res["cases"]) == {"in_distribution", *CASES}
     assert all(0.0 <= c["flag_rate"] <= 1.0 for c in res["cases"].values())
+
+
+def test_export_records_a_reference(tmp_path):
+    from tests.test_trainer import small_member, tiny_config
+    from trainer.model.artifact import verify_artifact
+    from trainer.model.export import write_artifact
+    from trainer.model.train import MemberResult
+
+    results = [MemberResult(id=i, seed=1000 + i, epochs=1, swa_epochs=1, best_epoch=1,
+                            best_val_loss=0.5, history={}, test_iou=0.5) for i in range(2)]
+    out = tmp_path / "exported"
+    write_artifact(out, [small_member(1), small_member(2)], results, tiny_config(), "test",
+                   log=lambda *_: None, reference_frames=8)
+    ref = verify_artifact(out)["ood_reference"]
+    assert ref["frames"] == 8 and "order" in ref["figures"]

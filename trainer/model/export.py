@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -214,11 +215,14 @@ def _probe_synth(cfg: TrainConfig):
 def write_artifact(out_dir: Path, members: list[UNet], results: list[MemberResult],
                    cfg: TrainConfig, command: str, lineage: dict | None = None,
                    report_dir: Path | None = None, force: bool = False,
-                   log=print, reference_frames: int = reference.DEFAULT_FRAMES) -> Path:
+                   log=print, reference_frames: int | None = None) -> Path:
     """Export, verify and write ``out_dir`` (atomically); returns the manifest path.
 
     The manifest gets an ``ood_reference`` from ``reference_frames`` synthetic frames
-    (``trainer.model.reference``, as ``elit-train reference`` computes it); 0 leaves it out."""
+    (``trainer.model.reference``, as ``elit-train reference`` computes it; default: the
+    environment's ``ELIT_REFERENCE_FRAMES``, else 200); 0 leaves it out."""
+    if reference_frames is None:
+        reference_frames = int(os.environ.get("ELIT_REFERENCE_FRAMES", reference.DEFAULT_FRAMES))
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} exists; pass --force to replace it")
