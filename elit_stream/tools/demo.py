@@ -128,8 +128,9 @@ def write_overlay(frame: np.ndarray, result: dict, out: Path) -> Path:
     """PNG: the frame in grey, atoms as dots coloured by uncertainty (matplotlib Agg); atoms whose
     class the active members doubt (cls_agree < LOW_CLASS_AGREEMENT) ringed in cyan; the title
     says whether the frame is out of distribution."""
-    from elit_stream.tools.replay import ood_text
     import matplotlib
+
+    from elit_stream.tools.replay import ood_text
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out.parent.mkdir(parents=True, exist_ok=True)

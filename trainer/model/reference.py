@@ -90,38 +90,6 @@ def _crystallinity(half: np.ndarray) -> float:
     return float(np.exp((logp - envelope[ring])[keep].max())) if keep.any() else 0.0
 
 
-def _crystallinity(half: np.ndarray) -> float:
-    h, w = half.shape
-    power = np.abs(np.fft.rfft2(half - half.mean())) ** 2
-    scale = float(power.mean())
-    if scale <= 0:
-        return 0.0
-    ring = np.rint(np.hypot(np.fft.fftfreq(h)[:, None] * h, np.fft.rfftfreq(w)[None, :] * w))
-    ring = ring.astype(np.intp).ravel()
-    logp = np.log(power.ravel() / scale + 1e-12)
-    envelope = np.bincount(ring, logp) / np.maximum(np.bincount(ring), 1)
-    keep = ring >= CRYSTAL_MIN_CYCLES
-    return float(np.exp((logp - envelope[ring])[keep].max())) if keep.any() else 0.0
-
-
-def _nearest_neighbours(mean_map: np.ndarray, cons: np.ndarray, threshold: float
-                        ) -> tuple[float, float]:
-    """(median, (q75 - q25) / median) of the atoms' nearest-neighbour distances, px."""
-    from scipy import ndimage
-    from scipy.spatial import cKDTree
-
-    labels, n = ndimage.label(cons)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = np.flatnonzero((sizes >= MIN_BLOB_PX) & (sizes <= MAX_BLOB_PX))
-    keep = keep[keep > 0]
-    if keep.size < 3:
-        return 0.0, 0.0
-    weight = np.where(cons, mean_map - threshold, 0.0)
-    xy = np.array(ndimage.center_of_mass(weight, labels, keep))[:, ::-1]      # (x, y)
-    q1, med, q3 = np.percentile(cKDTree(xy).query(xy, k=2)[0][:, 1], (25, 50, 75))
-    return float(med), float((q3 - q1) / med) if med > 0 else 0.0
-
-
 def bands(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per figure: low / median / high / scale / floor of log(value + floor) over ``rows``."""
     out = {}
