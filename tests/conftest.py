@@ -1,9 +1,14 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.fixtures.tiny_artifact import build_tiny_artifact
+
+# Exports in tests record an OOD reference from 8 frames, not 200 (trainer/model/export.py).
+os.environ.setdefault("ELIT_REFERENCE_FRAMES", "8")
 
 
 @pytest.fixture(scope="session")

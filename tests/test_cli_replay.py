@@ -101,6 +101,7 @@ def test_replay_cli_records_every_result(service, tmp_path):
     results = [m for m in lines if m["topic"] == "result"]
     assert [m["frame_id"] for m in results] == [0, 1, 2, 3]
     assert all(len(m["atoms"]["x"]) == m["n_atoms"] for m in results)
+    assert {"cls_prob", "cls_agree"} <= set(results[0]["atoms"]) and "ood" in results[0]
     assert results[0]["pixel_size_pm"] == pytest.approx(14.1)
 
 

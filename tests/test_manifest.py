@@ -189,6 +189,11 @@ def _delete(path):
     return mutate
 
 
+OOD_OK = {"version": 1, "threshold": 0.5, "flag_above": 1.0, "frames": 8, "seed": 5,
+          "size_px": 64, "command": "elit-train reference x",
+          "figures": {"density": {"low": -3.0, "median": -2.0, "high": -1.0, "scale": 0.5,
+                                  "floor": 0.001}}}
+
 MUTATIONS = {
     "identity": lambda m: None,
     "no name": _delete(("name",)),
@@ -238,6 +243,22 @@ MUTATIONS = {
     "file extra": _set(("files", "probe.npz", "mtime"), 0),
     "atol 0": _set(("probe", "atol"), 0),
     "created int": _set(("created",), 5),
+    "ood ok": _set(("ood_reference",), OOD_OK),
+    "ood null": _set(("ood_reference",), None),
+    "ood no figures": _set(("ood_reference",), {**OOD_OK, "figures": {}}),
+    "ood version 2": _set(("ood_reference",), {**OOD_OK, "version": 2}),
+    "ood threshold 1": _set(("ood_reference",), {**OOD_OK, "threshold": 1.0}),
+    "ood frames 0": _set(("ood_reference",), {**OOD_OK, "frames": 0}),
+    "ood extra": _set(("ood_reference",), {**OOD_OK, "x": 1}),
+    "ood command null": _set(("ood_reference",), {**OOD_OK, "command": None}),
+    "ood scale 0": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
+        **OOD_OK["figures"]["density"], "scale": 0.0}}}),
+    "ood side low": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
+        **OOD_OK["figures"]["density"], "side": "low"}}}),
+    "ood side bad": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
+        **OOD_OK["figures"]["density"], "side": "left"}}}),
+    "ood band extra": _set(("ood_reference",), {**OOD_OK, "figures": {"density": {
+        **OOD_OK["figures"]["density"], "p1": 0.0}}}),
 }
 
 

@@ -112,6 +112,26 @@ class Probe(_Strict):
     atol: float = Field(gt=0)
 
 
+class FigureBandSpec(_Strict):
+    low: float
+    median: float
+    high: float
+    scale: float = Field(gt=0)
+    floor: float = Field(gt=0)
+    side: Literal["both", "low", "high"] = "both"
+
+
+class OodReferenceSpec(_Strict):
+    version: Literal[1]
+    threshold: float = Field(gt=0, lt=1)
+    flag_above: float = Field(ge=0)
+    frames: int = Field(ge=1)
+    seed: int
+    size_px: int = Field(ge=1)
+    command: str = None  # type: ignore[assignment]  # optional, never null
+    figures: dict[str, FigureBandSpec] = Field(min_length=1)
+
+
 class Manifest(_Strict):
     format: Literal["elit-ensemble"]
     format_version: str = Field(pattern=r"^1\.[0-9]+$")
@@ -132,6 +152,7 @@ class Manifest(_Strict):
     lineage: Lineage
     files: dict[str, FileEntry] = Field(min_length=1)
     probe: Probe
+    ood_reference: OodReferenceSpec = None  # type: ignore[assignment]  # optional, never null
 
 
 # --- the artifact ------------------------------------------------------------------------------
@@ -156,6 +177,7 @@ class Artifact:
     parent: str | None
     probe_path: Path | None = None
     probe_atol: float = 0.0
+    ood_reference: dict | None = None   # the manifest's ood_reference; None in older artifacts
 
     @property
     def n_members(self) -> int:
@@ -297,4 +319,5 @@ def _to_artifact(folder: Path, raw: dict, digest: str, spec: Manifest) -> Artifa
         min_px=spec.input_size.min_px, max_px=spec.input_size.max_px,
         atom_radius_px=float(spec.atom_radius_px),
         parent=parent.name if parent is not None else None,
-        probe_path=folder / spec.probe.file, probe_atol=float(spec.probe.atol))
+        probe_path=folder / spec.probe.file, probe_atol=float(spec.probe.atol),
+        ood_reference=raw.get("ood_reference"))

@@ -16,6 +16,7 @@ import numpy as np
 
 from elit_stream.core.engine import Engine, EngineError, Geometry
 from elit_stream.core.ensemble import ActiveSet
+from elit_stream.core.ood import OodReference, OodScore
 from elit_stream.core.postprocess import FrameAnalysis, Params, analyse
 
 
@@ -34,11 +35,14 @@ class FrameOutput:
     timings_s: dict[str, float]          # prepare, infer, analyse
     net_input: np.ndarray                # [1, 1, H, W] what the members saw (engine's buffer)
     probs: np.ndarray                    # [M, C, H, W] every member's maps (engine's buffer)
+    ood: OodScore | None = None          # against the artifact's ood_reference; None without one
 
 
 def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | None,
-                  active: ActiveSet, params: Params, want_maps: bool = False) -> FrameOutput:
-    """Run one frame; FrameRejected when it cannot be prepared, other errors propagate."""
+                  active: ActiveSet, params: Params, want_maps: bool = False,
+                  ood_reference: OodReference | None = None) -> FrameOutput:
+    """Run one frame; FrameRejected when it cannot be prepared, other errors propagate.
+    With `ood_reference` (the artifact's, core/ood.py) the frame is scored against it."""
     t0 = perf_counter()
     try:
         net_input, geom = engine.prepare(pixels, pixel_size_pm)
@@ -49,9 +53,10 @@ def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | Non
     t2 = perf_counter()
     fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
     x, y = geom.to_frame_xy(fa.x, fa.y)
+    ood = ood_reference.score(fa.figures, params.threshold) if ood_reference else None
     t3 = perf_counter()
     return FrameOutput(fa, x, y, geom, {"prepare": t1 - t0, "infer": t2 - t1, "analyse": t3 - t2},
-                       net_input, probs)
+                       net_input, probs, ood)
 
 
 def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
@@ -70,11 +75,13 @@ def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
         "n_atoms": fa.n_atoms, "classes": list(class_names),
         "count_per_member": fa.count_per_member.tolist(),
         "disagreement_per_member": fa.disagreement_per_member.tolist(),
-        "mean_uncertainty": fa.mean_uncertainty,
+        "mean_uncertainty": fa.mean_uncertainty, "figures": fa.figures.as_dict(),
+        "ood": None if out.ood is None else out.ood.score, "ood_flag": bool(out.ood and out.ood.flagged),
         "timings_ms": {k: round(v * 1e3, 3) for k, v in timings_s.items()}
         | {"total": round(total_s * 1e3, 3)},
     }
     columns = {"x": out.x.astype(np.float32, copy=False), "y": out.y.astype(np.float32, copy=False),
                "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
-               "uncertainty": fa.uncertainty, "det_frac": fa.det_frac}
+               "uncertainty": fa.uncertainty, "det_frac": fa.det_frac,
+               "cls_prob": fa.cls_prob, "cls_agree": fa.cls_agree}
     return header, columns

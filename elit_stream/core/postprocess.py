@@ -9,6 +9,10 @@ top-left pixel centre):
   max_blob_px. Centre = centroid of the component weighted by (a - threshold), the excess
   probability (rim pixels weigh ~0, so the cut at the threshold biases the centre less);
   `prob` = max of a in it; `cls` = argmax_c of the component's sum of the active-mean class map c.
+- `cls_prob` = the consensus probability of that class given an atom: the component's sum of the
+  active-mean class map `cls` over its sum of a (1/C..1; 1 with one class).
+- `cls_agree` = fraction of ACTIVE members voting for `cls`; member m votes argmax_c of its own
+  class map c at the component's maximum of a (the peak pixel).
 - peak window: the 3x3 pixels centred on the component's maximum of a (clipped at the border).
 - `uncertainty` = mean over the peak window of the std over ACTIVE members of a_m (population
   std, ddof=0: 0 with one active member).
@@ -22,7 +26,21 @@ top-left pixel centre):
   on clean maps, 1 of 15 hallucinated blobs missed on a dense lattice).
 - `disagreement_per_member[m]` (ALL members) = 1 - IoU(a_m > threshold, a > threshold) over the
   valid region (0 when both masks are empty).
-- `mean_uncertainty` = mean of `uncertainty` over the frame's atoms (0 when there are none).
+- `mean_uncertainty` = mean of `uncertainty` over the frame's atoms; with no atoms, 0 when no
+  active member counts a blob either (they agree: nothing there) and `MAX_UNCERTAINTY` (0.5, the
+  largest std of values in [0, 1]) when some do (an empty consensus of disagreeing members).
+- frame figures (`FrameFigures`, over the valid region and the ACTIVE members; what the
+  out-of-distribution reference of the manifest describes, see elit_stream/core/ood.py):
+  `density` = fraction of pixels with a > threshold; `disagreement` = mean over active m of
+  `disagreement_per_member`; `area_cv` = std / mean over active m of the pixel count of
+  a_m > threshold (0 when all are 0); `crystallinity` = the largest whitened power of the
+  consensus atom map (every 2nd pixel, its central `CRYSTAL_SIDE_PX` square, mean removed; the
+  same number of frequencies whatever the frame size): |FFT|^2 over its ring's geometric-mean
+  envelope, among frequencies of at least `CRYSTAL_MIN_CYCLES` cycles per side (function
+  `crystallinity`; a lattice's Bragg peaks stand far out, atoms at random places do not);
+  `order` = crystallinity / (density + `ORDER_DENSITY_FLOOR`): a lattice's peaks grow with the
+  number of atoms, random places' do not, so a dense frame without order stands out (a sparse
+  lattice has little crystallinity but also little density).
 """
 from __future__ import annotations
 
@@ -32,6 +50,11 @@ from dataclasses import replace as dc_replace
 import numpy as np
 from scipy import ndimage
 
+MAX_UNCERTAINTY = 0.5
+CRYSTAL_MIN_CYCLES = 4
+ORDER_DENSITY_FLOOR = 0.01
+FIGURES = ("density", "disagreement", "area_cv", "crystallinity", "order")
+CRYSTAL_SIDE_PX = 128      # crystallinity: central 128 x 128 of every 2nd pixel (size-independent)
 _WINDOW = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.intp)
 
 
@@ -68,6 +91,23 @@ class Params:
         return dc_replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class FrameFigures:
+    """Frame-level figures over the active members (module docstring); plain floats."""
+
+    density: float
+    disagreement: float
+    area_cv: float
+    crystallinity: float
+
+    @property
+    def order(self) -> float:
+        return self.crystallinity / (self.density + ORDER_DENSITY_FLOOR)
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in FIGURES}
+
+
 @dataclass
 class FrameAnalysis:
     """Atoms (columnar) and frame-level figures of one frame; see the module docstring."""
@@ -81,6 +121,9 @@ class FrameAnalysis:
     count_per_member: np.ndarray
     disagreement_per_member: np.ndarray
     mean_uncertainty: float
+    cls_prob: np.ndarray | None = None
+    cls_agree: np.ndarray | None = None
+    figures: FrameFigures | None = None
     mean_map: np.ndarray | None = None
     std_map: np.ndarray | None = None
 
@@ -115,17 +158,21 @@ def analyse(probs: np.ndarray, active, params: Params,
     consensus = _active_mean(atom, act)                                 # [H, W]
     mask = consensus[:vh, :vw] > params.threshold
     blobs = _blobs(mask, consensus, params)
-    cls = _classes(probs, act, blobs)
+    cls, cls_prob, cls_agree = _classes(probs, act, blobs)
     win = atom.reshape(n_m, -1)[:, _peak_window(blobs, vh, vw, w)]      # [M, 9, N]
     detected = win.max(axis=1) >= params.detect_threshold             # [M, N]
     uncertainty = win[act].std(axis=0).mean(axis=0).astype(np.float32)
-    extra, disagreement = _member_figures(atom[:, :vh, :vw] > params.threshold, mask, params)
+    member_on = atom[:, :vh, :vw] > params.threshold
+    extra, disagreement, areas = _member_figures(member_on, mask, params)
+    counts = (detected.sum(axis=1) + extra).astype(np.int32)
     result = FrameAnalysis(
         x=blobs.x, y=blobs.y, cls=cls, prob=blobs.peak, uncertainty=uncertainty,
         det_frac=detected[act].mean(axis=0, dtype=np.float32).astype(np.float32),
-        count_per_member=(detected.sum(axis=1) + extra).astype(np.int32),
-        disagreement_per_member=disagreement,
-        mean_uncertainty=float(uncertainty.mean()) if uncertainty.size else 0.0)
+        count_per_member=counts, disagreement_per_member=disagreement,
+        mean_uncertainty=_mean_uncertainty(uncertainty, counts[act]),
+        cls_prob=cls_prob, cls_agree=cls_agree,
+        figures=_frame_figures(areas[act], mask, disagreement[act],
+                               central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX)))
     if want_maps:
         result.mean_map, result.std_map = active_maps(probs, act, vh, vw)
     return result
@@ -193,22 +240,77 @@ def _blobs(mask: np.ndarray, consensus: np.ndarray, params: Params) -> _Blobs:
     return _Blobs(lab, flat, peak_flat, x, y, peak, total)
 
 
-def _classes(probs: np.ndarray, act: np.ndarray, blobs: _Blobs) -> np.ndarray:
-    """argmax_c of the blob sum of the active-mean class map.
+def _classes(probs: np.ndarray, act: np.ndarray, blobs: _Blobs
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cls (argmax_c of the blob sum of the active-mean class map), cls_prob and cls_agree.
 
     The last class's sum is the blob's consensus total minus the others' (classes sum to a).
     """
-    n_c = probs.shape[1]
-    if n_c == 1 or blobs.n == 0:
-        return np.zeros(blobs.n, np.uint8)
-    per_class = np.empty((n_c, blobs.n))
+    n_c, n = probs.shape[1], blobs.n
+    if n_c == 1 or n == 0:
+        return np.zeros(n, np.uint8), np.ones(n, np.float32), np.ones(n, np.float32)
+    per_class = np.empty((n_c, n))
     for c in range(n_c - 1):
         acc = np.take(probs[act[0], c].ravel(), blobs.flat)
         for m in act[1:]:
             acc += np.take(probs[m, c].ravel(), blobs.flat)
-        per_class[c] = np.bincount(blobs.lab, acc, blobs.n) / act.size
+        per_class[c] = np.bincount(blobs.lab, acc, n) / act.size
     per_class[-1] = blobs.weight - per_class[:-1].sum(axis=0)
-    return per_class.argmax(axis=0).astype(np.uint8)
+    cls = per_class.argmax(axis=0)
+    cls_prob = per_class[cls, np.arange(n)] / np.maximum(blobs.weight, 1e-12)
+    votes = _member_votes(probs, act, blobs.peak_flat)                  # [A, N]
+    cls_agree = (votes == cls).mean(axis=0)
+    return cls.astype(np.uint8), cls_prob.astype(np.float32), cls_agree.astype(np.float32)
+
+
+def _member_votes(probs: np.ndarray, act: np.ndarray, peak_flat: np.ndarray) -> np.ndarray:
+    """[A, N] each active member's class: argmax_c of its class map c at the atom's peak pixel."""
+    n_m, n_c = probs.shape[:2]
+    at_peak = np.take(probs.reshape(n_m, n_c, -1), peak_flat, axis=2)   # [M, C, N], small
+    return at_peak[act].argmax(axis=1)
+
+
+def _mean_uncertainty(uncertainty: np.ndarray, active_counts: np.ndarray) -> float:
+    """Mean per-atom uncertainty; without atoms 0 if no active member sees any, else the max."""
+    if uncertainty.size:
+        return float(uncertainty.mean())
+    return MAX_UNCERTAINTY if np.any(active_counts > 0) else 0.0
+
+
+def _frame_figures(areas: np.ndarray, mask: np.ndarray, disagreement: np.ndarray,
+                   consensus_half: np.ndarray) -> FrameFigures:
+    """The frame figures (areas, disagreement: of the active members only)."""
+    areas = areas.astype(np.float64)
+    mean_area = areas.mean()
+    return FrameFigures(density=float(np.count_nonzero(mask) / mask.size),
+                        disagreement=float(disagreement.mean()),
+                        area_cv=float(areas.std() / mean_area) if mean_area > 0 else 0.0,
+                        crystallinity=crystallinity(consensus_half))
+
+
+def central(a: np.ndarray, side: int) -> np.ndarray:
+    """The central side x side part of `a` (all of it along a shorter axis)."""
+    y0, x0 = max(0, (a.shape[0] - side) // 2), max(0, (a.shape[1] - side) // 2)
+    return a[y0:y0 + side, x0:x0 + side]
+
+
+def crystallinity(half: np.ndarray) -> float:
+    """Largest whitened power: max over frequencies of at least CRYSTAL_MIN_CYCLES cycles of
+    |FFT|^2 over its ring's envelope exp(mean log |FFT|^2) (ring = rounded |k| in cycles per
+    side); 0 for a constant map. Random points give ~ 2 log(number of frequencies) (~ 20 at
+    256 x 256), a lattice's Bragg peaks far more."""
+    h, w = half.shape
+    power = np.abs(np.fft.rfft2(half - half.mean())) ** 2
+    scale = float(power.mean())
+    if scale <= 0:
+        return 0.0
+    ring = np.rint(np.hypot(np.fft.fftfreq(h)[:, None] * h, np.fft.rfftfreq(w)[None, :] * w))
+    ring = ring.astype(np.intp).ravel()
+    logp = np.log(power.ravel() / scale + 1e-12)
+    n_ring = np.bincount(ring)
+    envelope = np.bincount(ring, logp) / np.maximum(n_ring, 1)
+    keep = ring >= CRYSTAL_MIN_CYCLES
+    return float(np.exp((logp - envelope[ring])[keep].max())) if keep.any() else 0.0
 
 
 def _peak_window(blobs: _Blobs, vh: int, vw: int, width: int) -> np.ndarray:
@@ -228,14 +330,16 @@ def _count_true(masks: np.ndarray) -> np.ndarray:
 
 
 def _member_figures(member_on: np.ndarray, mask: np.ndarray,
-                    params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """Per member (all): extra blobs outside the consensus, and 1 - IoU with the consensus.
+                    params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per member (all): extra blobs outside the consensus, 1 - IoU with the consensus, and the
+    pixel count of a_m > threshold.
 
     member_on: [M, vh, vw] bool, a_m > threshold; mask: [vh, vw] consensus a > threshold.
     """
     n_m = member_on.shape[0]
     inter = _count_true(member_on & mask)
-    either = _count_true(member_on) + np.count_nonzero(mask) - inter
+    areas = _count_true(member_on)
+    either = areas + np.count_nonzero(mask) - inter
     disagreement = np.where(either > 0, 1.0 - inter / np.maximum(either, 1), 0.0)
     union = np.logical_or.reduce(member_on, axis=0)                     # contains `mask`
     u_labels, n_u = ndimage.label(union)
@@ -248,7 +352,7 @@ def _member_figures(member_on: np.ndarray, mask: np.ndarray,
     counts = np.bincount(u_lab[outside][j] * n_m + m_idx, minlength=(n_u + 1) * n_m)
     counts = counts.reshape(n_u + 1, n_m)
     extra = ((counts >= params.min_blob_px) & (counts <= params.max_blob_px)).sum(axis=0)
-    return extra, disagreement.astype(np.float32)
+    return extra, disagreement.astype(np.float32), areas
 
 
 def active_maps(probs: np.ndarray, act: np.ndarray, vh: int, vw: int

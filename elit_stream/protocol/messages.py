@@ -27,6 +27,8 @@ RESULT_COLUMNS = (
     ("prob", "float32"),         # consensus (active-member mean) probability at the atom
     ("uncertainty", "float32"),  # active-member standard deviation at the atom
     ("det_frac", "float32"),     # fraction of active members that detect the atom
+    ("cls_prob", "float32"),     # consensus probability of the atom's class (1/C..1)
+    ("cls_agree", "float32"),    # fraction of active members voting for the atom's class
 )
 """Per-atom columns of a result, in wire order, with their dtypes."""
 
@@ -110,6 +112,9 @@ class ResultHeader(Strict):
     timings_ms: dict[str, float]          # decode, prepare, infer, analyse, total
     repeat: bool = False                  # present (true) only when this run already published
     #                                       a result for this acquisition + frame id (a resend)
+    figures: dict[str, float] | None = None   # frame figures (docs/ood.md)
+    ood: float | None = None              # out-of-distribution score; None: model has no reference
+    ood_flag: bool = False                # ood > the reference's flag_above
 
 
 class MapsHeader(Strict):
@@ -188,7 +193,7 @@ class SubsetChangedEvent(EventBase):
 
 class DriftAdvisoryEvent(EventBase):
     event: Literal["drift_advisory"] = "drift_advisory"
-    advisory: str               # the policy's kind, e.g. "drift" or "outlier"
+    advisory: str               # the policy's kind: "drift", "outlier", "ood", "ood_cleared"
     members: list[int]
     message: str
     figures: dict[str, Any]

@@ -148,6 +148,7 @@ def status(state: State, req: m.Request) -> dict:
         "maps": {"mode": state.maps_mode, "downsample": state.maps_downsample},
         "loading": state.loader is not None, "auth": dict(state.auth),
         "in_flight": _frame_ref(state.in_flight), "limits": dict(state.limits),
+        "ood": state.policy.ood.status(),
     }
 
 
@@ -349,7 +350,7 @@ class ModelLoader(threading.Thread):
 
 
 def new_policy(cfg: PolicyConfig, artifact: Artifact) -> SelectionPolicy:
-    return SelectionPolicy(cfg, list(artifact.member_ids))
+    return SelectionPolicy(cfg, list(artifact.member_ids), artifact.ood_reference)
 
 
 def swap_in(state: State, loader: ModelLoader, next_seq: int) -> dict:

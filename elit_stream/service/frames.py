@@ -165,7 +165,8 @@ class FrameLoop:
         t0 = perf_counter()
         pixel_size_pm = self.admission.check(frame, engine)   # ProtocolError before any work
         admit_s = perf_counter() - t0
-        out = analyse_frame(engine, frame.pixels, pixel_size_pm, active, params, want_maps)
+        out = analyse_frame(engine, frame.pixels, pixel_size_pm, active, params, want_maps,
+                            self.state.policy.ood.reference)
         fa, t3 = out.analysis, perf_counter()
         timings = {"decode": decode_s + admit_s, **out.timings_s}
         self._publish_result(frame, out, engine.artifact, active, timings, t3 - t_recv)
@@ -176,7 +177,7 @@ class FrameLoop:
                 self._publish_member_maps(frame, out, active)
             t4 = perf_counter()
             timings["publish"] = t4 - t3
-            self._observe(frame, fa, active, timings, t4 - t_recv)
+            self._observe(frame, fa, active, timings, t4 - t_recv, out.ood)
             self.metrics.stage.labels(stage="observe").observe(perf_counter() - t4)
         except Exception as exc:  # the result is out; report the failure as an event
             log.exception("after frame %s/%s", frame.acquisition, frame.frame_id)
@@ -224,12 +225,14 @@ class FrameLoop:
                   "frame_px_per_map_px": km / geom.scale, "frame_px_per_image_px": ki / geom.scale}
         wire.send(self.to_hub, wire.encode_member_maps(header, image, atom))
 
-    def _observe(self, frame, fa, active, timings_s, e2e_s) -> None:
-        self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty)
+    def _observe(self, frame, fa, active, timings_s, e2e_s, ood) -> None:
+        self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty, ood)
         st = self.state
         with st.lock:
-            advisories = list(st.policy.observe(fa, active))
+            advisories = list(st.policy.observe(fa, active, ood, frame.acquisition,
+                                                frame.frame_id))
         for adv in advisories:
+            log.warning("%s advisory: %s", adv.kind, adv.message)
             self.metrics.advisories.labels(advisory=adv.kind).inc()
             self._event("drift_advisory", advisory=adv.kind, members=list(adv.members),
                         message=adv.message, figures=dict(adv.figures),

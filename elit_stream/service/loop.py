@@ -30,7 +30,7 @@ from elit_stream.service.config import ServiceConfig
 from elit_stream.service.frames import POLL_MS, FrameLoop
 from elit_stream.service.hub import Hub
 from elit_stream.service.metrics import ServiceMetrics
-from elit_stream.service.selection import PolicyConfig, SelectionPolicy
+from elit_stream.service.selection import PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Service:
         self.state = control.State(
             engine=engine, active=ActiveSet.full(art.member_ids),
             params=Params().replace(**cfg.postprocess.overrides()),
-            policy=SelectionPolicy(policy_cfg, list(art.member_ids)), policy_cfg=policy_cfg,
+            policy=control.new_policy(policy_cfg, art), policy_cfg=policy_cfg,
             delivery=cfg.delivery.mode, run_uid=uuid.uuid4().hex,
             allowed_dirs=list(cfg.model.allowed_dirs), maps_mode=cfg.maps.mode,
             maps_downsample=cfg.maps.downsample, warm_shape=tuple(cfg.model.warmup_shape_px),
@@ -73,8 +73,10 @@ class Service:
         engine = Engine(art, device=cfg.model.device, threads=cfg.model.threads,
                         cpu_fallback=cfg.model.cpu_fallback, precision=cfg.model.precision)
         engine.warm_up(tuple(cfg.model.warmup_shape_px))
-        log.info("model %s (%d members, classes %s) on %s, %s", art.name, art.n_members,
-                 ",".join(art.class_names), engine.provider, engine.precision)
+        log.info("model %s (%d members, classes %s) on %s, %s; %s", art.name, art.n_members,
+                 ",".join(art.class_names), engine.provider, engine.precision,
+                 "OOD reference present" if art.ood_reference else "no OOD reference (no "
+                 "absolute out-of-distribution score; elit-train reference adds one)")
         if (hint := bf16_hint(engine.provider, engine.precision)) is not None:
             log.info("%s", hint)
         return engine

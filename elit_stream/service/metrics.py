@@ -16,6 +16,7 @@ COMMANDS = ("ping", "status", "members", "set_active", "deselect", "select", "re
             "set_params", "set_maps", "load_model", "shutdown")   # = messages.REQUESTS
 STAGES = ("decode", "prepare", "infer", "analyse", "publish", "observe")
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+ADVISORIES = ("drift", "outlier", "ood", "ood_cleared")   # the fixed label set
 _ATOM_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
@@ -59,9 +60,18 @@ class ServiceMetrics:
         self.provider_fallback = Gauge("elit_provider_fallback", "1 if the requested GPU "
                                        "provider failed and the ensemble runs on CPU", registry=r)
         self.advisories = Counter("elit_drift_advisories", "drift_advisory events published, by "
-                                  "kind (drift, outlier)", ["advisory"], registry=r)
-        for kind in ("drift", "outlier"):
+                                  "kind (drift, outlier, ood, ood_cleared)", ["advisory"],
+                                  registry=r)
+        for kind in ADVISORIES:
             self.advisories.labels(advisory=kind)
+        self.ood_score = Gauge("elit_ood_score", "Out-of-distribution score of the last frame "
+                               "against the model's reference (NaN: the model has none)",
+                               registry=r)
+        self.ood_flag = Gauge("elit_ood_flag", "1 if the last frame was flagged out of "
+                              "distribution, else 0", registry=r)
+        self.ood_frames = Counter("elit_ood_frames", "Frames flagged out of distribution",
+                                  registry=r)
+        self.ood_score.set(math.nan)
         self.model = Info("elit_model", "Loaded model artifact and provider", registry=r)
         self._stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
         for reason in ("bad_msgpack", "bad_header", "size_mismatch", "non_finite", "too_large",
@@ -70,7 +80,7 @@ class ServiceMetrics:
         self._server = None
 
     def observe_frame(self, timings_s: dict[str, float], e2e_s: float, n_atoms: int,
-                      mean_uncertainty: float) -> None:
+                      mean_uncertainty: float, ood=None) -> None:
         self.processed.inc()
         for stage, seconds in timings_s.items():
             child = self._stage_children.get(stage)
@@ -80,6 +90,10 @@ class ServiceMetrics:
         self.atoms.observe(n_atoms)
         if not math.isnan(mean_uncertainty):
             self.mean_uncertainty.set(mean_uncertainty)
+        self.ood_score.set(math.nan if ood is None else ood.score)
+        self.ood_flag.set(int(ood is not None and ood.flagged))
+        if ood is not None and ood.flagged:
+            self.ood_frames.inc()
 
     def count_command(self, cmd, ok: bool) -> None:
         """Labels from a fixed set: client-chosen names would grow /metrics without bound."""

@@ -13,6 +13,10 @@ Scores, frame by frame:
   the median of the previous `window` frames; a value above `drift_factor` x baseline + `drift_floor`
   raises one "drift" advisory, re-armed when values fall back. The baseline restarts when the active
   set changes (figures over different sets are not comparable) and needs `min_baseline` frames.
+- out of distribution (absolute, from the first frame; `OodWatch`): each frame's figures are scored
+  against the artifact's `ood_reference` (core/ood.py). Per acquisition, the first flagged frame
+  raises an "ood" advisory and a later unflagged one an "ood_cleared" advisory (each state change
+  once). An artifact without a reference gives no score and no such advisory.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from elit_stream.core.ensemble import ActiveSet
+from elit_stream.core.ood import OodReference, OodScore
 from elit_stream.core.postprocess import FrameAnalysis
 
 MAD_TO_SIGMA = 1.4826
+MAX_ACQUISITIONS = 256      # acquisitions whose OOD state is remembered
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,60 @@ class PolicyConfig:
 
 @dataclass
 class Advisory:
-    kind: str                      # "drift" | "outlier"
+    kind: str                      # "drift" | "outlier" | "ood" | "ood_cleared"
     members: tuple[int, ...]       # member ids concerned (all active ones for drift)
     message: str
     figures: dict = field(default_factory=dict)   # plain floats/ints (msgpack-ready)
 
 
+class OodWatch:
+    """Scores frames against an OOD reference; per acquisition, advisories on state changes."""
+
+    def __init__(self, reference: dict | None):
+        self.reference = OodReference.from_manifest(reference) if reference else None
+        self._state: dict[str, bool] = {}          # acquisition -> flagged (LRU order)
+        self.last: dict | None = None
+
+    def score(self, analysis: FrameAnalysis, threshold: float) -> OodScore | None:
+        if self.reference is None:
+            return None
+        return self.reference.score(analysis.figures, threshold)
+
+    def observe(self, ood: OodScore | None, acquisition: str, frame_id: int,
+                members: tuple[int, ...]) -> list[Advisory]:
+        if ood is None:
+            return []
+        self.last = {"acquisition": acquisition, "frame_id": frame_id,
+                     "score": round(ood.score, 4), "flagged": ood.flagged}
+        was = self._state.pop(acquisition, False)
+        self._state[acquisition] = ood.flagged
+        if len(self._state) > MAX_ACQUISITIONS:
+            self._state.pop(next(iter(self._state)))
+        if ood.flagged == was:
+            return []
+        figures = {"ood": round(ood.score, 4), "flag_above": self.reference.flag_above,
+                   "excursions": dict(ood.excursions)}
+        if ood.flagged:
+            msg = (f"frame {frame_id} of {acquisition!r} is out of distribution (score "
+                   f"{ood.score:.2f} > {self.reference.flag_above:g}, mostly {ood.worst}): "
+                   f"the ensemble has not been trained for data like this")
+            return [Advisory("ood", members, msg, figures)]
+        msg = f"frame {frame_id} of {acquisition!r} is back in distribution (score {ood.score:.2f})"
+        return [Advisory("ood_cleared", members, msg, figures)]
+
+    def status(self) -> dict:
+        if self.reference is None:
+            return {"reference": False, "note": "the artifact has no ood_reference: no absolute "
+                    "out-of-distribution score (add one with `elit-train reference ARTIFACT`)"}
+        ref = self.reference
+        return {"reference": True, "figures": sorted(ref.bands), "flag_above": ref.flag_above,
+                "threshold": ref.threshold, "reference_frames": ref.frames,
+                "flagged_acquisitions": sorted(a for a, f in self._state.items() if f),
+                "last": self.last}
+
+
 class SelectionPolicy:
-    def __init__(self, cfg: PolicyConfig, member_ids):
+    def __init__(self, cfg: PolicyConfig, member_ids, ood_reference: dict | None = None):
         self.cfg = cfg
         self.member_ids = tuple(int(m) for m in member_ids)
         n, w = len(self.member_ids), cfg.window
@@ -70,8 +122,10 @@ class SelectionPolicy:
         self._drifting = False
         self._version: int | None = None
         self._active_idx = np.arange(n)
+        self.ood = OodWatch(ood_reference)
 
-    def observe(self, analysis: FrameAnalysis, active: ActiveSet) -> list[Advisory]:
+    def observe(self, analysis: FrameAnalysis, active: ActiveSet, ood: OodScore | None = None,
+                acquisition: str = "", frame_id: int = 0) -> list[Advisory]:
         if active.all_members != self.member_ids:
             raise ValueError("active set is for another ensemble (member ids differ)")
         dis = np.asarray(analysis.disagreement_per_member, np.float32)
@@ -88,7 +142,7 @@ class SelectionPolicy:
         out = self._outliers(dis, idx)
         drift = self._drift({"mean_uncertainty": float(analysis.mean_uncertainty),
                              "mean_disagreement": float(dis[idx].mean())}, active)
-        return out + drift
+        return out + drift + self.ood.observe(ood, acquisition, frame_id, active.active)
 
     def _outliers(self, dis: np.ndarray, idx: np.ndarray) -> list[Advisory]:
         self._z[:] = 0.0

@@ -28,6 +28,7 @@ import numpy as np
 from elit_stream.core.artifact import load_artifact
 from elit_stream.core.engine import Engine
 from elit_stream.core.ensemble import ActiveSet
+from elit_stream.core.ood import OodReference
 from elit_stream.core.pipeline import FrameRejected, analyse_frame, result_document
 from elit_stream.core.postprocess import Params
 from elit_stream.protocol import wire
@@ -112,6 +113,8 @@ class ChunkAnalyser:
         self.engine = Engine(art, device=device, threads=threads, precision=precision)
         self.active, self.params = ActiveSet.full(art.member_ids), Params()
         self.model_ref = {"name": art.name, "sha256": art.manifest_sha256}
+        self.ood_reference = (OodReference.from_manifest(art.ood_reference)
+                              if art.ood_reference else None)     # as the service scores frames
 
     def run(self, acquisition: str, first_id: int, frames: np.ndarray,
             pixel_size_pm: float | None) -> list[dict]:
@@ -124,7 +127,7 @@ class ChunkAnalyser:
         try:
             wire.ensure_finite(frame)
             out = analyse_frame(self.engine, frame.pixels, frame.pixel_size_pm, self.active,
-                                self.params)
+                                self.params, ood_reference=self.ood_reference)
         except wire.ProtocolError as exc:
             return _rejected(frame, exc.code, exc.message)
         except FrameRejected as exc:

@@ -125,6 +125,7 @@ def _score(rep, mov, movies) -> None:
 
 
 CLASS_MARKERS = ("o", "^", "s", "D")      # class 0 (lattice) circle, 1 (impurity) triangle, ...
+LOW_CLASS_AGREEMENT = 0.75   # overlay: ring atoms whose class fewer active members share
 
 
 def write_overlay(frame: np.ndarray, result: dict, out: Path, pixel_size_pm: float | None = None,
@@ -132,9 +133,13 @@ def write_overlay(frame: np.ndarray, result: dict, out: Path, pixel_size_pm: flo
                   truth_xy: np.ndarray | None = None, match_radius_px: float = 5.0) -> Path:
     """PNG a scientist reads without the docs: the frame in grey with a scale bar in nm, atoms
     by class (marker shape) coloured by uncertainty (colour bar), white-edged so they show on
-    dark vacuum too; with `truth_xy`, detections with no true atom near (false) are boxed in
-    red and missed true atoms ringed in cyan. A legend says all of it."""
+    dark vacuum too; atoms whose class the active members doubt (cls_agree <
+    LOW_CLASS_AGREEMENT) ringed in lime; with `truth_xy`, detections with no true atom near
+    (false) are boxed in red and missed true atoms ringed in cyan; the title says whether the
+    frame is out of distribution. A legend says all of it."""
     import matplotlib
+
+    from elit_stream.tools.replay import ood_text
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +158,11 @@ def write_overlay(frame: np.ndarray, result: dict, out: Path, pixel_size_pm: flo
     if sc is not None:
         fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02,
                      label="uncertainty: std of the members' probability at the atom")
+    if "cls_agree" in a:
+        doubt = np.asarray(a["cls_agree"]) < LOW_CLASS_AGREEMENT
+        ax.scatter(xy[doubt, 0], xy[doubt, 1], s=70, facecolors="none", edgecolors="lime",
+                   linewidths=0.9,
+                   label=f"class doubted ({int(doubt.sum())}: < {LOW_CLASS_AGREEMENT:.0%} agree)")
     if truth_xy is not None:
         _mark_errors(ax, xy, np.asarray(truth_xy, float).reshape(-1, 2), match_radius_px)
     if pixel_size_pm:
@@ -160,7 +170,8 @@ def write_overlay(frame: np.ndarray, result: dict, out: Path, pixel_size_pm: flo
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.01), ncol=4, fontsize=8, frameon=False,
               title="marker shape = class (count); colour = uncertainty", title_fontsize=8)
     ax.set_title(f"frame {result['frame_id']}: {result['n_atoms']} atoms found, "
-                 f"{len(result['active'])} active members (v{result['active_version']})")
+                 f"{len(result['active'])} active members (v{result['active_version']})"
+                 f"{ood_text(result)}", color="red" if result.get("ood_flag") else "black")
     ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(out)

@@ -177,4 +177,12 @@ def result_line(msg: dict, rep=None) -> str:
             f"mean uncertainty {msg['mean_uncertainty']:.3f}  "
             f"service {t['total']:6.1f} ms (infer {t['infer']:.1f}){rt}  "
             f"active v{msg['active_version']} {len(msg['active'])}/"
-            f"{len(msg['count_per_member'])}")
+            f"{len(msg['count_per_member'])}{ood_text(msg)}")
+
+
+def ood_text(msg: dict) -> str:
+    """'  ood 0.00', '  OOD 3.41 (out of distribution)' or '' (no reference in the model)."""
+    score = msg.get("ood")
+    if score is None:
+        return ""
+    return f"  OOD {score:.2f} (out of distribution)" if msg.get("ood_flag") else f"  ood {score:.2f}"

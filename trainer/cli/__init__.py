@@ -104,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", type=Path)
     p.set_defaults(func=cmd_verify)
 
+    from trainer.model import reference as ref
+    p = sub.add_parser("reference", help="record the in-distribution reference of frame figures "
+                       "(the service's out-of-distribution score) in an artifact's manifest",
+                       description="Run the artifact over synthetic in-distribution frames of its "
+                       "own recorded SynthConfig (a seed the training did not use) and write the "
+                       "quantiles of its frame figures into manifest.json (ood_reference); the "
+                       "ONNX graph, the probe and their checksums are unchanged. See docs/ood.md.")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--frames", type=_positive_int, default=ref.DEFAULT_FRAMES,
+                   help=f"number of synthetic frames (default {ref.DEFAULT_FRAMES})")
+    p.add_argument("--seed", type=int, default=ref.DEFAULT_SEED,
+                   help=f"seed of the frames (default {ref.DEFAULT_SEED})")
+    p.add_argument("--size", type=_positive_int, default=ref.DEFAULT_SIZE_PX,
+                   help=f"frame size in px (default {ref.DEFAULT_SIZE_PX})")
+    p.set_defaults(func=cmd_reference)
+
     p = sub.add_parser("evaluate", help="per-member IoU of an artifact on fresh synthetic frames")
     p.add_argument("artifact", type=Path)
     p.add_argument("--frames", type=_positive_int, default=64, help="number of test frames")
@@ -267,6 +283,20 @@ def cmd_verify(args) -> None:
     print(f"{args.artifact}: OK — {len(manifest['members'])} members, classes "
           f"{[c['name'] for c in manifest['classes']]}, pixel size {manifest['pixel_size_pm']} pm, "
           f"simulated test IoU {manifest['test_set']['iou_mean']:.4f} ± {manifest['test_set']['iou_std']:.4f}")
+
+
+def cmd_reference(args) -> None:
+    import numpy as np
+
+    from trainer.model.reference import compute_reference, write_reference
+
+    ref = compute_reference(args.artifact, frames=args.frames, seed=args.seed, size_px=args.size,
+                            command=command_line(None), log=print)
+    write_reference(args.artifact, ref)
+    for name, band in ref["figures"].items():
+        lo, med, hi = (float(np.exp(band[k]) - band["floor"]) for k in ("low", "median", "high"))
+        print(f"{name:13s} in-distribution band {lo:.4g} .. {hi:.4g} (median {med:.4g})")
+    print(f"{args.artifact}: ood_reference from {args.frames} frames written and verified")
 
 
 def cmd_evaluate(args) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data.synth import make_sample
+from trainer.model import reference
 from trainer.model.artifact import normalise_minmax, sha256_file
 from trainer.model.train import MemberResult, TrainConfig
 from trainer.model.unet import UNet, atom_probabilities
@@ -221,8 +223,14 @@ def _probe_synth(cfg: TrainConfig):
 def write_artifact(out_dir: Path, members: list[UNet], results: list[MemberResult],
                    cfg: TrainConfig, command: str, lineage: dict | None = None,
                    report_dir: Path | None = None, force: bool = False,
-                   log=print) -> Path:
-    """Export, verify and write ``out_dir`` (atomically); returns the manifest path."""
+                   log=print, reference_frames: int | None = None) -> Path:
+    """Export, verify and write ``out_dir`` (atomically); returns the manifest path.
+
+    The manifest gets an ``ood_reference`` from ``reference_frames`` synthetic frames
+    (``trainer.model.reference``, as ``elit-train reference`` computes it; default: the
+    environment's ``ELIT_REFERENCE_FRAMES``, else 200); 0 leaves it out."""
+    if reference_frames is None:
+        reference_frames = int(os.environ.get("ELIT_REFERENCE_FRAMES", reference.DEFAULT_FRAMES))
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} exists; pass --force to replace it")
@@ -239,6 +247,11 @@ def write_artifact(out_dir: Path, members: list[UNet], results: list[MemberResul
             manifest["files"][fname] = {"sha256": sha256_file(tmp / fname),
                                         "bytes": (tmp / fname).stat().st_size}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if reference_frames:
+            ref = reference.compute_reference(tmp, frames=reference_frames, log=log)
+            manifest["ood_reference"] = ref
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            log(f"ood reference from {reference_frames} synthetic frames written")
         if report_dir is not None and report_dir.exists():
             shutil.copytree(report_dir, tmp / "report")
         if out_dir.exists():
