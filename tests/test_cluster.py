@@ -174,7 +174,7 @@ def test_batch_cli_local_writes_records_summary_and_reports_a_bad_movie(tiny_art
     assert "| first | 4 | 4 | 0 |" in out.stdout and "broken" in out.stdout
     summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert [r["acquisition"] for r in summary] == ["first", "second", "broken"]
-    assert "cannot read" in summary[2]["error"]
+    assert "broken.npy" in summary[2]["error"]          # the reader's one-line error
     assert len(summary[0]["disagreement_per_member"]) == 4           # frames x members
     assert len(summary[0]["disagreement_per_member"][0]) == len(summary[0]["members"])
 

@@ -433,9 +433,12 @@ def _member_0_has_left(ep: dict) -> None:
             ResultSubscriber(ep["results"], topics=("result",)) as sub:
         status = ctl.call("status")
         assert status["ok"] and 0 not in status["active"], status
+        # A frame already being inferred when the deselect arrived keeps its snapshot: the
+        # change applies from the next result seq (docs/protocol.md, from_frame_seq).
+        from_seq = status["counts"]["processed"] + (status["in_flight"] is not None)
         sub.wait_ready(ctl)
         msg = sub.recv(TIMEOUT_S)
-        while msg is not None and msg["topic"] != "result":
+        while msg is not None and (msg["topic"] != "result" or msg["seq"] < from_seq):
             msg = sub.recv(TIMEOUT_S)
         assert msg is not None, "no result after the deselect"
         assert msg["active_version"] >= status["active_version"] and 0 not in msg["active"]
