@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from trainer.elit.experiment import Analysis
 
-if TYPE_CHECKING:
-    from trainer.elit.relabel import FrameAtoms
 
-
-def kept_dropped_png(an: Analysis, atoms: list[FrameAtoms], path: Path, k: int = 3) -> None:
+def kept_dropped_png(an: Analysis, atoms: list, path: Path, k: int = 3) -> None:
     from matplotlib.figure import Figure
 
     where = {int(f): i for i, f in enumerate(an.frame_index)}
@@ -37,7 +33,7 @@ def kept_dropped_png(an: Analysis, atoms: list[FrameAtoms], path: Path, k: int =
     fig.savefig(path, dpi=90)
 
 
-def filter_truth_png(an: Analysis, atoms: list[FrameAtoms], truth: dict, table: dict, path: Path,
+def filter_truth_png(an: Analysis, atoms: list, truth: dict, table: dict, path: Path,
                      k: int = 3) -> None:
     """Left: bars of kept / ignored / background / not found per kind of true atom (the table of
     ``scoring.filter_vs_truth``); right: frames with the true atoms coloured by what happened."""

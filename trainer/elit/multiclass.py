@@ -35,7 +35,7 @@ def run_multiclass(artifact: Path, frames: np.ndarray, pixel_size_pm: float | No
                    cfg: RelabelConfig, rc, command: str, truth: dict | None = None,
                    threshold: float | None = None, log=print) -> Path:
     """Analyse with ``artifact``, split atoms into 2 classes, train and export a 2-class ensemble
-    (``RUN/artifact``), analyse the movie with it; returns the artifact folder."""
+    (``RUN/<run>-multiclass``), analyse the movie with it; returns the artifact folder."""
     from trainer.elit.experiment import analyse_movie, save_analysis
     from trainer.elit.iterate import _parent_synth, artifact_name, parent_lineage, retrain
     from trainer.elit.relabel import build_dataset, write_relabel

@@ -52,7 +52,7 @@ import numpy as np
 from scipy import ndimage
 
 from trainer.data.synth import Dataset, SynthConfig, paint_discs, save_dataset
-from trainer.elit.experiment import Analysis, find_blobs
+from trainer.elit.experiment import Analysis, atoms_with_uncertainty  # noqa: F401 (re-exported)
 from trainer.model.artifact import normalise_minmax
 
 IGNORE = 255
@@ -109,18 +109,6 @@ class FrameAtoms:
 
 
 # ----------------------------------------------------------------------------- atoms
-
-
-def atoms_with_uncertainty(mean_map: np.ndarray, std_map: np.ndarray, radius_px: float):
-    """Blob centres (probability-weighted) of ``mean_map`` and the mean ensemble std in each blob."""
-    labels, _, area = find_blobs(mean_map[None], radius_px)
-    ids = np.nonzero(area)[0]
-    ids = ids[ids > 0]
-    if len(ids) == 0:
-        return np.zeros((0, 2), np.float32), np.zeros(0)
-    rc = np.array(ndimage.center_of_mass(mean_map, labels[0], ids)).reshape(-1, 2)
-    std = np.asarray(ndimage.mean(std_map, labels[0], ids))
-    return rc[:, ::-1].astype(np.float32), std
 
 
 def patch_stack(image: np.ndarray, xy: np.ndarray, patch_px: int) -> np.ndarray:

@@ -60,7 +60,7 @@ def detection_scores(pred_xy: list[np.ndarray], truth_xy: list[np.ndarray], shap
 def detections(an: Analysis, member_cols: list[int] | None = None) -> tuple[list, list]:
     """Atoms of the mean map of the given member columns (all by default) per analysed frame, and
     each atom's uncertainty (mean ensemble std over its blob)."""
-    from trainer.elit.relabel import atoms_with_uncertainty
+    from trainer.elit.experiment import atoms_with_uncertainty
 
     maps = an.atom_maps if member_cols is None else an.atom_maps[:, member_cols]
     xy, unc = [], []
