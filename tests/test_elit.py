@@ -226,3 +226,13 @@ def test_a_tiny_tight_cluster_is_not_taken_for_the_lattice():
     keep, info = gmm_lattice_filter(np.concatenate([lattice, clones]), "tight")
     assert info["component_sizes"][info["lattice_component"]] > 100   # the big one, not the clones
     assert keep[:200].mean() > 0.85 and not keep[200:].any()
+
+
+def test_lineage_iteration_and_names_by_step(parent_artifact, tmp_path):
+    from trainer.elit.iterate import artifact_name, parent_lineage
+
+    assert parent_lineage(parent_artifact, "x")["iteration"] == 1           # a retraining
+    mc = parent_lineage(parent_artifact, "x", step="multiclass")
+    assert mc["iteration"] == 0 and mc["step"] == "multiclass"              # not a new iteration
+    assert artifact_name(tmp_path / "my run", 2) == "my-run-iter2"
+    assert artifact_name(tmp_path / "mc", 0, "multiclass") == "mc-multiclass"

@@ -81,6 +81,8 @@ def recommend(rows: list[dict]) -> dict:
         best = r["iteration"]
     row = rows[best]
     stop = next((r for r in rows[1:] if r.get("verdict") and not r["verdict"]["accepted"]), None)
+    if len(rows) == 1:
+        return {"iteration": 0, "artifact": row["artifact"], "why": "only the starting ensemble so far"}
     why = (f"iteration {best} is the last step every figure accepted"
            + (f"; iteration {stop['iteration']} was not better than its parent ({stop['verdict']['why']})"
               if stop else "; every iteration of the run was accepted"))

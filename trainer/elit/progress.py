@@ -62,3 +62,59 @@ def progress_markdown(rows: list[dict], rec: dict) -> str:
         out += ["", "## Against the truth (not used by the loop)", ""] + truth_table(rows)
         out += ["", "What the relabelling filter did with each kind of true atom:", ""] + filter_table(rows)
     return "\n".join(out) + "\n"
+
+
+def filter_iterations_png(rows: list[dict], path) -> bool:
+    """One panel per relabelled iteration: kept / ignored / taught as background / not found per
+    kind of true atom (share of that kind). False when no row has a filter-vs-truth table."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r.get("filter_truth")]
+    if not rows:
+        return False
+    outcomes = ("kept", "ignored", "background", "not found")
+    colours = ("limegreen", "orange", "magenta", "red")
+    fig = Figure(figsize=(3.6 * len(rows) + 1.5, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(rows), squeeze=False, sharey=True)[0]
+    for ax, r in zip(axes, rows):
+        table = r["filter_truth"]
+        kinds = list(table)
+        total = np.array([max(sum(table[k].values()), 1) for k in kinds], float)
+        left = np.zeros(len(kinds))
+        for o, c in zip(outcomes, colours):
+            share = np.array([table[k][o] for k in kinds]) / total
+            ax.barh(kinds, share, left=left, color=c, label=o)
+            left += share
+        ax.set_xlim(0, 1)
+        ax.set_title(f"relabel of iteration {r['iteration']}", fontsize=9)
+        ax.set_xlabel("share of that kind")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.elit.progress RUN``: rewrite RUN/progress.md and RUN/filter_truth.png
+    from RUN/progress.json."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from trainer.elit.judge import recommend
+
+    p = argparse.ArgumentParser(prog="python -m trainer.elit.progress", description=main.__doc__)
+    p.add_argument("run", type=Path)
+    run = p.parse_args(argv).run
+    rows = json.loads((run / "progress.json").read_text())
+    rec = recommend([r for r in rows if "label_free" in r] or rows[:1])
+    (run / "progress.md").write_text(progress_markdown(rows, rec))
+    if filter_iterations_png(rows, run / "filter_truth.png"):
+        print(f"wrote {run / 'filter_truth.png'}")
+    print((run / "progress.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
