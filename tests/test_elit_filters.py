@@ -73,6 +73,13 @@ def test_amorphous_atoms_next_to_lattice_are_not_taught_as_background(scene):
     assert (forced[~is_lattice] == 3).mean() > 0.5
 
 
+def test_atom_like_atoms_can_be_taught_as_atoms_but_vacuum_stays_empty(scene):
+    _, _, is_lattice, _, _ = scene
+    reason, ghost_reason, _, info = fates(scene, keep_atom_like=0.6, std_quantile=None)
+    assert (reason[~is_lattice] == 0).mean() > 0.9 and info["atom_like_kept"] > 50
+    assert (ghost_reason == 3).all()
+
+
 def test_lattice_bands_at_frame_edges_are_kept(scene):
     _, xy, is_lattice, _, _ = scene
     at_edge = (xy[:, 0] < 24) | (xy[:, 1] < 24) | (xy[:, 1] > SIZE - 24)   # half a GMM patch

@@ -59,6 +59,9 @@ def add_elit_commands(sub) -> None:
     p.add_argument("--select", help="operator: member ids for the pending iteration, or 'suggested'")
     p.add_argument("--best", type=int, help="operator: member whose weights start the next ensemble")
     p.add_argument("--analyse-frames", help="frames analysed and scored (default: all)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="retrain all --iterations even when an iteration is not better than its "
+                   "parent on the label-free figures (the recommendation is unchanged)")
     _relabel_args(p)
     _retrain_args(p)
     p.set_defaults(func=cmd_iterate)
@@ -122,6 +125,9 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
                    help="never let the GMM drop atoms whose local Z-contrast (peak above the local "
                    f"background over the neighbours') exceeds this (dopants; default {d.keep_bright:g}; "
                    "0 = off)")
+    g.add_argument("--keep-atom-like", type=float, default=0.0,
+                   help="teach GMM-dropped atoms (not vacuum) whose local Z-contrast exceeds this "
+                   "as atoms (e.g. 0.6: amorphous carbon is atoms; default 0 = off: ignored)")
     g.add_argument("--heavy-threshold", type=float,
                    help="2 classes: heavy above this local Z-contrast (peak above the local "
                    "background over the neighbours' median; default 2.2)")
@@ -138,6 +144,7 @@ def relabel_config(args, n_classes: int = 1):
                          gmm_keep=args.gmm_keep, std_quantile=q, std_max=args.std_max,
                          dropped_as=args.dropped_as, keep_bright=args.keep_bright or None,
                          geometry_rescue=not args.no_geometry_rescue,
+                         keep_atom_like=args.keep_atom_like or None,
                          heavy_threshold=args.heavy_threshold, n_classes=n_classes, tile_px=args.tile,
                          tiles_per_frame=args.tiles_per_frame, seed=args.relabel_seed)
 
@@ -277,6 +284,7 @@ def cmd_iterate(args) -> None:
 
     frames, pixel, truth = read_movie(args)
     cfg = LoopConfig(iterations=args.iterations, pixel_size_pm=pixel, operator=args.operator,
+                     keep_going=args.keep_going,
                      analyse_frames=args.analyse_frames, relabel=relabel_config(args),
                      retrain=retrain_config(args))
     select = None

@@ -119,6 +119,7 @@ class LoopConfig:
     pixel_size_pm: float | None = None
     operator: bool = False
     threshold: float = 3.0           # scoring rule's flag threshold (robust z)
+    keep_going: bool = False         # retrain on even when an iteration is not better
     analyse_frames: str | None = None
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
@@ -164,8 +165,10 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
         if i == cfg.iterations:
             break
         if i > 0 and not row["verdict"]["accepted"]:
-            log(f"iteration {i} is not better than its parent ({row['verdict']['why']}): stopping")
-            break
+            log(f"iteration {i} is not better than its parent ({row['verdict']['why']}): "
+                + ("going on (--keep-going)" if cfg.keep_going else "stopping"))
+            if not cfg.keep_going:
+                break
         child = it.parent / f"iter_{i + 1}"
         out = child / artifact_name(run, i + 1)
         if not (out / "manifest.json").is_file():

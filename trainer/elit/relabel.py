@@ -73,6 +73,7 @@ class RelabelConfig:
     dropped_as: str = "auto"             # auto (background only in vacuum) | ignore | background
     geometry_rescue: bool = True         # keep GMM-dropped atoms whose bonds match the lattice's
     keep_bright: float | None = 2.0      # never GMM-drop atoms of local Z-contrast above this
+    keep_atom_like: float | None = None  # keep non-vacuum atoms of local contrast above this
     heavy_threshold: float | None = None # 2 classes: heavy above this contrast (None: 2.2)
     weak_threshold: float | None = 0.25  # faint blobs (peak in [this, 0.5)) are ignored
     ignore_radius_factor: float = 1.6
@@ -190,6 +191,9 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
     geometry, vacuum = _second_opinions(an, per_frame, positions, lattice, source, std, cfg)
     info["geometry_rescued"] = int((geometry & ~lattice).sum())
     lattice = lattice | geometry
+    atom_like = (contrast > cfg.keep_atom_like) & ~vacuum if cfg.keep_atom_like else ~lattice & False
+    info["atom_like_kept"] = int((atom_like & ~lattice).sum())
+    lattice = lattice | atom_like
     all_std = np.concatenate([fa.std for fa in per_frame])
     limit = np.inf
     if cfg.std_quantile is not None and len(all_std):
