@@ -236,3 +236,20 @@ def test_lineage_iteration_and_names_by_step(parent_artifact, tmp_path):
     assert mc["iteration"] == 0 and mc["step"] == "multiclass"              # not a new iteration
     assert artifact_name(tmp_path / "my run", 2) == "my-run-iter2"
     assert artifact_name(tmp_path / "mc", 0, "multiclass") == "mc-multiclass"
+
+
+def test_multiclass_writes_a_two_class_child_named_by_run(parent_artifact, tmp_path):
+    from trainer.cli import main
+    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
+    from trainer.model.artifact import verify_artifact
+
+    movie = tmp_path / "movie.npz"
+    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=5)), movie)
+    run = tmp_path / "mc"
+    assert main(["multiclass", str(parent_artifact), str(movie), "--run-dir", str(run),
+                 "--tile", "32", "--tiles-per-frame", "6", "--members", "2", "--epochs", "1",
+                 "--n-val", "3", "--n-test", "3", "--std-quantile", "1", "--threads", "1"]) == 0
+    manifest = verify_artifact(run / "mc-multiclass")
+    assert manifest["name"] == "mc-multiclass" and len(manifest["classes"]) == 2
+    assert manifest["lineage"]["step"] == "multiclass" and manifest["lineage"]["iteration"] == 0
+    assert "impurity" in json.loads((run / "scores.json").read_text())
