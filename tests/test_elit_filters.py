@@ -138,9 +138,11 @@ def test_the_loop_recommends_the_last_accepted_iteration():
     same = dict(better)
     assert compare(better, base)["accepted"]
     v = compare(jumpy, better)
-    assert not v["accepted"] and "worse" in v["why"] and any("count_jitter" in f and "worse" in f
+    assert not v["accepted"] and "count_jitter" in v["why"] and any("count_jitter" in f and "worse" in f
                                                              for f in v["figures"])
     assert not compare(same, better)["accepted"]              # stopped improving
+    agreeing = dict(better, agreement=0.99, uncertainty=0.01)  # members agree more, nothing else
+    assert not compare(agreeing, better)["accepted"]
     rows = [{"iteration": 0, "artifact": "a0"},
             {"iteration": 1, "artifact": "a1", "verdict": compare(better, base)},
             {"iteration": 2, "artifact": "a2", "verdict": compare(jumpy, better)},

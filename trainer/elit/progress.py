@@ -102,12 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from trainer.elit.judge import recommend
+    from trainer.elit.judge import compare, recommend
 
     p = argparse.ArgumentParser(prog="python -m trainer.elit.progress", description=main.__doc__)
     p.add_argument("run", type=Path)
-    run = p.parse_args(argv).run
+    p.add_argument("--rejudge", action="store_true",
+                   help="recompute the verdicts from the stored label-free figures (current rule)")
+    args = p.parse_args(argv)
+    run = args.run
     rows = json.loads((run / "progress.json").read_text())
+    if args.rejudge:
+        for parent, child in zip(rows, rows[1:]):
+            if parent.get("label_free") and child.get("label_free"):
+                child["verdict"] = compare(child["label_free"], parent["label_free"])
     rec = recommend([r for r in rows if "label_free" in r] or rows[:1])
     (run / "progress.md").write_text(progress_markdown(rows, rec))
     if filter_iterations_png(rows, run / "filter_truth.png"):

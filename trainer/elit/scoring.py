@@ -1,8 +1,11 @@
 """Scoring detections against a movie's ground truth (the test movie of `trainer.data.testmovie`).
 
 Owns one-to-one matching of predicted to true atoms, detection precision / recall / F1 on the
-frame interior, per-atom uncertainty AUROC for wrong vs right detections, and the per-half
-breakdown table of the ELIT benchmark. Truth never reaches training: only these figures use it.
+frame interior, per-atom uncertainty AUROC for wrong vs right detections, the per-half breakdown
+table of the ELIT benchmark, F1 per segment of the movie, impurity (heavy-class) precision /
+recall, and what the relabelling filter did with each kind of true atom (``filter_vs_truth``).
+Truth never reaches training: only these figures use it (and the truth's amorphous atoms, class 3,
+count as atoms).
 
     python -m trainer.elit.scoring MOVIE.npz ANALYSIS_DIR [ANALYSIS_DIR ...]   # breakdown table
 """
