@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from trainer.elit.experiment import Analysis, member_figures, parse_frames
-from trainer.elit.multiclass import split_by_intensity
+from trainer.elit.multiclass import split_by_contrast
 from trainer.elit.relabel import (
     IGNORE,
     RelabelConfig,
@@ -140,11 +140,11 @@ def test_multiclass_split_of_a_bimodal_sample():
     rng = np.random.default_rng(1)
     light = np.exp(rng.normal(0, 0.12, 400))
     heavy = 3.5 * np.exp(rng.normal(0, 0.1, 12))
-    cls, _ = split_by_intensity(np.r_[light, heavy])
+    cls, _ = split_by_contrast(np.r_[light, heavy])
     assert (cls[400:] == 2).all() and (cls[:400] == 2).sum() <= 2
-    cls_uni, _ = split_by_intensity(light)
-    assert (cls_uni == 2).sum() <= 4                      # unimodal: (almost) nothing heavy
-    cls_t, _ = split_by_intensity(np.r_[light, heavy], threshold=2.0)
+    cls_uni, _ = split_by_contrast(light)
+    assert (cls_uni == 2).sum() == 0                      # unimodal: nothing heavy
+    cls_t, _ = split_by_contrast(np.r_[light, heavy], threshold=2.0)
     assert (cls_t == 2).sum() == 12
 
 
@@ -197,9 +197,14 @@ def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path)
     assert (run / "iter_0" / "report" / "grid.png").stat().st_size > 0
     assert not (run / "iter_1").exists()
     assert main(args + ["--operator", "--select", "0,1", "--best", "1"]) == 0
-    child = run / "iter_1" / "artifact"
+    child = run / "iter_1" / "run-iter1"                  # named by run and iteration
     manifest = verify_artifact(child)
+    assert manifest["name"] == "run-iter1"
+    assert len(manifest["classes"]) == 2                  # the 2-class parent's classes carried
     lineage = manifest["lineage"]
+    assert lineage["step"] == "retrain"
+    assert [s["step"] for s in lineage["steps"]] == ["analyse", "select", "relabel", "retrain"]
+    assert lineage["steps"][2]["classes"] == 2
     assert lineage["parent"] == {"name": "parent",
                                  "manifest_sha256": sha256_file(parent_artifact / "manifest.json")}
     assert lineage["iteration"] == 1 and lineage["members"] == [0, 1] and lineage["best_member"] == 1
@@ -208,18 +213,10 @@ def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path)
     assert manifest["training"]["init_from"].endswith("parent:1")
     rows = json.loads((run / "progress.json").read_text())
     assert [r["iteration"] for r in rows] == [0, 1] and "f1" in rows[1]["all"]
-
-
-def test_far_non_lattice_atoms_become_background_near_ones_ignored():
-    from trainer.elit.relabel import FrameAtoms, _background_atoms
-
-    xy = np.array([[10.0, 10], [20, 10], [30, 10], [100, 100], [45, 10]])
-    fa = FrameAtoms(0, xy, np.zeros(5), np.array([0, 0, 1, 1, 2], np.uint8))
-    auto = _background_atoms(fa, RelabelConfig(dropped_as="auto", background_dist=0.5), 40)
-    assert auto.tolist() == [False, False, False, True, False]   # 10 px from a kept atom: ignore
-    every = _background_atoms(fa, RelabelConfig(dropped_as="background"), 40)
-    assert every.tolist() == [False, False, True, True, False]   # uncertain (2) never background
-    assert not _background_atoms(fa, RelabelConfig(dropped_as="ignore"), 40).any()
+    assert "verdict" in rows[1] and "keep_fraction" in rows[1]["label_free"]
+    rec = json.loads((run / "recommendation.json").read_text())
+    assert rec["iteration"] in (0, 1) and rec["why"]
+    assert "Recommended: iteration" in (run / "progress.md").read_text()
 
 
 def test_a_tiny_tight_cluster_is_not_taken_for_the_lattice():
@@ -229,3 +226,30 @@ def test_a_tiny_tight_cluster_is_not_taken_for_the_lattice():
     keep, info = gmm_lattice_filter(np.concatenate([lattice, clones]), "tight")
     assert info["component_sizes"][info["lattice_component"]] > 100   # the big one, not the clones
     assert keep[:200].mean() > 0.85 and not keep[200:].any()
+
+
+def test_lineage_iteration_and_names_by_step(parent_artifact, tmp_path):
+    from trainer.elit.iterate import artifact_name, parent_lineage
+
+    assert parent_lineage(parent_artifact, "x")["iteration"] == 1           # a retraining
+    mc = parent_lineage(parent_artifact, "x", step="multiclass")
+    assert mc["iteration"] == 0 and mc["step"] == "multiclass"              # not a new iteration
+    assert artifact_name(tmp_path / "my run", 2) == "my-run-iter2"
+    assert artifact_name(tmp_path / "mc", 0, "multiclass") == "mc-multiclass"
+
+
+def test_multiclass_writes_a_two_class_child_named_by_run(parent_artifact, tmp_path):
+    from trainer.cli import main
+    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
+    from trainer.model.artifact import verify_artifact
+
+    movie = tmp_path / "movie.npz"
+    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=5)), movie)
+    run = tmp_path / "mc"
+    assert main(["multiclass", str(parent_artifact), str(movie), "--run-dir", str(run),
+                 "--tile", "32", "--tiles-per-frame", "6", "--members", "2", "--epochs", "1",
+                 "--n-val", "3", "--n-test", "3", "--std-quantile", "1", "--threads", "1"]) == 0
+    manifest = verify_artifact(run / "mc-multiclass")
+    assert manifest["name"] == "mc-multiclass" and len(manifest["classes"]) == 2
+    assert manifest["lineage"]["step"] == "multiclass" and manifest["lineage"]["iteration"] == 0
+    assert "impurity" in json.loads((run / "scores.json").read_text())

@@ -41,11 +41,11 @@ def iterations(tmp_path_factory) -> dict:
     assert main(["iterate", str(parent), str(movie_path), "--run-dir", str(run),
                  "--iterations", "2", "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
                  "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
-                 "--threads", "1"]) == 0
+                 "--threads", "1", "--keep-going"]) == 0
     with np.load(movie_path) as z:
         frames = z["frames"]
     return {"root": root, "parent": parent, "frames": frames,
-            "children": [run / "iter_1" / "artifact", run / "iter_2" / "artifact"]}
+            "children": [run / "iter_1" / "run-iter1", run / "iter_2" / "run-iter2"]}
 
 
 def offline_atoms(artifact: Path, frame: np.ndarray) -> int:

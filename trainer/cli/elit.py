@@ -9,11 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 RELABEL_HELP = """\
-Atoms are the blobs of the selected members' mean map on the chosen frames. Atoms in amorphous or
-contaminated regions are dropped by a 2-class Gaussian mixture on 48x48 patches around every atom
-(the tighter class is the lattice); atoms with high ensemble uncertainty are dropped too; the
-regions of dropped atoms are marked "ignore" (255) so they are not taught as background, except
-non-lattice detections far from any kept atom (amorphous patches, holes), which become background. Masks are
+Atoms are the blobs of the selected members' mean map on the chosen frames. A 2-class Gaussian
+mixture on 48x48 patches around every atom calls atoms "not lattice" (the tighter class is the
+lattice); of those, atoms whose bonds match the frame's lattice (next to edges, holes, defects) and
+bright (high local Z-contrast) atoms are kept; the rest are marked "ignore" (255, skipped by the
+loss) unless the ensemble and the frame agree the place is empty (vacuum), where they become
+background. Atoms with high ensemble uncertainty are ignored too. A 2-class ensemble's atoms are
+split into lattice / heavy by local Z-contrast, so the classes carry over. Masks are
 rebuilt on the experimental frames, rescaled to the ensemble's pixel size, and augmented (crops,
 90° rotations, flips, small zoom, Gaussian noise). Writes dataset.npz, relabel.json and
 kept_dropped.png (look at it!)."""
@@ -57,19 +59,23 @@ def add_elit_commands(sub) -> None:
     p.add_argument("--select", help="operator: member ids for the pending iteration, or 'suggested'")
     p.add_argument("--best", type=int, help="operator: member whose weights start the next ensemble")
     p.add_argument("--analyse-frames", help="frames analysed and scored (default: all)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="retrain all --iterations even when an iteration is not better than its "
+                   "parent on the label-free figures (the recommendation is unchanged)")
     _relabel_args(p)
     _retrain_args(p)
     p.set_defaults(func=cmd_iterate)
 
     p = sub.add_parser("multiclass", help="ELIT step 6: lattice vs heavy-atom classes; 2-class ensemble",
                        formatter_class=raw, description="Find atoms with an (ELIT-retrained) "
-                       "ensemble, split them by image intensity at the atom (1-D Gaussian mixture: "
-                       "lattice vs heavier impurity, or --intensity-threshold), build 2-class masks "
+                       "ensemble, split them by local Z-contrast at the atom (lattice vs heavier "
+                       "impurity above 2.2, or --intensity-threshold), build 2-class masks "
                        "and train a 2-class ensemble.")
     _movie_args(p)
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--intensity-threshold", type=float,
-                   help="heavy if brighter than this many times the median atom (default: GMM)")
+                   help="heavy if the local Z-contrast (height over the neighbours' median) exceeds "
+                   "this (default 2.2)")
     _relabel_args(p, gmm_default="tight")
     _retrain_args(p)
     p.set_defaults(func=cmd_multiclass)
@@ -109,12 +115,22 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
                    help="drop atoms above this quantile of ensemble std (default 0.9; 1 = keep all)")
     g.add_argument("--std-max", type=float, help="drop atoms whose ensemble std exceeds this")
     g.add_argument("--dropped-as", choices=["auto", "ignore", "background"], default=d.dropped_as,
-                   help="atoms the GMM calls 'not lattice': auto (default) = background when far "
-                   "(> 0.55 patch) from every kept atom, else ignored by the loss; or all ignored; "
-                   "or all background. Uncertain atoms are always ignored")
+                   help="atoms the GMM calls 'not lattice' (after the geometry rescue): auto "
+                   "(default) = background only where the place is confidently empty (vacuum: low "
+                   "ensemble map and std around it, frame darker than the lattice), else ignored by "
+                   "the loss; or all ignored; or all background. Uncertain atoms are always ignored")
+    g.add_argument("--no-geometry-rescue", action="store_true",
+                   help="do not keep GMM-dropped atoms whose bonds match the frame's lattice")
     g.add_argument("--keep-bright", type=float, default=d.keep_bright,
-                   help="never let the GMM drop atoms brighter than this many times the median "
-                   "atom (dopants; default 1.6; 0 = off)")
+                   help="never let the GMM drop atoms whose local Z-contrast (peak above the local "
+                   f"background over the neighbours') exceeds this (dopants; default {d.keep_bright:g}; "
+                   "0 = off)")
+    g.add_argument("--keep-atom-like", type=float, default=0.0,
+                   help="teach GMM-dropped atoms (not vacuum) whose local Z-contrast exceeds this "
+                   "as atoms (e.g. 0.6: amorphous carbon is atoms; default 0 = off: ignored)")
+    g.add_argument("--heavy-threshold", type=float,
+                   help="2 classes: heavy above this local Z-contrast (peak above the local "
+                   "background over the neighbours' median; default 2.2)")
     g.add_argument("--tile", type=_pos_int, default=d.tile_px, help="tile size in px (multiple of 8)")
     g.add_argument("--tiles-per-frame", type=_pos_int, default=d.tiles_per_frame)
     g.add_argument("--relabel-seed", type=int, default=0)
@@ -127,7 +143,9 @@ def relabel_config(args, n_classes: int = 1):
     return RelabelConfig(frames=args.frames, source=args.source, patch_px=args.patch_px,
                          gmm_keep=args.gmm_keep, std_quantile=q, std_max=args.std_max,
                          dropped_as=args.dropped_as, keep_bright=args.keep_bright or None,
-                         n_classes=n_classes, tile_px=args.tile,
+                         geometry_rescue=not args.no_geometry_rescue,
+                         keep_atom_like=args.keep_atom_like or None,
+                         heavy_threshold=args.heavy_threshold, n_classes=n_classes, tile_px=args.tile,
                          tiles_per_frame=args.tiles_per_frame, seed=args.relabel_seed)
 
 
@@ -250,7 +268,7 @@ def cmd_relabel(args) -> None:
     members = [int(m) for m in args.members.split(",")] if args.members else sel.members
     print(f"members {members}" + ("" if args.members else " (the scoring rule's suggestion)"))
     manifest = read_manifest(an.artifact)
-    cfg = relabel_config(args)
+    cfg = relabel_config(args, n_classes=len(manifest["classes"]))
     atoms, info = select_atoms(an, members, cfg, manifest["pixel_size_pm"])
     ds = build_dataset(an, atoms, cfg, manifest["pixel_size_pm"], manifest["atom_radius_px"],
                        _parent_synth(manifest))
@@ -269,6 +287,7 @@ def cmd_iterate(args) -> None:
 
     frames, pixel, truth = read_movie(args)
     cfg = LoopConfig(iterations=args.iterations, pixel_size_pm=pixel, operator=args.operator,
+                     keep_going=args.keep_going,
                      analyse_frames=args.analyse_frames, relabel=relabel_config(args),
                      retrain=retrain_config(args))
     select = None
@@ -276,7 +295,9 @@ def cmd_iterate(args) -> None:
         select = ["suggested"] if args.select == "suggested" else [int(m) for m in args.select.split(",")]
     command = _without_select(command_line(None))
     run_iterations(args.artifact, frames, args.run_dir, cfg, command, truth, select, args.best)
-    print(f"per-iteration table: {args.run_dir / 'progress.md'}")
+    rec = json.loads((args.run_dir / "recommendation.json").read_text())
+    print(f"per-iteration table: {args.run_dir / 'progress.md'}\nrecommended: iteration "
+          f"{rec['iteration']} ({rec['artifact']}): {rec['why']}")
 
 
 def cmd_multiclass(args) -> None:

@@ -9,12 +9,15 @@ settings were chosen once on physical grounds, not tuned to what the networks fi
   to row) + sample drift between frames (the trainer uses Poisson noise and per-row *offsets*);
 - a hole that opens part-way and grows over the movie;
 - an amorphous carbon patch (random positions, no lattice, re-arranging between frames): its atoms
-  are *not* in the truth, so detections there count as false positives;
+  are real atoms and ARE in the truth (class 3), so missing them costs recall;
+- optionally a bright, diffuse contamination blob (hydrocarbon) on the lattice and a background
+  gradient before the change too (``contamination_peak``, ``gradient_before``);
 - at frame T/2 the imaging conditions change: extra defocus blur, lower contrast against the noise,
   and a background gradient.
 
-The truth lists lattice carbon (class 1) and heavier substitutional dopants (class 2, Si) per frame.
-``python -m trainer.data.testmovie --out movie.npz`` writes ``frames [T, H, W]`` float32 plus the truth
+The truth lists lattice carbon (class 1), heavier substitutional dopants (class 2, Si) and amorphous
+carbon (class 3) per frame.
+``python -m trainer.data.testmovie --out movie.npz [--seed 7 --set contamination_peak=2 ...]`` writes ``frames [T, H, W]`` float32 plus the truth
 (``truth_xy``, ``truth_cls``, ``truth_offsets``), ``pixel_size_pm``, ``bond_px`` and the settings.
 """
 from __future__ import annotations
@@ -54,6 +57,9 @@ class MovieConfig:
     defocus_sigma_pm: float = 38.0   # extra blur after the change
     contrast_after: float = 0.55     # signal scale after the change (noise unchanged)
     gradient_after: float = 0.6      # background ramp after the change, in carbon peaks
+    gradient_before: float = 0.0     # background ramp before the change, in carbon peaks
+    contamination_peak: float = 0.0  # diffuse contamination blob, peak in carbon peaks (0: none)
+    contamination_sigma_px: float = 22.0
 
     @property
     def bond_px(self) -> float:
@@ -64,8 +70,8 @@ class MovieConfig:
 class Movie:
     frames: np.ndarray               # float32 [T, H, W]
     truth_xy: list[np.ndarray]       # per frame float32 [n, 2] (x = column, y = row)
-    truth_cls: list[np.ndarray]      # per frame uint8 [n]: 1 carbon, 2 dopant
-    amorphous_xy: list[np.ndarray]   # per frame: amorphous atoms (NOT truth), for diagnostics
+    truth_cls: list[np.ndarray]      # per frame uint8 [n]: 1 carbon, 2 dopant, 3 amorphous carbon
+    amorphous_xy: list[np.ndarray]   # per frame: the amorphous atoms alone (also in the truth)
     config: MovieConfig
 
 
@@ -169,11 +175,12 @@ def make_movie(cfg: MovieConfig = MovieConfig()) -> Movie:
         all_xy = np.concatenate([xy, amorph + drift])
         amp = np.concatenate([(z / 6.0) ** cfg.z_exponent, amorph_amp])
         after = t >= change
-        image = _acquire(rng, cfg, all_xy, amp, kernels[after], after)
-        inside = np.all((xy >= -0.5) & (xy < size - 0.5), axis=1)
+        image = _acquire(rng, cfg, all_xy, amp, kernels[after], after, drift)
+        cls = np.concatenate([np.where(is_dopant[keep], 2, 1), np.full(len(amorph), 3)])
+        inside = np.all((all_xy >= -0.5) & (all_xy < size - 0.5), axis=1)
         frames.append(image)
-        t_xy.append(xy[inside].astype(np.float32))
-        t_cls.append(np.where(is_dopant[keep][inside], 2, 1).astype(np.uint8))
+        t_xy.append(all_xy[inside].astype(np.float32))
+        t_cls.append(cls[inside].astype(np.uint8))
         a_xy.append((amorph + drift).astype(np.float32))
     return Movie(np.stack(frames).astype(np.float32), t_xy, t_cls, a_xy, cfg)
 
@@ -187,20 +194,36 @@ def _turn_over(rng, amorph, cfg, amorph_c, hole_c, hole_r) -> np.ndarray:
     return moved[np.hypot(*(moved - hole_c).T) >= hole_r]
 
 
-def _acquire(rng, cfg: MovieConfig, xy, amp, kernel, after: bool) -> np.ndarray:
+def _acquire(rng, cfg: MovieConfig, xy, amp, kernel, after: bool, drift) -> np.ndarray:
     size = cfg.size_px
     pad = kernel.shape[0] // 2 + 2
     points = splat(xy + pad, amp, size + 2 * pad)
     clean = _fft_convolve(points, kernel)[pad:pad + size, pad:pad + size]
+    clean = clean + contamination(cfg, drift)
     if after:
         clean = cfg.contrast_after * clean
-        ramp = np.linspace(0, cfg.gradient_after, size)
-        clean = clean + ramp[None, :] * 0.6 + ramp[:, None] * 0.4
+    ramp = np.linspace(0, cfg.gradient_after if after else cfg.gradient_before, size)
+    clean = clean + ramp[None, :] * 0.6 + ramp[:, None] * 0.4
     shifts = np.zeros(size)
     for r in range(1, size):                         # AR(1): neighbouring lines move together
         shifts[r] = 0.8 * shifts[r - 1] + rng.normal(0, cfg.line_jitter_px * 0.6)
     image = shift_rows(clean, shifts) + rng.normal(0, cfg.read_noise, clean.shape)
     return 100.0 + 800.0 * image
+
+
+def contamination(cfg: MovieConfig, drift) -> np.ndarray:
+    """A diffuse bright blob fixed to the sample (moves with the drift): a Gaussian plus two
+    smaller lumps, peak ``contamination_peak`` carbon peaks; zero when that is 0."""
+    size = cfg.size_px
+    if cfg.contamination_peak <= 0:
+        return np.zeros((size, size))
+    y, x = np.mgrid[:size, :size].astype(float)
+    c = feature_centres_px(cfg, 0)["contamination"] + np.asarray(drift)
+    s = cfg.contamination_sigma_px
+    blob = np.zeros((size, size))
+    for (dx, dy), f, w in (((0, 0), 1.0, 1.0), ((0.9, -0.6), 0.5, 0.6), ((-0.7, 0.8), 0.6, 0.5)):
+        blob += w * np.exp(-((x - c[0] - dx * s) ** 2 + (y - c[1] - dy * s) ** 2) / (2 * (f * s) ** 2))
+    return cfg.contamination_peak * blob / blob.max()
 
 
 def _fft_convolve(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -243,7 +266,8 @@ def feature_centres_px(cfg: MovieConfig, frame: int) -> dict:
     centre = np.array([cfg.size_px / 2] * 2)
     drift = np.array(cfg.drift_px_per_frame) * frame
     return {"amorphous": centre + np.array([0.28, -0.27]) * cfg.size_px + drift,
-            "hole": centre + np.array([-0.2, 0.18]) * cfg.size_px + drift}
+            "hole": centre + np.array([-0.2, 0.18]) * cfg.size_px + drift,
+            "contamination": centre + np.array([0.2, 0.24]) * cfg.size_px + drift}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,14 +278,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=MovieConfig.size_px, help="frame size in px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preview", type=Path, help="PNG of a few frames with the truth overlaid")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other MovieConfig field, e.g. --set contamination_peak=2 "
+                   "--set drift_px_per_frame=-0.7,0.8 (repeatable)")
     args = p.parse_args(argv)
-    movie = make_movie(MovieConfig(frames=args.frames, size_px=args.size, seed=args.seed))
+    movie = make_movie(MovieConfig(frames=args.frames, size_px=args.size, seed=args.seed,
+                                   **_overrides(args.set)))
     save_movie(movie, args.out)
     print(f"wrote {args.frames} frames {args.size}×{args.size} px at {movie.config.pixel_size_pm} pm/px, "
           f"{sum(map(len, movie.truth_xy))} true atoms -> {args.out}")
     if args.preview:
         preview_png(movie, args.preview)
     return 0
+
+
+def _overrides(items: list[str]) -> dict:
+    fields = MovieConfig.__dataclass_fields__
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        out[key] = tuple(float(v) for v in value.split(",")) if "," in value else type(
+            getattr(MovieConfig(), key))(value)
+    return out
 
 
 def preview_png(movie: Movie, path: Path) -> None:
@@ -275,11 +315,11 @@ def preview_png(movie: Movie, path: Path) -> None:
         for row in range(2):
             axes[row, col].imshow(movie.frames[t], cmap="gray")
             axes[row, col].set_axis_off()
-        xy, cls, am = movie.truth_xy[t], movie.truth_cls[t], movie.amorphous_xy[t]
-        axes[1, col].scatter(xy[:, 0], xy[:, 1], s=3, c=np.where(cls == 2, "red", "cyan"))
-        axes[1, col].scatter(am[:, 0], am[:, 1], s=3, c="yellow", marker="x")
+        xy, cls = movie.truth_xy[t], movie.truth_cls[t]
+        colour = np.array(["cyan", "red", "yellow"])[np.clip(cls, 1, 3) - 1]
+        axes[1, col].scatter(xy[:, 0], xy[:, 1], s=3, c=colour)
         axes[0, col].set_title(f"frame {t}", fontsize=9)
-    fig.suptitle("test movie; bottom: truth (cyan C, red Si), yellow × amorphous (not truth)")
+    fig.suptitle("test movie; bottom: truth (cyan lattice C, red Si, yellow amorphous C)")
     fig.savefig(path, dpi=80)
 
 

@@ -200,3 +200,15 @@ def figures_markdown(an: Analysis) -> str:
                      f"{1000 * f['fog'][m]:.2f} | {f['size_median'][m]:.1f} | {f['size_cv'][m]:.3f} | "
                      f"{f['log_count_ratio'][m]:+.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def atoms_with_uncertainty(mean_map: np.ndarray, std_map: np.ndarray, radius_px: float):
+    """Blob centres (probability-weighted) of ``mean_map`` and the mean ensemble std in each blob."""
+    labels, _, area = find_blobs(mean_map[None], radius_px)
+    ids = np.nonzero(area)[0]
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return np.zeros((0, 2), np.float32), np.zeros(0)
+    rc = np.array(ndimage.center_of_mass(mean_map, labels[0], ids)).reshape(-1, 2)
+    std = np.asarray(ndimage.mean(std_map, labels[0], ids))
+    return rc[:, ::-1].astype(np.float32), std

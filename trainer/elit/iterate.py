@@ -6,8 +6,14 @@ Owns ``retrain`` (a dataset file + a parent artifact → a new ensemble and arti
 the paper with programmatic or operator selection), with one resumable folder per iteration:
 
     RUN/iter_0/analysis, RUN/iter_0/report, RUN/iter_0/selection.json, RUN/iter_0/relabel,
-    RUN/iter_1/train (training run), RUN/iter_1/artifact (the new ensemble), RUN/iter_1/analysis, …
-    RUN/progress.md (the per-iteration table)
+    RUN/iter_1/train (training run), RUN/iter_1/<run>-iter1 (the new ensemble), RUN/iter_1/analysis, …
+    RUN/progress.md (the per-iteration table), RUN/recommendation.json
+
+Artifacts are named by run and iteration (``<run folder>-iter<i>``), so a child's lineage names its
+parent unambiguously. Classes are carried: a child has as many classes as its parent (a 2-class
+parent's atoms are split by local Z-contrast). Every iteration is judged against its parent on
+label-free figures of the movie (``trainer.elit.judge``); the loop stops when a child is not
+better and recommends the last accepted ensemble (``RUN/recommendation.json``, ``progress.md``).
 
 Scale: the new ensemble works at its parent's pixel size; relabelled tiles are rescaled to it.
 """
@@ -52,11 +58,22 @@ class RetrainConfig:
 # ----------------------------------------------------------------------------- step 4
 
 
-def parent_lineage(parent: Path, notes: str, **extra) -> dict:
-    """``lineage`` of a child of ``parent``: its name and manifest sha256, iteration + 1, extras."""
+def parent_lineage(parent: Path, notes: str, step: str = "retrain", **extra) -> dict:
+    """``lineage`` of a child of ``parent``: its name and manifest sha256, the step that made it,
+    the ELIT iteration (parent's + 1 for a retraining; the parent's for a multi-class step on top
+    of it), extras."""
     manifest = read_manifest(parent)
+    iteration = int(manifest["lineage"].get("iteration", 0)) + (step == "retrain")
     return {"parent": {"name": manifest["name"], "manifest_sha256": sha256_file(Path(parent) / "manifest.json")},
-            "iteration": int(manifest["lineage"].get("iteration", 0)) + 1, "notes": notes, **extra}
+            "iteration": iteration, "step": step, "notes": notes, **extra}
+
+
+def artifact_name(run: Path, iteration: int, step: str = "iter") -> str:
+    """``<run folder>-iter<i>`` (characters a manifest name allows)."""
+    import re
+
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", Path(run).resolve().name) or "elit"
+    return f"{base}-{step}{iteration}" if step == "iter" else f"{base}-{step}"
 
 
 def retrain_config(dataset: Path, parent: Path, rc: RetrainConfig, init_member: int | None):
@@ -105,6 +122,7 @@ class LoopConfig:
     pixel_size_pm: float | None = None
     operator: bool = False
     threshold: float = 3.0           # scoring rule's flag threshold (robust z)
+    keep_going: bool = False         # retrain on even when an iteration is not better
     analyse_frames: str | None = None
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
@@ -115,8 +133,10 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
                    best: int | None = None, log=print) -> list[dict]:
     """Algorithm 1 from ``artifact``; returns one row per analysed ensemble (iteration 0 = parent).
     In operator mode, stops after a report that has no ``selection.json`` yet (unless ``select``
-    is given for it) and prints the command that continues."""
+    is given for it) and prints the command that continues. Stops early when an iteration is not
+    better than its parent on the label-free figures (``trainer.elit.judge``)."""
     from trainer.elit.experiment import parse_frames
+    from trainer.elit.judge import compare, movie_figures
 
     run.mkdir(parents=True, exist_ok=True)
     idx = parse_frames(cfg.analyse_frames, len(frames))
@@ -125,31 +145,62 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
         it = run / f"iter_{i}"
         an = _analysis(current, frames, idx, cfg.pixel_size_pm, it / "analysis", log)
         sel = _selection(an, it, cfg, select, best, last=i == cfg.iterations)
-        rows.append(_progress_row(i, current, an, sel, truth))
-        _write_progress(run, rows)
-        if i == cfg.iterations:
-            break
+        row = _progress_row(i, current, an, sel, truth)
+        rows.append(row)
         if sel is None:
+            _write_progress(run, rows)
             hint = load_selection(it / "report" / "suggested.json")
             log(f"\nreview {it / 'report' / 'report.md'} and {it / 'report' / 'grid.png'}; the rule "
                 f"suggests members {hint.members}, best {hint.best}. Continue with your choice:"
                 f"\n  {command} --select {','.join(map(str, hint.members))} --best {hint.best}")
             return rows
         select, best = None, None                      # an operator's choice applies once
+        rcfg = replace(cfg.relabel, n_classes=len(read_manifest(current)["classes"]))
+        dataset = _relabel(an, sel, rcfg, current, it / "relabel", log, truth)
+        info = json.loads((it / "relabel" / "relabel.json").read_text())
+        f = info["filters"]
+        row["label_free"] = movie_figures(an, f["kept"] / max(f["atoms"], 1))
+        if (it / "relabel" / "filter_truth.json").is_file():
+            row["filter_truth"] = json.loads((it / "relabel" / "filter_truth.json").read_text())
+        if i > 0:
+            row["verdict"] = compare(row["label_free"], rows[-2]["label_free"])
+        _write_progress(run, rows)
+        if i == cfg.iterations:
+            break
+        if i > 0 and not row["verdict"]["accepted"]:
+            log(f"iteration {i} is not better than its parent ({row['verdict']['why']}): "
+                + ("going on (--keep-going)" if cfg.keep_going else "stopping"))
+            if not cfg.keep_going:
+                break
         child = it.parent / f"iter_{i + 1}"
-        if not (child / "artifact" / "manifest.json").is_file():
-            dataset = _relabel(an, sel, cfg.relabel, current, it / "relabel", log)
-            info = json.loads((it / "relabel" / "relabel.json").read_text())
-            lineage = parent_lineage(current, f"ELIT iteration {i + 1}: retrained on {len(info['frames'])} "
-                                     f"experimental frames relabelled by members {sel.members}",
-                                     frames=info["frames"], members=sel.members, best_member=sel.best,
+        out = child / artifact_name(run, i + 1)
+        if not (out / "manifest.json").is_file():
+            lineage = parent_lineage(current, f"ELIT iteration {i + 1}: analyse with {current.name}, "
+                                     f"relabel {len(info['frames'])} frames by members {sel.members} "
+                                     f"(patch GMM + lattice geometry + vacuum test, {rcfg.n_classes} "
+                                     f"class(es)), retrain", frames=info["frames"],
+                                     members=sel.members, best_member=sel.best,
                                      selection=sel.chosen_by, filters=info["filters"],
                                      relabel=info["config"], init_from=None if cfg.retrain.from_scratch
-                                     else f"member {sel.best} of {current.name}")
-            retrain(dataset, current, child / "train", child / "artifact", cfg.retrain,
+                                     else f"member {sel.best} of {current.name}",
+                                     steps=_steps(current, sel, rcfg, info, cfg.retrain))
+            retrain(dataset, current, child / "train", out, cfg.retrain,
                     None if cfg.retrain.from_scratch else sel.best, lineage, command, force=True, log=log)
-        current = child / "artifact"
+        current = out
     return rows
+
+
+def _steps(parent: Path, sel: Selection, rcfg: RelabelConfig, info: dict, rc: RetrainConfig) -> list:
+    """What each step of one iteration was, for the lineage."""
+    f = info["filters"]
+    return [{"step": "analyse", "artifact": parent.name, "frames": len(info["frames"])},
+            {"step": "select", "members": sel.members, "best": sel.best, "by": sel.chosen_by},
+            {"step": "relabel", "filter": f"patch GMM ({rcfg.gmm_keep}) + lattice geometry rescue + "
+             f"vacuum test (dropped_as={rcfg.dropped_as}) + uncertainty q{rcfg.std_quantile}",
+             "classes": rcfg.n_classes, "atoms": f["atoms"], "kept": f["kept"],
+             "background": f["dropped_as_background"]},
+            {"step": "retrain", "members": rc.members, "epochs": rc.epochs,
+             "init_from": None if rc.from_scratch else f"{parent.name}:{sel.best}"}]
 
 
 def _analysis(artifact, frames, idx, pixel_size_pm, out: Path, log) -> Analysis:
@@ -175,14 +226,26 @@ def _selection(an: Analysis, it: Path, cfg: LoopConfig, select, best, last: bool
     return sel
 
 
-def _relabel(an: Analysis, sel: Selection, rcfg: RelabelConfig, artifact: Path, out: Path, log) -> Path:
+def _relabel(an: Analysis, sel: Selection, rcfg: RelabelConfig, artifact: Path, out: Path, log,
+             truth: dict | None = None) -> Path:
+    if (out / "dataset.npz").is_file() and (out / "relabel.json").is_file():
+        return out / "dataset.npz"
     manifest = read_manifest(artifact)
     atoms, info = select_atoms(an, sel.members, rcfg, manifest["pixel_size_pm"])
+    if truth is not None:
+        from trainer.elit.figures import filter_truth_png
+        from trainer.elit.scoring import filter_vs_truth
+
+        table = filter_vs_truth(atoms, truth, an.frames.shape[1:], info["patch_px_on_frames"] / 2)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "filter_truth.json").write_text(json.dumps(table, indent=1) + "\n")
+        filter_truth_png(an, atoms, truth, table, out / "filter_truth.png")
     ds = build_dataset(an, atoms, rcfg, manifest["pixel_size_pm"], manifest["atom_radius_px"],
                        _parent_synth(manifest))
     path = write_relabel(out, ds, atoms, info, rcfg, an, sel.members)
-    log(f"relabelled: {info['kept']} atoms kept, {info['dropped']} dropped by the GMM "
-        f"({info['dropped_as_background']} of them as background), {info['dropped_uncertainty']} "
+    log(f"relabelled ({rcfg.n_classes} class(es)): {info['kept']} atoms kept, {info['dropped']} "
+        f"dropped by the GMM ({info['geometry_rescued']} rescued by lattice geometry, "
+        f"{info['dropped_as_background']} vacuum → background), {info['dropped_uncertainty']} "
         f"by uncertainty; {len(ds.images)} tiles -> {path}")
     return path
 
@@ -194,14 +257,19 @@ def _parent_synth(manifest: dict):
 
 
 def _progress_row(i: int, artifact: Path, an: Analysis, sel: Selection | None, truth) -> dict:
+    from trainer.elit.scoring import impurity_scores, segment_scores
+
     f = an.figures
     row = {"iteration": i, "artifact": str(artifact), "members": len(an.member_ids),
+           "classes": int(an.probs.shape[2]),
            "atoms_per_frame_mean_member": float(f["atoms"].mean()),
            "agreement": float(f["agreement"].mean()),
            "mean_std_at_atoms": None, "selected": sel.members if sel else None}
     if truth is not None:
         row["all"] = detection_report(an, truth)
         row["mean_std_at_atoms"] = row["all"]["mean_uncertainty"]
+        row["segments"] = segment_scores(an, truth)
+        row["impurity"] = impurity_scores(an, truth)
         if sel is not None:
             cols = [an.member_ids.index(m) for m in sel.members]
             row["selected_scores"] = detection_report(an, truth, cols)
@@ -210,19 +278,17 @@ def _progress_row(i: int, artifact: Path, an: Analysis, sel: Selection | None, t
 
 
 def _write_progress(run: Path, rows: list[dict]) -> None:
+    """``progress.json``, ``progress.md`` (label-free table, verdicts, recommendation; truth
+    tables when the truth is known) and ``recommendation.json``."""
+    from trainer.elit.judge import recommend
+    from trainer.elit.progress import progress_markdown
+
+    rec = recommend([r for r in rows if "label_free" in r] or rows[:1])
     (run / "progress.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = [("| iteration | members | atoms/frame (member mean) | agreement | F1 mean(all) | P | R "
-              "| F1 mean(selected) | F1 best member | AUROC unc. (all) | mean std at atoms |"),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        a, s, b = r.get("all"), r.get("selected_scores"), r.get("best_scores")
-        fmt = lambda d, k: "–" if not d or d.get(k) is None else f"{d[k]:.3f}"
-        lines.append(f"| {r['iteration']} | {r['members']} | {r['atoms_per_frame_mean_member']:.1f} | "
-                     f"{r['agreement']:.3f} | {fmt(a, 'f1')} | {fmt(a, 'precision')} | {fmt(a, 'recall')} | "
-                     f"{fmt(s, 'f1')} | {fmt(b, 'f1')} | {fmt(a, 'auroc_uncertainty')} | "
-                     f"{fmt(a, 'mean_uncertainty')} |")
-    (run / "progress.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-1:]) if len(rows) > 1 else "\n".join(lines))
+    (run / "recommendation.json").write_text(json.dumps(rec, indent=1) + "\n")
+    text = progress_markdown(rows, rec)
+    (run / "progress.md").write_text(text)
+    print(next(line for line in text.splitlines() if line.startswith(f"| {rows[-1]['iteration']} |")))
 
 
 def loop_config_dict(cfg: LoopConfig) -> dict:

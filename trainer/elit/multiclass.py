@@ -1,18 +1,14 @@
-"""ELIT step 6: split found atoms into classes by their image intensity; multi-class training set.
+"""ELIT step 6: split found atoms into classes by local Z-contrast; a 2-class ensemble.
 
-Owns ``atom_intensities`` (per-atom brightness, comparable across frames), ``split_by_intensity``
-(lattice vs heavier impurity: a 1-D two-component Gaussian mixture on log intensity, or a fixed
-threshold) and ``multiclass_atoms`` (relabelled atoms of ``trainer.elit.relabel`` given classes).
+Owns ``multiclass_atoms`` (relabelled atoms of ``trainer.elit.relabel`` with 2 classes) and
+``run_multiclass`` (analyse, relabel with classes, train, export, analyse again) and
+``class_scores`` (per-class figures against a known truth).
 
-Intensity of an atom: the raw frame smoothed by a Gaussian of half the atom radius, sampled at the
-atom's centre, minus the frame's 5th percentile (background), divided by the median of that over
-the frame's atoms (so 1 = a typical atom of that frame, whatever the dose or contrast).
-
-Split rule: with ``threshold`` given, heavy = intensity > threshold. Otherwise a 2-component GMM on
-log intensity; heavy = atoms whose posterior for the brighter component is > 0.5 AND whose
-intensity is above ``min_ratio`` (1.3): a unimodal sample then yields (almost) no heavy atoms
-instead of half of them. The heavier class is never dropped by the patch GMM (dopants look unlike
-their lattice neighbours, so the lattice filter would otherwise throw them away).
+Classes come from each atom's LOCAL Z-contrast (``trainer.elit.intensity.local_contrast``: peak
+above the local background, over the median of the neighbouring atoms' heights), heavy above 2.2
+(``intensity.split_by_contrast`` says why a fixed threshold) or ``--intensity-threshold``.
+The same split is what ``iterate`` uses to carry a 2-class parent's classes into its children.
+Heavy atoms are never dropped by the patch GMM (dopants look unlike their lattice neighbours).
 """
 from __future__ import annotations
 
@@ -23,57 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from trainer.elit.experiment import Analysis
-from trainer.elit.intensity import atom_intensities
+from trainer.elit.intensity import split_by_contrast  # noqa: F401  (re-exported)
 from trainer.elit.relabel import FrameAtoms, RelabelConfig, select_atoms
-
-
-def split_by_intensity(intensity: np.ndarray, threshold: float | None = None,
-                       min_ratio: float = 1.3, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Classes ``[n]`` (1 lattice, 2 heavy) and a description of the split."""
-    if threshold is not None:
-        heavy = intensity > threshold
-        return np.where(heavy, 2, 1).astype(np.uint8), {"rule": f"threshold {threshold:g}",
-                                                       "heavy": int(heavy.sum())}
-    from sklearn.mixture import GaussianMixture
-
-    x = np.log(np.maximum(intensity, 1e-3))[:, None]
-    if len(x) < 10:
-        return np.ones(len(x), np.uint8), {"rule": "too few atoms", "heavy": 0}
-    gmm = GaussianMixture(2, random_state=seed, n_init=3).fit(x)
-    bright = int(np.argmax(gmm.means_[:, 0]))
-    heavy = (gmm.predict_proba(x)[:, bright] > 0.5) & (intensity > min_ratio)
-    info = {"rule": f"1-D GMM on log intensity, posterior > 0.5 and intensity > {min_ratio:g}",
-            "means": np.exp(gmm.means_[:, 0]).round(3).tolist(),
-            "weights": gmm.weights_.round(4).tolist(), "heavy": int(heavy.sum())}
-    return np.where(heavy, 2, 1).astype(np.uint8), info
 
 
 def multiclass_atoms(an: Analysis, members: list[int], cfg: RelabelConfig, nominal_px_pm: float,
                      threshold: float | None = None) -> tuple[list[FrameAtoms], dict]:
-    """Relabelled atoms (``select_atoms``) with classes from the intensity split (one split over
-    all chosen frames)."""
-    atoms, info = select_atoms(an, members, cfg, nominal_px_pm)
-    where = {int(f): i for i, f in enumerate(an.frame_index)}
-    values = [atom_intensities(an.frames[where[fa.frame]], fa.xy, an.atom_radius_px) for fa in atoms]
-    cls, split = split_by_intensity(np.concatenate(values) if values else np.zeros(0), threshold)
-    start = 0
-    for fa in atoms:
-        fa.cls = cls[start:start + len(fa.xy)]
-        start += len(fa.xy)
-        rescued = (fa.cls == 2) & ((fa.reason == 1) | (fa.reason == 3))
-        fa.reason[rescued] = 0
-    info["classes"] = split
-    info["heavy_kept"] = int(sum(((fa.cls == 2) & fa.kept).sum() for fa in atoms))
-    return atoms, info
+    """Relabelled atoms (``select_atoms``) with 2 classes from the local-contrast split."""
+    cfg = replace(cfg, n_classes=2, heavy_threshold=threshold if threshold is not None
+                  else cfg.heavy_threshold)
+    return select_atoms(an, members, cfg, nominal_px_pm)
 
 
 def run_multiclass(artifact: Path, frames: np.ndarray, pixel_size_pm: float | None, run: Path,
                    cfg: RelabelConfig, rc, command: str, truth: dict | None = None,
                    threshold: float | None = None, log=print) -> Path:
     """Analyse with ``artifact``, split atoms into 2 classes, train and export a 2-class ensemble
-    (``RUN/artifact``), analyse the movie with it; returns the artifact folder."""
+    (``RUN/<run>-multiclass``), analyse the movie with it; returns the artifact folder."""
     from trainer.elit.experiment import analyse_movie, save_analysis
-    from trainer.elit.iterate import _parent_synth, parent_lineage, retrain
+    from trainer.elit.iterate import _parent_synth, artifact_name, parent_lineage, retrain
     from trainer.elit.relabel import build_dataset, write_relabel
     from trainer.elit.report import write_report
     from trainer.model.artifact import read_manifest
@@ -87,10 +51,10 @@ def run_multiclass(artifact: Path, frames: np.ndarray, pixel_size_pm: float | No
     ds = build_dataset(an, atoms, replace(cfg, n_classes=2), manifest["pixel_size_pm"],
                        manifest["atom_radius_px"], _parent_synth(manifest))
     dataset = write_relabel(run / "relabel", ds, atoms, info, cfg, an, sel.members)
-    lineage = parent_lineage(artifact, "multi-class (lattice / heavy) ensemble from intensities at "
-                             "the atoms", frames=[fa.frame for fa in atoms], members=sel.members,
-                             filters=info, best_member=sel.best)
-    out = retrain(dataset, artifact, run / "train", run / "artifact", rc,
+    lineage = parent_lineage(artifact, "multi-class (lattice / heavy) ensemble from the atoms' "
+                             "local Z-contrast", step="multiclass", frames=[fa.frame for fa in atoms],
+                             members=sel.members, filters=info, best_member=sel.best)
+    out = retrain(dataset, artifact, run / "train", run / artifact_name(run, 0, "multiclass"), rc,
                   None if rc.from_scratch else sel.best, lineage, command, force=True, log=log)
     after = analyse_movie(out, frames, pixel_size_pm, log=log)
     save_analysis(after, run / "analysis_after")
@@ -107,7 +71,9 @@ def class_scores(an: Analysis, truth: dict) -> dict:
     from trainer.elit.experiment import blob_centres, value_at
     from trainer.elit.scoring import detection_report, match_atoms
 
-    out = {"any_class": detection_report(an, truth)}
+    from trainer.elit.scoring import impurity_scores
+
+    out = {"any_class": detection_report(an, truth), "impurity": impurity_scores(an, truth)}
     mean = an.probs.astype(np.float32).mean(1)                  # [T, C, H, W]
     hits, totals = np.zeros(3), np.zeros(3)
     for t, f in enumerate(an.frame_index):

@@ -25,22 +25,22 @@ edge, can form a tiny very tight component; seen on the test movie). Overrides: 
 picture), ``"none"`` (no GMM filtering). It is deliberately conservative: lattice atoms next to
 holes, dopants, contamination and the frame edge are often dropped too (they become "ignore").
 
-Ignore label (255) vs background for dropped atoms (``dropped_as``). Atoms dropped for high
-uncertainty get discs of ``ignore_radius_factor`` × atom radius marked 255, which the training loss
-skips (``cross_entropy`` ``ignore_index``): we do not know whether there is an atom, so it must not
-be taught as background. For atoms the GMM calls "not lattice" there are two kinds: detections in
-amorphous regions or holes (which *should* become background, as in the paper, or the network keeps
-finding atoms there) and true lattice atoms next to a hole, dopant or the frame edge (which must not
-become background). ``"auto"`` (default) tells them apart by distance: a GMM-dropped atom farther
-than ``background_dist`` × patch side from every kept atom lies inside a non-lattice region and
-becomes background; nearer ones are ignored. ``"ignore"``: all ignored; ``"background"``: all
-background (the paper). Reasons in ``FrameAtoms.reason``: 0 kept, 1 GMM → ignore, 2 uncertainty →
-ignore, 3 GMM → background, 4 faint blob → ignore.
+What happens to an atom the GMM calls "not lattice" (``trainer.elit.filters`` has the details):
+it is **kept** when its bonds match the frame's lattice bond vectors (``geometry_rescue``: lattice
+next to a frame edge, hole, dopant or contamination) or when its local Z-contrast is above
+``keep_bright`` (dopants); it becomes **background** only where the ensemble and the raw frame agree
+the place is empty (``dropped_as="auto"``: vacuum test); otherwise it is **ignored** (disc of
+``ignore_radius_factor`` × atom radius marked 255, skipped by the loss): atom-like but not
+lattice-like (amorphous carbon) is never taught as background. ``"ignore"``: never background;
+``"background"``: every dropped atom is background (the paper). Around an ignored GMM-dropped atom
+the ignore disc is ``region_ignore_factor`` × atom radius (~ a bond): the atoms of an amorphous
+patch the ensemble missed are then not taught as background either. Atoms above the uncertainty limit
+and faint blobs of the source map (peak in ``[weak_threshold, 0.5)``) are ignored too. Reasons in
+``FrameAtoms.reason``: 0 kept, 1 GMM → ignore, 2 uncertainty → ignore, 3 vacuum → background,
+4 faint blob → ignore.
 
-Two guards against the loop "forgetting" atoms from one iteration to the next: atoms brighter than
-``keep_bright`` × the frame's median atom (dopants) are never dropped by the GMM (their patches are
-unlike the lattice's, but they are atoms), and faint blobs of the source map (peak probability in
-``[weak_threshold, 0.5)``, not at a found atom) are ignored rather than taught as background.
+Classes: with ``n_classes`` 2 (a 2-class parent) every atom gets class 1 (lattice) or 2 (heavy)
+from its local Z-contrast (``trainer.elit.intensity``), so a 2-class parent has 2-class children.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ import numpy as np
 from scipy import ndimage
 
 from trainer.data.synth import Dataset, SynthConfig, paint_discs, save_dataset
-from trainer.elit.experiment import Analysis, find_blobs
+from trainer.elit.experiment import Analysis, atoms_with_uncertainty  # noqa: F401 (re-exported)
 from trainer.model.artifact import normalise_minmax
 
 IGNORE = 255
@@ -70,11 +70,14 @@ class RelabelConfig:
     gmm_per_frame: bool = True           # fit one GMM per frame (False: one for all frames)
     std_quantile: float | None = 0.9     # drop atoms above this quantile of uncertainty ...
     std_max: float | None = None         # ... or above this absolute std (both may apply)
-    dropped_as: str = "auto"             # auto | ignore | background (GMM-dropped atoms)
-    background_dist: float = 0.55        # "auto": background beyond this × patch from kept atoms
-    keep_bright: float | None = 1.6      # never GMM-drop atoms brighter than this × median atom
+    dropped_as: str = "auto"             # auto (background only in vacuum) | ignore | background
+    geometry_rescue: bool = True         # keep GMM-dropped atoms whose bonds match the lattice's
+    keep_bright: float | None = 2.0      # never GMM-drop atoms of local Z-contrast above this
+    keep_atom_like: float | None = None  # keep non-vacuum atoms of local contrast above this
+    heavy_threshold: float | None = None # 2 classes: heavy above this contrast (None: 2.2)
     weak_threshold: float | None = 0.25  # faint blobs (peak in [this, 0.5)) are ignored
     ignore_radius_factor: float = 1.6
+    region_ignore_factor: float = 3.0    # ignored around GMM-dropped atoms (~a bond: missed atoms)
     n_classes: int = 1
     tile_px: int = 96                    # training tile side (multiple of 8)
     tiles_per_frame: int = 16
@@ -107,18 +110,6 @@ class FrameAtoms:
 
 
 # ----------------------------------------------------------------------------- atoms
-
-
-def atoms_with_uncertainty(mean_map: np.ndarray, std_map: np.ndarray, radius_px: float):
-    """Blob centres (probability-weighted) of ``mean_map`` and the mean ensemble std in each blob."""
-    labels, _, area = find_blobs(mean_map[None], radius_px)
-    ids = np.nonzero(area)[0]
-    ids = ids[ids > 0]
-    if len(ids) == 0:
-        return np.zeros((0, 2), np.float32), np.zeros(0)
-    rc = np.array(ndimage.center_of_mass(mean_map, labels[0], ids)).reshape(-1, 2)
-    std = np.asarray(ndimage.mean(std_map, labels[0], ids))
-    return rc[:, ::-1].astype(np.float32), std
 
 
 def patch_stack(image: np.ndarray, xy: np.ndarray, patch_px: int) -> np.ndarray:
@@ -175,7 +166,8 @@ def gmm_lattice_filter(patches: np.ndarray, keep: str = "tight", pca_dims: int =
 
 def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
                  nominal_px_pm: float) -> tuple[list[FrameAtoms], dict]:
-    """Atoms of the chosen frames from the selected members, with GMM and uncertainty filters."""
+    """Atoms of the chosen frames from the selected members, with the GMM, geometry, vacuum and
+    uncertainty filters, and classes (``cfg.n_classes`` 2: local Z-contrast split)."""
     from trainer.elit.experiment import parse_frames
 
     cols = [an.member_ids.index(m) for m in members]
@@ -191,9 +183,17 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
         patches.append(patch_features(patch_stack(normalise_minmax(an.frames[pos]), xy, patch),
                                       cfg.gmm_symmetrise, cfg.gmm_window))
     lattice, info = _gmm_over_frames(patches, cfg)
-    bright = _bright_atoms(an, per_frame, cfg.keep_bright)
+    contrast = _contrasts(an, per_frame)
+    cls, info["classes"] = _classes(contrast, cfg)
+    bright = contrast > cfg.keep_bright if cfg.keep_bright else np.zeros(len(contrast), bool)
     info["bright_rescued"] = int((bright & ~lattice).sum())
-    lattice = lattice | bright
+    lattice = lattice | bright | (cls == 2)
+    geometry, vacuum = _second_opinions(an, per_frame, positions, lattice, source, std, cfg)
+    info["geometry_rescued"] = int((geometry & ~lattice).sum())
+    lattice = lattice | geometry
+    atom_like = (contrast > cfg.keep_atom_like) & ~vacuum if cfg.keep_atom_like else ~lattice & False
+    info["atom_like_kept"] = int((atom_like & ~lattice).sum())
+    lattice = lattice | atom_like
     all_std = np.concatenate([fa.std for fa in per_frame])
     limit = np.inf
     if cfg.std_quantile is not None and len(all_std):
@@ -202,29 +202,65 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
         limit = min(limit, cfg.std_max)
     start = 0
     for fa in per_frame:
-        ok = lattice[start:start + len(fa.xy)]
+        sl = slice(start, start + len(fa.xy))
         start += len(fa.xy)
+        ok = lattice[sl]
         fa.reason = np.where(~ok, 1, np.where(fa.std > limit, 2, 0)).astype(np.uint8)
-        fa.reason[_background_atoms(fa, cfg, patch)] = 3
-        fa.cls = np.ones(len(fa.xy), np.uint8)
+        if cfg.dropped_as != "ignore":
+            to_bg = ~ok & (vacuum[sl] if cfg.dropped_as == "auto" else True)
+            fa.reason[to_bg] = 3
+        fa.cls = cls[sl]
     weak = _add_weak_blobs(per_frame, source, an.atom_radius_px, cfg.weak_threshold)
     info.update(weak_blobs_ignored=weak,std_limit=None if np.isinf(limit) else limit, patch_px_on_frames=patch,
                 kept=int(sum(fa.kept.sum() for fa in per_frame)),
                 dropped_uncertainty=int(sum((fa.reason == 2).sum() for fa in per_frame)),
-                dropped_as_background=int(sum((fa.reason == 3).sum() for fa in per_frame)))
+                dropped_as_background=int(sum((fa.reason == 3).sum() for fa in per_frame)),
+                n_classes=cfg.n_classes,
+                heavy_kept=int(sum(((fa.cls == 2) & fa.kept).sum() for fa in per_frame)))
     return per_frame, info
 
 
-def _bright_atoms(an: Analysis, atoms: list[FrameAtoms], keep_bright: float | None) -> np.ndarray:
-    """Atoms brighter than ``keep_bright`` × the frame's median atom (dopants, heavy columns):
-    the patch GMM must not drop them (their patches differ from the lattice's)."""
-    from trainer.elit.intensity import atom_intensities
+def _contrasts(an: Analysis, atoms: list[FrameAtoms]) -> np.ndarray:
+    """Local Z-contrast of every atom (``trainer.elit.intensity.local_contrast``)."""
+    from trainer.elit.intensity import local_contrast
 
-    if keep_bright is None:
-        return np.zeros(sum(len(fa.xy) for fa in atoms), bool)
     where = {int(f): i for i, f in enumerate(an.frame_index)}
-    values = [atom_intensities(an.frames[where[fa.frame]], fa.xy, an.atom_radius_px) for fa in atoms]
-    return np.concatenate(values) > keep_bright if values else np.zeros(0, bool)
+    values = [local_contrast(an.frames[where[fa.frame]], fa.xy, an.atom_radius_px) for fa in atoms]
+    return np.concatenate(values) if values else np.zeros(0)
+
+
+def _classes(contrast: np.ndarray, cfg: RelabelConfig) -> tuple[np.ndarray, dict]:
+    """1 for every atom (1 class), or the local-contrast split (2 classes: 1 lattice, 2 heavy)."""
+    from trainer.elit.intensity import split_by_contrast
+
+    if cfg.n_classes == 1:
+        return np.ones(len(contrast), np.uint8), {"rule": "one class"}
+    if cfg.n_classes != 2:
+        raise ValueError(f"relabelling supports 1 or 2 classes, not {cfg.n_classes}")
+    return split_by_contrast(contrast, cfg.heavy_threshold)
+
+
+def _second_opinions(an: Analysis, atoms: list[FrameAtoms], positions: list[int], lattice,
+                     source, std, cfg: RelabelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per atom: lattice-like geometry (rescue) and confident vacuum (may become background),
+    both from ``trainer.elit.filters``; only evaluated for the GMM-dropped atoms."""
+    from trainer.elit.filters import lattice_geometry, vacuum
+    from trainer.elit.intensity import bond_length_px
+
+    geometry, empty, start = [], [], 0
+    for fa, pos, src, sd in zip(atoms, positions, source, std):
+        ok = lattice[start:start + len(fa.xy)]
+        start += len(fa.xy)
+        bond = bond_length_px(fa.xy[ok], 4 * an.atom_radius_px)
+        g, v = np.zeros(len(ok), bool), np.zeros(len(ok), bool)
+        if cfg.geometry_rescue:
+            g[~ok] = lattice_geometry(fa.xy[~ok], fa.xy[ok], bond)
+        v[~ok & ~g] = vacuum(an.frames[pos], src, sd, fa.xy[~ok & ~g], fa.xy[ok | g],
+                             an.atom_radius_px, bond)
+        geometry.append(g)
+        empty.append(v)
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, bool)
+    return cat(geometry), cat(empty)
 
 
 def _add_weak_blobs(atoms: list[FrameAtoms], source: np.ndarray, radius_px: float,
@@ -250,20 +286,6 @@ def _add_weak_blobs(atoms: list[FrameAtoms], source: np.ndarray, radius_px: floa
     return total
 
 
-def _background_atoms(fa: FrameAtoms, cfg: RelabelConfig, patch_px: int) -> np.ndarray:
-    """GMM-dropped atoms that become background under ``cfg.dropped_as`` (see the docstring)."""
-    gmm = fa.reason == 1
-    if cfg.dropped_as == "ignore" or not gmm.any():
-        return np.zeros(len(fa.xy), bool)
-    kept = fa.xy[fa.reason == 0]
-    if cfg.dropped_as == "background" or len(kept) == 0:
-        return gmm
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(kept).query(fa.xy)
-    return gmm & (dist > cfg.background_dist * patch_px)
-
-
 def _gmm_over_frames(patches: list[np.ndarray], cfg: RelabelConfig) -> tuple[np.ndarray, dict]:
     if not cfg.gmm_per_frame:
         return gmm_lattice_filter(np.concatenate(patches), cfg.gmm_keep, cfg.pca_dims, cfg.seed)
@@ -286,13 +308,15 @@ def _positions(an: Analysis, frames: np.ndarray) -> list[int]:
 
 
 def label_mask(xy: np.ndarray, cls: np.ndarray, dropped_xy: np.ndarray, radius_px: float,
-               ignore_radius_px: float, size: int) -> np.ndarray:
-    """Discs of class ``cls`` at ``xy``; 255 within ``ignore_radius_px`` of dropped atoms (kept
-    discs win where they overlap)."""
+               ignore_radius_px: float, size: int, region_xy: np.ndarray | None = None,
+               region_radius_px: float = 0.0) -> np.ndarray:
+    """Discs of class ``cls`` at ``xy``; 255 within ``ignore_radius_px`` of dropped atoms and
+    within ``region_radius_px`` of ``region_xy`` (kept discs win where they overlap)."""
     mask = paint_discs(xy, cls, radius_px, size) if len(xy) else np.zeros((size, size), np.uint8)
-    if len(dropped_xy) and ignore_radius_px > 0:
-        ignore = paint_discs(dropped_xy, np.ones(len(dropped_xy), np.uint8), ignore_radius_px, size)
-        mask[(ignore > 0) & (mask == 0)] = IGNORE
+    for pts, r in ((dropped_xy, ignore_radius_px), (region_xy, region_radius_px)):
+        if pts is not None and len(pts) and r > 0:
+            ignore = paint_discs(pts, np.ones(len(pts), np.uint8), r, size)
+            mask[(ignore > 0) & (mask == 0)] = IGNORE
     return mask
 
 
@@ -305,7 +329,8 @@ def rot90_xy(xy: np.ndarray, k: int, size: int) -> np.ndarray:
 
 
 def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cls: np.ndarray,
-                 dropped: np.ndarray, cfg: RelabelConfig, radius_px: float):
+                 dropped: np.ndarray, cfg: RelabelConfig, radius_px: float,
+                 region: np.ndarray | None = None):
     """One training tile: crop (with scale jitter), rot90, flips, Gaussian noise; the mask is painted
     from the transformed coordinates, so it is aligned with the image by construction."""
     tile, (h, w) = cfg.tile_px, image.shape
@@ -316,7 +341,8 @@ def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cl
     factor = (tile - 1) / (crop - 1)
     if crop != tile:
         img = ndimage.zoom(img, tile / crop, order=1)
-    pts = [(p - [x0, y0]) * factor for p in (xy, dropped)]
+    region = np.zeros((0, 2)) if region is None else region
+    pts = [(p - [x0, y0]) * factor for p in (xy, dropped, region)]
     k = int(rng.integers(4))
     img, pts = np.rot90(img, k), [rot90_xy(p, k, tile) for p in pts]
     if rng.random() < 0.5:
@@ -325,7 +351,8 @@ def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cl
         img, pts = img[::-1], [p * [1, -1] + [0, tile - 1] for p in pts]
     img = normalise_minmax(img) + rng.normal(0, rng.uniform(0, cfg.noise_max), img.shape)
     r = radius_px * factor
-    mask = label_mask(pts[0], cls, pts[1], r, r * cfg.ignore_radius_factor, tile)
+    mask = label_mask(pts[0], cls, pts[1], r, r * cfg.ignore_radius_factor, tile, pts[2],
+                      r * cfg.region_ignore_factor)
     inside = np.all((pts[0] >= -0.5) & (pts[0] < tile - 0.5), axis=1)
     return (normalise_minmax(img).astype(np.float32), mask, pts[0][inside].astype(np.float32),
             cls[inside], factor)
@@ -346,9 +373,10 @@ def build_dataset(an: Analysis, atoms: list[FrameAtoms], cfg: RelabelConfig, nom
             raise ValueError(f"frames are {scaled.shape} px at the artifact's scale, too small for "
                              f"{cfg.tile_px}-px tiles; use a smaller --tile")
         kept, dropped = fa.xy[fa.kept] * g, fa.xy[np.isin(fa.reason, (1, 2, 4))] * g
+        region = fa.xy[fa.reason == 1] * g           # not lattice, not vacuum: its surroundings too
         for _ in range(cfg.tiles_per_frame):
             img, mask, xy, cls, factor = augment_tile(rng, scaled, kept, fa.cls[fa.kept], dropped,
-                                                      cfg, radius_nominal_px)
+                                                      cfg, radius_nominal_px, region)
             images.append(img[None]), masks.append(mask), xys.append(xy), clss.append(cls)
             pix.append(nominal_px_pm / factor)
     jit = (1 / (1 + cfg.scale_jitter), 1 + cfg.scale_jitter)
@@ -366,29 +394,7 @@ def write_relabel(out_dir: Path, ds: Dataset, atoms: list[FrameAtoms], info: dic
                "frames": [fa.frame for fa in atoms], "filters": info, "tiles": len(ds.images),
                "ignored_pixel_fraction": float((ds.masks == IGNORE).mean())}
     (out_dir / "relabel.json").write_text(json.dumps(summary, indent=1) + "\n")
+    from trainer.elit.figures import kept_dropped_png
+
     kept_dropped_png(an, atoms, out_dir / "kept_dropped.png")
     return out_dir / "dataset.npz"
-
-
-def kept_dropped_png(an: Analysis, atoms: list[FrameAtoms], path: Path, k: int = 3) -> None:
-    from matplotlib.figure import Figure
-
-    where = {int(f): i for i, f in enumerate(an.frame_index)}
-    picks = [atoms[round(i)] for i in np.linspace(0, len(atoms) - 1, min(k, len(atoms)))]
-    fig = Figure(figsize=(4.4 * len(picks), 4.8), layout="constrained")
-    axes = fig.subplots(1, len(picks), squeeze=False)[0]
-    for ax, fa in zip(axes, picks):
-        ax.imshow(an.frames[where[fa.frame]], cmap="gray")
-        for reason, colour, marker, label in ((0, "lime", "o", "kept"),
-                                              (1, "red", "x", "GMM: not lattice → ignore"),
-                                              (3, "magenta", "x", "GMM: not lattice → background"),
-                                              (2, "orange", "+", "high uncertainty → ignore"),
-                                              (4, "cyan", "+", "faint blob → ignore")):
-            sel = fa.reason == reason
-            ax.scatter(fa.xy[sel, 0], fa.xy[sel, 1], s=6 if reason == 0 else 14, c=colour,
-                       marker=marker, linewidths=0.8 if reason else 0,
-                       label=f"{label} ({sel.sum()})")
-        ax.set_title(f"frame {fa.frame}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_axis_off()
-    fig.savefig(path, dpi=90)

@@ -1,8 +1,11 @@
 """Scoring detections against a movie's ground truth (the test movie of `trainer.data.testmovie`).
 
 Owns one-to-one matching of predicted to true atoms, detection precision / recall / F1 on the
-frame interior, per-atom uncertainty AUROC for wrong vs right detections, and the per-half
-breakdown table of the ELIT benchmark. Truth never reaches training: only these figures use it.
+frame interior, per-atom uncertainty AUROC for wrong vs right detections, the per-half breakdown
+table of the ELIT benchmark, F1 per segment of the movie, impurity (heavy-class) precision /
+recall, and what the relabelling filter did with each kind of true atom (``filter_vs_truth``).
+Truth never reaches training: only these figures use it (and the truth's amorphous atoms, class 3,
+count as atoms).
 
     python -m trainer.elit.scoring MOVIE.npz ANALYSIS_DIR [ANALYSIS_DIR ...]   # breakdown table
 """
@@ -60,7 +63,7 @@ def detection_scores(pred_xy: list[np.ndarray], truth_xy: list[np.ndarray], shap
 def detections(an: Analysis, member_cols: list[int] | None = None) -> tuple[list, list]:
     """Atoms of the mean map of the given member columns (all by default) per analysed frame, and
     each atom's uncertainty (mean ensemble std over its blob)."""
-    from trainer.elit.relabel import atoms_with_uncertainty
+    from trainer.elit.experiment import atoms_with_uncertainty
 
     maps = an.atom_maps if member_cols is None else an.atom_maps[:, member_cols]
     xy, unc = [], []
@@ -141,3 +144,68 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------- per segment, per class
+
+
+def segment_scores(an: Analysis, truth: dict, n_segments: int = 4) -> list[dict]:
+    """F1 / precision / recall on ``n_segments`` consecutive runs of the analysed frames."""
+    xy, _ = detections(an)
+    t_xy = [truth["xy"][int(f)] for f in an.frame_index]
+    out = []
+    for part in np.array_split(np.arange(len(xy)), min(n_segments, len(xy))):
+        s = detection_scores([xy[i] for i in part], [t_xy[i] for i in part], an.frames.shape[1:],
+                             truth["bond_px"])
+        s["frames"] = f"{int(an.frame_index[part[0]])}–{int(an.frame_index[part[-1]])}"
+        out.append(s)
+    return out
+
+
+def impurity_scores(an: Analysis, truth: dict) -> dict | None:
+    """Heavy-class precision / recall (truth class 2) of a multi-class ensemble; class of a
+    detection = the argmax of the mean class maps at its centre. None for a 1-class ensemble."""
+    from trainer.elit.experiment import value_at
+
+    if an.probs.shape[2] < 2:
+        return None
+    xy, _ = detections(an)
+    tp = pred_heavy = true_heavy = 0
+    for t, f in enumerate(an.frame_index):
+        mean = an.probs[t].astype(np.float32).mean(0)                       # [C, H, W]
+        p = xy[t][inside_margin(xy[t], an.frames.shape[1:], 4.0)]
+        keep_t = inside_margin(truth["xy"][int(f)], an.frames.shape[1:], 4.0)
+        t_xy, t_cls = truth["xy"][int(f)][keep_t], truth["cls"][int(f)][keep_t]
+        heavy = (np.argmax(np.stack([value_at(m, p) for m in mean]), 0) == 1) if len(p) else np.zeros(0, bool)
+        ok, partner = match_atoms(p, t_xy, 0.4 * truth["bond_px"])
+        pred_heavy += heavy.sum()
+        true_heavy += (t_cls == 2).sum()
+        if len(t_cls):
+            tp += (heavy & ok & (t_cls[np.maximum(partner, 0)] == 2)).sum()
+    return {"precision": float(tp / max(pred_heavy, 1)), "recall": float(tp / max(true_heavy, 1)),
+            "predicted_heavy": int(pred_heavy), "true_heavy": int(true_heavy), "right": int(tp)}
+
+
+KINDS = ("lattice", "lattice at frame edge", "Si", "amorphous", "no atom")
+OUTCOMES = {0: "kept", 1: "ignored", 2: "ignored", 4: "ignored", 3: "background"}
+
+
+def filter_vs_truth(atoms, truth: dict, shape, edge_px: float) -> dict:
+    """What the relabelling did with each kind of true atom: counts of kept / ignored / taught as
+    background per kind (lattice within ``edge_px`` of the frame edge counted apart; "no atom" =
+    detections matching no true atom). True atoms the ensemble missed are "not found" (taught as
+    background too, by omission)."""
+    table = {k: {"kept": 0, "ignored": 0, "background": 0, "not found": 0} for k in KINDS}
+    for fa in atoms:
+        t_xy, t_cls = truth["xy"][fa.frame], truth["cls"][fa.frame]
+        edge = ~inside_margin(t_xy, shape, edge_px)
+        kind = np.where(t_cls == 2, "Si", np.where(t_cls == 3, "amorphous",
+                        np.where(edge, "lattice at frame edge", "lattice")))
+        ok, partner = match_atoms(fa.xy, t_xy, 0.4 * truth["bond_px"])
+        for r, good, j in zip(fa.reason, ok, partner):
+            table[kind[j] if good else "no atom"][OUTCOMES[int(r)]] += 1
+        found = np.zeros(len(t_xy), bool)
+        found[partner[ok]] = True
+        for k in KINDS[:4]:
+            table[k]["not found"] += int((~found & (kind == k)).sum())
+    return table
