@@ -10,7 +10,6 @@ from __future__ import annotations
 import urllib.request
 
 import msgpack
-import numpy as np
 import pytest
 
 from elit_stream.protocol import wire

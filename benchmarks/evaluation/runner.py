@@ -1,11 +1,13 @@
-"""The artifact on the suite's frames, exactly as the service runs it (service/loop.py `_process`):
-`Engine.prepare(frame, pixel_size_pm)` (rescale to the model's pixel size, per-frame min-max,
-pad), `Engine.run`, `postprocess.analyse` over the active members (here: all) with the default
-`Params`, then `Geometry.to_frame_xy` back to the input frame's pixels. In-process, no sockets.
+"""The artifact on the suite's frames, exactly as the service runs it: `core.pipeline.analyse_frame`
+(the function the service's frame thread and `elit-stream batch` call): `Engine.prepare(frame,
+pixel_size_pm)` (rescale to the model's pixel size, per-frame min-max, pad), `Engine.run`,
+`postprocess.analyse` over the active members (here: all) with the default `Params`, coordinates
+back to the input frame's pixels, and the OOD score against the artifact's `ood_reference`.
+In-process, no sockets.
 
-Optional per-atom / per-frame outputs, used where the analysis provides them (other issues add
-them): a class-confidence column (first of CLASS_CONF_NAMES found on the FrameAnalysis) and an
-out-of-distribution flag (first of OOD_NAMES). Absent -> None, reported as "n/a".
+Optional outputs, used where the artifact provides them: a class-confidence column (first of
+CLASS_CONF_NAMES found on the FrameAnalysis) and the out-of-distribution flag (None for an
+artifact without an `ood_reference`). Absent -> None, reported as "n/a".
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from elit_stream.core.artifact import load_artifact
-from elit_stream.core.engine import Engine, EngineError
+from elit_stream.core.engine import Engine
 from elit_stream.core.ensemble import ActiveSet
-from elit_stream.core.postprocess import Params, analyse
+from elit_stream.core.ood import OodReference
+from elit_stream.core.pipeline import FrameRejected, analyse_frame
+from elit_stream.core.postprocess import Params
 
-CLASS_CONF_NAMES = ("class_conf", "class_prob", "cls_prob", "cls_conf", "class_confidence")
-OOD_NAMES = ("ood_flag", "ood", "is_ood")
+CLASS_CONF_NAMES = ("cls_prob", "class_conf", "class_prob", "cls_conf", "class_confidence")
 HEAVY_CLASS_NAMES = ("impurity", "heavy")
 
 
@@ -46,8 +49,11 @@ class ModelRunner:
     def __init__(self, model_dir, threads: int | None = None):
         self.artifact = load_artifact(model_dir)
         self.engine = Engine(self.artifact, device="cpu", threads=threads)
-        self.active = ActiveSet.full(self.artifact.member_ids).indices
+        self.active_set = ActiveSet.full(self.artifact.member_ids)
+        self.active = self.active_set.indices
         self.params = Params()
+        ref = self.artifact.ood_reference
+        self.ood_reference = OodReference.from_manifest(ref) if ref else None
         names = [n.lower() for n in self.artifact.class_names]
         self.heavy_index = next((names.index(n) for n in HEAVY_CLASS_NAMES if n in names), None)
 
@@ -60,18 +66,18 @@ class ModelRunner:
                want_maps: bool = False) -> Detections:
         t0 = time.perf_counter()
         try:
-            net_input, geom = self.engine.prepare(image, pixel_size_pm)
-        except EngineError as exc:      # the service rejects such a frame (bad_frame)
+            out = analyse_frame(self.engine, image, pixel_size_pm, self.active_set, self.params,
+                                ood_reference=self.ood_reference)
+        except FrameRejected as exc:      # the service rejects such a frame (bad_frame)
             return _rejected(str(exc), time.perf_counter() - t0)
-        probs = self.engine.run(net_input)
-        fa = analyse(probs, self.active, self.params, geom.valid_shape)
-        x, y = geom.to_frame_xy(fa.x, fa.y)
+        fa, geom, probs, x, y = out.analysis, out.geom, out.probs, out.x, out.y
         seconds = time.perf_counter() - t0
         heavy = (fa.cls == self.heavy_index) if self.heavy_index is not None \
             else np.zeros(fa.n_atoms, bool)
         det = Detections(np.stack([x, y], 1).astype(np.float32), heavy.astype(np.uint8),
                          np.asarray(fa.uncertainty, float), _first(fa, CLASS_CONF_NAMES),
-                         _flag(_first(fa, OOD_NAMES)), float(fa.mean_uncertainty),
+                         None if out.ood is None else bool(out.ood.flagged),
+                         float(fa.mean_uncertainty),
                          [int(c) for c in fa.count_per_member], seconds, scale=geom.scale)
         if want_maps:
             vh, vw = geom.valid_shape
@@ -85,13 +91,6 @@ def _first(fa, names):
         value = getattr(fa, name, None)
         if value is not None:
             return value
-    return None
-
-
-def _flag(value) -> bool | None:
-    """A boolean flag, or None (absent, or a score rather than a flag)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
     return None
 
 
