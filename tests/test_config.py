@@ -114,7 +114,7 @@ def test_cli_config_print_and_clear_error(tmp_path):
 
 
 def test_warmup_shape_option_parses_and_refuses_with_a_clear_message():
-    from elit_stream.tools.cli import _shape_arg
+    from elit_stream.tools.cli_serve import shape_arg as _shape_arg
     assert _shape_arg("512x384") == [512, 384] and _shape_arg("256") == [256, 256]
     assert load_config(None, {"model.warmup_shape_px": _shape_arg("64x48")}).model \
         .warmup_shape_px == (64, 48)
