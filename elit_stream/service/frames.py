@@ -146,8 +146,10 @@ class FrameLoop:
         st, key = self.state, (frame.acquisition, frame.frame_id)
         with st.lock:        # the frame boundary: changes made after this apply to the next one
             engine, active, params, st.in_flight = st.engine, st.active, st.params, key
+            ood_reference = st.policy.ood.reference     # the snapshot's model's, not a newer one
         try:
-            self._infer_and_publish(frame, t_recv, decode_s, engine, active, params)
+            self._infer_and_publish(frame, t_recv, decode_s, engine, active, params,
+                                    ood_reference)
         except wire.ProtocolError as exc:
             self._reject(frame.acquisition, frame.frame_id, exc.code, exc.message)
         except (FrameRejected, EngineError) as exc:  # the model cannot take this frame
@@ -160,13 +162,14 @@ class FrameLoop:
             with st.lock:
                 st.in_flight = None
 
-    def _infer_and_publish(self, frame, t_recv, decode_s, engine, active, params) -> None:
+    def _infer_and_publish(self, frame, t_recv, decode_s, engine, active, params,
+                           ood_reference) -> None:
         want_maps, want_members = self._maps_wanted(), self._member_maps_wanted()
         t0 = perf_counter()
         pixel_size_pm = self.admission.check(frame, engine)   # ProtocolError before any work
         admit_s = perf_counter() - t0
         out = analyse_frame(engine, frame.pixels, pixel_size_pm, active, params, want_maps,
-                            self.state.policy.ood.reference)
+                            ood_reference)
         fa, t3 = out.analysis, perf_counter()
         timings = {"decode": decode_s + admit_s, **out.timings_s}
         self._publish_result(frame, out, engine.artifact, active, timings, t3 - t_recv)
