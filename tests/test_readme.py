@@ -89,15 +89,24 @@ class Reader:
         self.stop()
         env = {**self.env, **{f"ELIT_ENDPOINTS__{n.upper()}": "tcp://127.0.0.1:0"
                               for n in DEFAULT_PORTS}}
-        self.service = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.cwd, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        text=True, start_new_session=True)
-        first = self.service.stdout.readline()      # the ready line (or EOF if it failed)
-        assert first.startswith("{"), f"`{line}` did not start: {first!r}"
+        self.service, first = self._start(line, env)
         self.endpoints = json.loads(first)["endpoints"]
         for name in DEFAULT_PORTS:
             self.env[f"ELIT_ENDPOINTS__{name.upper()}"] = self.endpoints[name]
         return first
+
+    def _start(self, command: str, env: dict) -> tuple[subprocess.Popen, str]:
+        """A command that runs until stopped (a terminal of its own) -> (process, its ready
+        line); fails the test if the first line is not the JSON ready line."""
+        proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        first = proc.stdout.readline()      # the ready line (or EOF if it failed)
+        if not first.startswith("{"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        assert first.startswith("{"), f"`{command}` did not start: {first!r}"
+        return proc, first
 
     def bash(self, body: str, cwd: Path | None = None) -> str:
         out = subprocess.run(["bash", "-e", "-c", body], cwd=cwd or self.cwd, env=self.env,
@@ -109,12 +118,8 @@ class Reader:
         """`elit-stream view` (a second terminal): started on a free HTTP port, its page fetched
         once, then stopped; -> its ready line."""
         command = line.split("#")[0].strip() + " --port 0"
-        proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.cwd, env=self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                start_new_session=True)
+        proc, first = self._start(command, self.env)
         try:
-            first = proc.stdout.readline()
-            assert first.startswith("{"), f"`{line}` did not start: {first!r}"
             with urllib.request.urlopen(json.loads(first)["url"], timeout=30) as page:
                 assert page.status == 200 and b"<html" in page.read(4096).lower()
             return first

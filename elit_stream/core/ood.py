@@ -76,6 +76,11 @@ class OodReference:
                                  f"one this service computes ({sorted(known)})")
         return cls(bands, float(ref["flag_above"]), float(ref["threshold"]), int(ref["frames"]))
 
+    @classmethod
+    def of(cls, ref: dict | None) -> OodReference | None:
+        """The artifact's `ood_reference` (may be absent: older artifacts) -> a reference or None."""
+        return cls.from_manifest(ref) if ref else None
+
     def score(self, figures: FrameFigures | None, threshold: float) -> OodScore | None:
         """The frame's score, or None when the figures are missing or were computed at another
         post-processing threshold than the reference's."""

@@ -66,7 +66,7 @@ class OodWatch:
     """Scores frames against an OOD reference; per acquisition, advisories on state changes."""
 
     def __init__(self, reference: dict | None):
-        self.reference = OodReference.from_manifest(reference) if reference else None
+        self.reference = OodReference.of(reference)
         self._state: dict[str, bool] = {}          # acquisition -> flagged (LRU order)
         self.last: dict | None = None
 
