@@ -146,10 +146,9 @@ class FrameLoop:
         st, key = self.state, (frame.acquisition, frame.frame_id)
         with st.lock:        # the frame boundary: changes made after this apply to the next one
             engine, active, params, st.in_flight = st.engine, st.active, st.params, key
-            ood_reference = st.policy.ood.reference     # the snapshot's model's, not a newer one
+            policy = st.policy      # the snapshot's model's (OOD reference, member statistics)
         try:
-            self._infer_and_publish(frame, t_recv, decode_s, engine, active, params,
-                                    ood_reference)
+            self._infer_and_publish(frame, t_recv, decode_s, engine, active, params, policy)
         except wire.ProtocolError as exc:
             self._reject(frame.acquisition, frame.frame_id, exc.code, exc.message)
         except (FrameRejected, EngineError) as exc:  # the model cannot take this frame
@@ -163,13 +162,13 @@ class FrameLoop:
                 st.in_flight = None
 
     def _infer_and_publish(self, frame, t_recv, decode_s, engine, active, params,
-                           ood_reference) -> None:
+                           policy) -> None:
         want_maps, want_members = self._maps_wanted(), self._member_maps_wanted()
         t0 = perf_counter()
         pixel_size_pm = self.admission.check(frame, engine)   # ProtocolError before any work
         admit_s = perf_counter() - t0
         out = analyse_frame(engine, frame.pixels, pixel_size_pm, active, params, want_maps,
-                            ood_reference)
+                            policy.ood.reference)
         fa, t3 = out.analysis, perf_counter()
         timings = {"decode": decode_s + admit_s, **out.timings_s}
         self._publish_result(frame, out, engine.artifact, active, timings, t3 - t_recv)
@@ -180,7 +179,7 @@ class FrameLoop:
                 self._publish_member_maps(frame, out, active)
             t4 = perf_counter()
             timings["publish"] = t4 - t3
-            self._observe(frame, fa, active, timings, t4 - t_recv, out.ood)
+            self._observe(frame, fa, active, timings, t4 - t_recv, out.ood, policy)
             self.metrics.stage.labels(stage="observe").observe(perf_counter() - t4)
         except Exception as exc:  # the result is out; report the failure as an event
             log.exception("after frame %s/%s", frame.acquisition, frame.frame_id)
@@ -228,12 +227,12 @@ class FrameLoop:
                   "frame_px_per_map_px": km / geom.scale, "frame_px_per_image_px": ki / geom.scale}
         wire.send(self.to_hub, wire.encode_member_maps(header, image, atom))
 
-    def _observe(self, frame, fa, active, timings_s, e2e_s, ood) -> None:
+    def _observe(self, frame, fa, active, timings_s, e2e_s, ood, policy) -> None:
         self.metrics.observe_frame(timings_s, e2e_s, fa.n_atoms, fa.mean_uncertainty, ood)
         st = self.state
-        with st.lock:
-            advisories = list(st.policy.observe(fa, active, ood, frame.acquisition,
-                                                frame.frame_id))
+        with st.lock:       # a model loaded mid-frame has a new policy: not fed the old one's frame
+            advisories = (list(policy.observe(fa, active, ood, frame.acquisition, frame.frame_id))
+                          if st.policy is policy else [])
         for adv in advisories:
             log.warning("%s advisory: %s", adv.kind, adv.message)
             self.metrics.advisories.labels(advisory=adv.kind).inc()
