@@ -108,6 +108,29 @@ def test_a_two_class_parent_gives_two_class_children(scene):
         fates(scene, n_classes=3)
 
 
+
+def test_rehearsal_prepends_exact_synthetic_tiles_and_keeps_the_movie_tail(scene):
+    """--rehearsal R adds R synthetic tiles (parent's world, exact labels, same classes) per movie
+    tile before the movie's tiles: the trainer's tail split keeps validation and test on the movie."""
+    from trainer.data.synth import SynthConfig
+    from trainer.elit.relabel import build_dataset
+
+    an = scene[0]
+    cfg = RelabelConfig(n_classes=2, tile_px=64, tiles_per_frame=4)
+    atoms, _ = select_atoms(an, [0, 1], cfg, 11.0)
+    plain = build_dataset(an, atoms, cfg, 11.0, RADIUS_PX, SynthConfig())
+    from dataclasses import replace
+    mixed = build_dataset(an, atoms, replace(cfg, rehearsal=1.5), 11.0, RADIUS_PX, SynthConfig())
+    n = len(plain.images)
+    assert len(mixed.images) == n + round(1.5 * n) and len(mixed.xy) == len(mixed.images)
+    np.testing.assert_array_equal(mixed.images[-n:], plain.images)      # movie tiles last, unchanged
+    np.testing.assert_array_equal(mixed.masks[-n:], plain.masks)
+    synthetic = mixed.masks[:-n]
+    assert set(np.unique(synthetic)) <= {0, 1, 2} and (synthetic == 1).any()   # exact labels
+    assert mixed.config == plain.config
+    with pytest.raises(ValueError, match="rehearsal"):
+        RelabelConfig(rehearsal=-1)
+
 def test_contamination_blob_and_gradient_do_not_make_lattice_atoms_heavy():
     from trainer.elit.intensity import atom_intensities, local_contrast, split_by_contrast
 

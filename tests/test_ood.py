@@ -278,3 +278,22 @@ def test_export_records_a_reference(tmp_path):
                    log=lambda *_: None, reference_frames=8)
     ref = verify_artifact(out)["ood_reference"]
     assert ref["frames"] == 8 and "order" in ref["figures"]
+
+
+def test_reference_frames_leave_out_empty_scenes(monkeypatch):
+    """The physical world has vacuum tiles; an empty field of view is what the alarm is for, so the
+    reference is made from the scenes with atoms only."""
+    from trainer.data.config import SynthConfig
+    from trainer.data.synth import make_sample
+    from trainer.model import reference
+
+    world = SynthConfig.physical(scenes=("single_atoms", "vacuum"), scene_weights=(1.0, 1000.0))
+    used = []
+
+    def spy(rng, cfg):
+        used.append(cfg.scene_weights)
+        return make_sample(rng, cfg)
+
+    monkeypatch.setattr(reference, "make_sample", spy)
+    frames = list(reference.reference_frames(world, 3, seed=5, size_px=64))
+    assert used == [(1.0, 0.0)] * 3 and all(f.shape == (64, 64) for f in frames)

@@ -133,6 +133,10 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
                    "background over the neighbours' median; default 2.2)")
     g.add_argument("--tile", type=_pos_int, default=d.tile_px, help="tile size in px (multiple of 8)")
     g.add_argument("--tiles-per-frame", type=_pos_int, default=d.tiles_per_frame)
+    g.add_argument("--rehearsal", type=float, default=d.rehearsal,
+                   help="add this many tiles of the parent's synthetic training world (exact labels) "
+                   "per movie tile, so a child does not forget what its parent learnt from truth "
+                   f"(default {d.rehearsal:g}: none)")
     g.add_argument("--relabel-seed", type=int, default=0)
 
 
@@ -146,7 +150,8 @@ def relabel_config(args, n_classes: int = 1):
                          geometry_rescue=not args.no_geometry_rescue,
                          keep_atom_like=args.keep_atom_like or None,
                          heavy_threshold=args.heavy_threshold, n_classes=n_classes, tile_px=args.tile,
-                         tiles_per_frame=args.tiles_per_frame, seed=args.relabel_seed)
+                         tiles_per_frame=args.tiles_per_frame, rehearsal=args.rehearsal,
+                         seed=args.relabel_seed)
 
 
 def _retrain_args(p) -> None:

@@ -141,6 +141,7 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
     run.mkdir(parents=True, exist_ok=True)
     idx = parse_frames(cfg.analyse_frames, len(frames))
     rows, current = [], Path(artifact)
+    world = _parent_synth(read_manifest(current))      # rehearsal tiles: the first parent's world
     for i in range(cfg.iterations + 1):
         it = run / f"iter_{i}"
         an = _analysis(current, frames, idx, cfg.pixel_size_pm, it / "analysis", log)
@@ -156,7 +157,7 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
             return rows
         select, best = None, None                      # an operator's choice applies once
         rcfg = replace(cfg.relabel, n_classes=len(read_manifest(current)["classes"]))
-        dataset = _relabel(an, sel, rcfg, current, it / "relabel", log, truth)
+        dataset = _relabel(an, sel, rcfg, current, it / "relabel", log, truth, world)
         info = json.loads((it / "relabel" / "relabel.json").read_text())
         f = info["filters"]
         row["label_free"] = movie_figures(an, f["kept"] / max(f["atoms"], 1))
@@ -227,7 +228,7 @@ def _selection(an: Analysis, it: Path, cfg: LoopConfig, select, best, last: bool
 
 
 def _relabel(an: Analysis, sel: Selection, rcfg: RelabelConfig, artifact: Path, out: Path, log,
-             truth: dict | None = None) -> Path:
+             truth: dict | None = None, world=None) -> Path:
     if (out / "dataset.npz").is_file() and (out / "relabel.json").is_file():
         return out / "dataset.npz"
     manifest = read_manifest(artifact)
@@ -241,12 +242,13 @@ def _relabel(an: Analysis, sel: Selection, rcfg: RelabelConfig, artifact: Path, 
         (out / "filter_truth.json").write_text(json.dumps(table, indent=1) + "\n")
         filter_truth_png(an, atoms, truth, table, out / "filter_truth.png")
     ds = build_dataset(an, atoms, rcfg, manifest["pixel_size_pm"], manifest["atom_radius_px"],
-                       _parent_synth(manifest))
+                       _parent_synth(manifest), world)
     path = write_relabel(out, ds, atoms, info, rcfg, an, sel.members)
     log(f"relabelled ({rcfg.n_classes} class(es)): {info['kept']} atoms kept, {info['dropped']} "
         f"dropped by the GMM ({info['geometry_rescued']} rescued by lattice geometry, "
         f"{info['dropped_as_background']} vacuum → background), {info['dropped_uncertainty']} "
-        f"by uncertainty; {len(ds.images)} tiles -> {path}")
+        f"by uncertainty; {len(ds.images)} tiles ({len(ds.images) - len(atoms) * rcfg.tiles_per_frame} "
+        f"of them rehearsal of the parent's synthetic world) -> {path}")
     return path
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from trainer.data.synth import Dataset, SynthConfig, paint_discs, save_dataset
+from trainer.data.synth import Dataset, SynthConfig, make_dataset, paint_discs, save_dataset
 from trainer.elit.experiment import Analysis, atoms_with_uncertainty  # noqa: F401 (re-exported)
 from trainer.model.artifact import normalise_minmax
 
@@ -83,6 +83,7 @@ class RelabelConfig:
     tiles_per_frame: int = 16
     scale_jitter: float = 0.1            # zoom drawn in [1 - j, 1 + j]
     noise_max: float = 0.08              # Gaussian noise std drawn in [0, noise_max] (of range)
+    rehearsal: float = 0.0               # + this many synthetic tiles per movie tile (parent's world)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +91,9 @@ class RelabelConfig:
             raise ValueError(f"gmm_keep must be tight, large, 0, 1 or none, not {self.gmm_keep!r}")
         if self.dropped_as not in ("auto", "ignore", "background"):
             raise ValueError(f"dropped_as must be auto, ignore or background, not {self.dropped_as!r}")
+        if not 0 <= self.rehearsal <= 10:
+            raise ValueError(f"rehearsal must be in [0, 10] synthetic tiles per movie tile, not "
+                             f"{self.rehearsal}")
         if self.tile_px % 8 or self.tile_px < 32:
             raise ValueError(f"tile size must be a multiple of 8 and >= 32, not {self.tile_px}")
 
@@ -359,8 +363,10 @@ def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cl
 
 
 def build_dataset(an: Analysis, atoms: list[FrameAtoms], cfg: RelabelConfig, nominal_px_pm: float,
-                  radius_nominal_px: float, base_synth: SynthConfig) -> Dataset:
-    """Tiles from every chosen frame, in frame order (so a tail split holds out the last frames)."""
+                  radius_nominal_px: float, base_synth: SynthConfig,
+                  world: SynthConfig | None = None) -> Dataset:
+    """Tiles from every chosen frame, in frame order (so a tail split holds out the last frames);
+    with ``cfg.rehearsal``, synthetic tiles of ``world`` (default ``base_synth``) before them."""
     rng = np.random.default_rng(cfg.seed)
     s = an.pixel_size_pm / nominal_px_pm                 # frames -> artifact scale
     images, masks, xys, clss, pix = [], [], [], [], []
@@ -382,8 +388,24 @@ def build_dataset(an: Analysis, atoms: list[FrameAtoms], cfg: RelabelConfig, nom
     jit = (1 / (1 + cfg.scale_jitter), 1 + cfg.scale_jitter)
     synth = replace(base_synth, size_px=cfg.tile_px, n_classes=cfg.n_classes, zoom_range=jit,
                     pixel_size_pm=nominal_px_pm, atom_radius_px=radius_nominal_px)
-    return Dataset(np.stack(images), np.stack(masks), xys, clss, np.array(pix, np.float32), synth,
-                   cfg.seed)
+    ds = Dataset(np.stack(images), np.stack(masks), xys, clss, np.array(pix, np.float32), synth,
+                 cfg.seed)
+    return with_rehearsal(ds, world or base_synth, cfg) if cfg.rehearsal > 0 else ds
+
+
+def with_rehearsal(ds: Dataset, world: SynthConfig, cfg: RelabelConfig) -> Dataset:
+    """Prepend round(rehearsal x N) tiles of the parent's own synthetic world (exact labels) to
+    the N movie tiles, so a child keeps what its parent learnt from truth while it adapts to the
+    movie. Prepended: the trainer's tail split keeps validation and test on the movie's last frames."""
+    n = int(round(cfg.rehearsal * len(ds.images)))
+    if n == 0:
+        return ds
+    syn = make_dataset(n, 1_000_003 + cfg.seed, replace(world, size_px=cfg.tile_px,
+                                                        n_classes=cfg.n_classes))
+    return Dataset(np.concatenate([syn.images, ds.images]), np.concatenate([syn.masks, ds.masks]),
+                   syn.xy + ds.xy, syn.cls + ds.cls,
+                   np.concatenate([syn.pixel_size_pm, ds.pixel_size_pm]).astype(np.float32),
+                   ds.config, ds.seed)
 
 
 def write_relabel(out_dir: Path, ds: Dataset, atoms: list[FrameAtoms], info: dict,
@@ -392,6 +414,7 @@ def write_relabel(out_dir: Path, ds: Dataset, atoms: list[FrameAtoms], info: dic
     save_dataset(ds, out_dir / "dataset.npz")
     summary = {"config": asdict(cfg), "members": members, "artifact": an.artifact,
                "frames": [fa.frame for fa in atoms], "filters": info, "tiles": len(ds.images),
+               "rehearsal_tiles": len(ds.images) - len(atoms) * cfg.tiles_per_frame,
                "ignored_pixel_fraction": float((ds.masks == IGNORE).mean())}
     (out_dir / "relabel.json").write_text(json.dumps(summary, indent=1) + "\n")
     from trainer.elit.figures import kept_dropped_png

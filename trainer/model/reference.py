@@ -103,10 +103,16 @@ def bands(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
+EXCLUDED_SCENES = ("vacuum",)       # a frame with nothing to find is what the alarm is for
+
+
 def reference_frames(synth: SynthConfig, n: int, seed: int, size_px: int):
-    """``n`` in-distribution frames (float32, [0, 1]) of ``synth`` at ``size_px``."""
+    """``n`` in-distribution frames (float32, [0, 1]) of ``synth`` at ``size_px``; the physical
+    world's empty scenes (EXCLUDED_SCENES) are left out: an empty field of view is to be flagged."""
     rng = np.random.default_rng(seed)
-    cfg = replace(synth, size_px=size_px)
+    weights = tuple(0.0 if name in EXCLUDED_SCENES else w
+                    for name, w in zip(synth.scenes, synth.scene_weights))
+    cfg = replace(synth, size_px=size_px, scene_weights=weights)
     for _ in range(n):
         yield make_sample(rng, cfg).image
 
@@ -140,6 +146,8 @@ def compute_reference(artifact_dir: Path, frames: int = DEFAULT_FRAMES, seed: in
             log(f"reference: {i + 1}/{frames} frames")
     ref = {"version": VERSION, "threshold": THRESHOLD, "flag_above": FLAG_ABOVE, "frames": frames,
            "seed": seed, "size_px": size_px, "figures": bands(rows)}
+    if set(synth.scenes) & set(EXCLUDED_SCENES):
+        ref["scenes_excluded"] = sorted(set(synth.scenes) & set(EXCLUDED_SCENES))
     if command:
         ref["command"] = command
     return ref
