@@ -129,6 +129,7 @@ class OodReferenceSpec(_Strict):
     seed: int
     size_px: int = Field(ge=1)
     command: str = None  # type: ignore[assignment]  # optional, never null
+    scenes_excluded: list[str] = None  # type: ignore[assignment]  # optional, never null
     figures: dict[str, FigureBandSpec] = Field(min_length=1)
 
 
