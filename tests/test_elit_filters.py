@@ -181,3 +181,18 @@ def test_test_movie_truth_counts_amorphous_atoms():
                                    contamination_peak=2.0, gradient_before=1.0))
     assert 10 < (movie.truth_cls[0] == 3).sum() <= len(movie.amorphous_xy[0])
     assert {1, 3} <= set(np.unique(movie.truth_cls[1]).tolist())
+
+
+def test_the_evaluation_suites_drift_movie_is_read_with_its_segments(tmp_path):
+    """The loop scores against the evaluation suite's movie file (docs/evaluation.md: classes
+    0 carbon / 1 Si, named segments, no bond length) as against its own test movies."""
+    from trainer.data.testmovie import load_truth
+
+    xy = np.array([[10, 10], [20, 20], [30, 30]], np.float32)
+    np.savez(tmp_path / "movie.npz", frames=np.zeros((2, 32, 32), np.float32), truth_xy=xy,
+             truth_cls=np.array([0, 1, 0], np.uint8), truth_offsets=np.array([0, 2, 3]),
+             pixel_size_pm=np.float64(15.0), segment=np.array(["clean", "dose"]))
+    t = load_truth(tmp_path / "movie.npz")
+    assert [c.tolist() for c in t["cls"]] == [[1, 2], [1]]        # Si is the heavy class 2
+    assert t["bond_px"] == pytest.approx(142 / 15) and t["segment"] == ["clean", "dose"]
+    assert [len(x) for x in t["xy"]] == [2, 1]

@@ -247,18 +247,32 @@ def save_movie(movie: Movie, path: Path) -> None:
         config=np.array(json.dumps(asdict(movie.config))))
 
 
+GRAPHENE_BOND_PM = 142.0
+
+
 def load_truth(path: Path) -> dict | None:
-    """Truth of a movie file written here: {"xy": [...], "cls": [...], "bond_px", "pixel_size_pm"};
-    None if the file carries no truth."""
+    """Truth of a movie file: {"xy": [...], "cls": [...], "bond_px", "pixel_size_pm"} (+ "segment":
+    a name per frame, when the file has them); None if the file carries no truth.
+
+    Reads the movies written here (classes 1 lattice C, 2 Si, 3 amorphous C) and the evaluation
+    suite's drift movie (`python -m benchmarks.evaluate`, docs/evaluation.md: classes 0 carbon,
+    1 Si, mapped to 1 and 2; no `bond_px`, so graphene's 142 pm over the pixel size)."""
     path = Path(path)
     if path.suffix.lower() != ".npz":
         return None
     with np.load(path, allow_pickle=False) as z:
         if "truth_xy" not in z:
             return None
-        off = z["truth_offsets"]
-        return {"xy": np.split(z["truth_xy"], off[1:-1]), "cls": np.split(z["truth_cls"], off[1:-1]),
-                "bond_px": float(z["bond_px"]), "pixel_size_pm": float(z["pixel_size_pm"])}
+        off, cls = z["truth_offsets"], z["truth_cls"]
+        pixel = float(z["pixel_size_pm"])
+        evaluation = "bond_px" not in z
+        truth = {"xy": np.split(z["truth_xy"], off[1:-1]),
+                 "cls": np.split(cls + 1 if evaluation else cls, off[1:-1]),
+                 "bond_px": GRAPHENE_BOND_PM / pixel if evaluation else float(z["bond_px"]),
+                 "pixel_size_pm": pixel}
+        if "segment" in z:
+            truth["segment"] = [str(s) for s in z["segment"]]
+        return truth
 
 
 def feature_centres_px(cfg: MovieConfig, frame: int) -> dict:

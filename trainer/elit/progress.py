@@ -27,7 +27,8 @@ def label_free_table(rows: list[dict]) -> list[str]:
 def truth_table(rows: list[dict]) -> list[str]:
     n_seg = max((len(r.get("segments") or []) for r in rows), default=0)
     segs = next((r["segments"] for r in rows if r.get("segments")), [])
-    head = " | ".join(f"F1 frames {s['frames']}" for s in segs)
+    head = " | ".join(f"F1 {s['segment']}" if s.get("segment") else f"F1 frames {s['frames']}"
+                      for s in segs)
     lines = [f"| iteration | F1 | precision | recall | {head} | impurity P | impurity R | "
              "AUROC unc. |", "|---:|---:|---:|---:|" + "---:|" * n_seg + "---:|---:|---:|"]
     for r in rows:

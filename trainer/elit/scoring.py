@@ -150,14 +150,25 @@ if __name__ == "__main__":
 
 
 def segment_scores(an: Analysis, truth: dict, n_segments: int = 4) -> list[dict]:
-    """F1 / precision / recall on ``n_segments`` consecutive runs of the analysed frames."""
+    """F1 / precision / recall per segment of the analysed frames: the movie's own named segments
+    when the truth has them (the evaluation suite's drift movie), else ``n_segments`` equal runs."""
     xy, _ = detections(an)
     t_xy = [truth["xy"][int(f)] for f in an.frame_index]
+    names = truth.get("segment")
+    if names:
+        labels = [names[int(f)] for f in an.frame_index]
+        order = list(dict.fromkeys(labels))
+        parts = [np.flatnonzero(np.array(labels) == name) for name in order]
+    else:
+        parts = np.array_split(np.arange(len(xy)), min(n_segments, len(xy)))
+        order = [None] * len(parts)
     out = []
-    for part in np.array_split(np.arange(len(xy)), min(n_segments, len(xy))):
+    for name, part in zip(order, parts):
         s = detection_scores([xy[i] for i in part], [t_xy[i] for i in part], an.frames.shape[1:],
                              truth["bond_px"])
         s["frames"] = f"{int(an.frame_index[part[0]])}–{int(an.frame_index[part[-1]])}"
+        if name is not None:
+            s["segment"] = name
         out.append(s)
     return out
 
