@@ -129,6 +129,19 @@ def test_score_is_zero_inside_the_band_and_grows_outside():
     assert ref.score(FrameFigures(0.0, 0.0, 0.0, 0.0), 0.6) is None  # another threshold
 
 
+def test_a_pixel_size_outside_the_trained_range_is_an_excursion():
+    """A frame recorded at a pixel size the ensemble never saw is out of distribution however
+    ordinary its figures look (a lattice at 3x the range, rescaled, looks like a lattice)."""
+    ref = OodReference.of(REF, pixel_range_pm=[10.0, 20.0])
+    ordinary = FrameFigures(0.1, 0.2, 0.1, 50.0)
+    assert ref.score(ordinary, 0.5, 15.0).excursions["pixel_size"] == 0.0
+    assert ref.score(ordinary, 0.5, None).score == 0.0                  # no pixel size: no excursion
+    coarse = ref.score(ordinary, 0.5, 60.0)                             # 3x the coarsest
+    assert coarse.flagged and coarse.worst == "pixel_size"
+    assert coarse.score == pytest.approx(np.log(3) / np.log(2), rel=1e-3)
+    assert ref.score(ordinary, 0.5, 5.0).excursions["pixel_size"] == pytest.approx(1.0)  # 2x finer
+    assert OodReference.of(REF).score(ordinary, 0.5, 60.0).score == 0.0  # range unknown
+
 def test_reference_without_known_figures_is_refused():
     with pytest.raises(ReferenceError, match="none of the figures"):
         OodReference.from_manifest({**REF, "figures": {"x": REF["figures"]["unknown_figure"]}})
@@ -296,4 +309,25 @@ def test_reference_frames_leave_out_empty_scenes(monkeypatch):
 
     monkeypatch.setattr(reference, "make_sample", spy)
     frames = list(reference.reference_frames(world, 3, seed=5, size_px=64))
-    assert used == [(1.0, 0.0)] * 3 and all(f.shape == (64, 64) for f in frames)
+    assert set(used) == {(1.0, 0.0)} and len(frames) == 3
+    assert all(f.shape == (64, 64) for f in frames)
+
+
+def test_reference_frames_leave_out_frames_without_atoms(monkeypatch):
+    """A frame that shows fewer than MIN_ATOMS atoms (a sparse scene at a fine pixel size) is not
+    taken as normal either: noise or vacuum frames look just like it."""
+    from trainer.data.config import SynthConfig
+    from trainer.data.synth import Sample
+    from trainer.model import reference
+
+    def sample(n_atoms):
+        return Sample(np.full((8, 8), float(n_atoms), np.float32), np.zeros((8, 8), np.uint8),
+                      np.zeros((n_atoms, 2), np.float32), np.ones(n_atoms, np.uint8), 10.0)
+
+    counts = iter([0, 5, 2, 3, 1, 9, 0, 4])
+    monkeypatch.setattr(reference, "make_sample", lambda rng, cfg: sample(next(counts)))
+    frames = list(reference.reference_frames(SynthConfig(), 4, seed=5, size_px=64))
+    assert [int(f[0, 0]) for f in frames] == [5, 3, 9, 4]
+    monkeypatch.setattr(reference, "make_sample", lambda rng, cfg: sample(0))
+    with pytest.raises(ValueError, match="nearly"):
+        list(reference.reference_frames(SynthConfig(), 2, seed=5, size_px=64))

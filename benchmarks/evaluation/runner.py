@@ -52,7 +52,8 @@ class ModelRunner:
         self.active_set = ActiveSet.full(self.artifact.member_ids)
         self.active = self.active_set.indices
         self.params = Params()
-        self.ood_reference = OodReference.of(self.artifact.ood_reference)
+        self.ood_reference = OodReference.of(self.artifact.ood_reference,
+                                             self.artifact.manifest["pixel_size_range_pm"])
         names = [n.lower() for n in self.artifact.class_names]
         self.heavy_index = next((names.index(n) for n in HEAVY_CLASS_NAMES if n in names), None)
 

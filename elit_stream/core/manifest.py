@@ -130,6 +130,7 @@ class OodReferenceSpec(_Strict):
     size_px: int = Field(ge=1)
     command: str = None  # type: ignore[assignment]  # optional, never null
     scenes_excluded: list[str] = None  # type: ignore[assignment]  # optional, never null
+    min_atoms: int = Field(default=None, ge=0)  # type: ignore[assignment]  # optional, never null
     figures: dict[str, FigureBandSpec] = Field(min_length=1)
 
 

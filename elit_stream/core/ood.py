@@ -8,7 +8,10 @@ its [low, high] band, in units of that figure's interquartile range (`scale`):
     z_k = max(0, L_k - high_k, low_k - L_k) / scale_k,   L_k = log(figure_k + floor_k)
     ood = max_k z_k;   flagged when ood > flag_above
 
-(a figure whose `side` is "high" counts only above `high`, "low" only below `low`). So 0 means
+(a figure whose `side` is "high" counts only above `high`, "low" only below `low`). A frame whose
+pixel size lies outside the artifact's trained range (`pixel_size_range_pm`) adds the excursion
+`pixel_size` = log(factor outside the range) / log 2 (1 = twice as coarse or fine as anything
+trained on): rescaling it to the model's pixel size is an extrapolation. So 0 means
 every figure lies inside the band seen on in-distribution frames; 1 means one figure lies an
 interquartile range beyond it. Absolute: it needs no history, so the first frame of a
 session is scored like any other. Figures computed at another post-processing threshold than the
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from elit_stream.core.postprocess import FIGURES, FrameFigures
 
 REFERENCE_VERSION = 1
+PIXEL_SIZE_SCALE = math.log(2.0)   # the pixel_size excursion: 1 = a factor 2 outside the range
 
 
 class ReferenceError(ValueError):
@@ -55,9 +59,10 @@ class OodReference:
     flag_above: float
     threshold: float              # the post-processing threshold the figures were computed at
     frames: int
+    pixel_range_pm: tuple[float, float] | None = None   # the artifact's trained pixel sizes
 
     @classmethod
-    def from_manifest(cls, ref: dict) -> OodReference:
+    def from_manifest(cls, ref: dict, pixel_range_pm=None) -> OodReference:
         """From the manifest's `ood_reference` (schema-checked already); figures this service
         does not compute are ignored, and at least one known figure is required."""
         known = set(FIGURES)
@@ -74,16 +79,20 @@ class OodReference:
         if not bands:
             raise ReferenceError(f"ood_reference: none of the figures {sorted(ref['figures'])} is "
                                  f"one this service computes ({sorted(known)})")
-        return cls(bands, float(ref["flag_above"]), float(ref["threshold"]), int(ref["frames"]))
+        rng = None if pixel_range_pm is None else (float(pixel_range_pm[0]), float(pixel_range_pm[1]))
+        return cls(bands, float(ref["flag_above"]), float(ref["threshold"]), int(ref["frames"]), rng)
 
     @classmethod
-    def of(cls, ref: dict | None) -> OodReference | None:
-        """The artifact's `ood_reference` (may be absent: older artifacts) -> a reference or None."""
-        return cls.from_manifest(ref) if ref else None
+    def of(cls, ref: dict | None, pixel_range_pm=None) -> OodReference | None:
+        """The artifact's `ood_reference` (may be absent: older artifacts) and its
+        `pixel_size_range_pm` -> a reference or None."""
+        return cls.from_manifest(ref, pixel_range_pm) if ref else None
 
-    def score(self, figures: FrameFigures | None, threshold: float) -> OodScore | None:
+    def score(self, figures: FrameFigures | None, threshold: float,
+              pixel_size_pm: float | None = None) -> OodScore | None:
         """The frame's score, or None when the figures are missing or were computed at another
-        post-processing threshold than the reference's."""
+        post-processing threshold than the reference's. With the frame's pixel size and the
+        artifact's range, a pixel size outside the range is an excursion too."""
         if figures is None or not math.isclose(threshold, self.threshold, abs_tol=1e-9):
             return None
         z = {}
@@ -92,5 +101,9 @@ class OodReference:
             above = v - b.high if b.side != "low" else 0.0
             below = b.low - v if b.side != "high" else 0.0
             z[name] = round(max(0.0, above, below) / b.scale, 4)
+        if pixel_size_pm is not None and self.pixel_range_pm is not None and pixel_size_pm > 0:
+            lo, hi = self.pixel_range_pm
+            outside = max(0.0, math.log(pixel_size_pm / hi), math.log(lo / pixel_size_pm))
+            z["pixel_size"] = round(outside / PIXEL_SIZE_SCALE, 4)
         score = max(z.values())
         return OodScore(score, score > self.flag_above, z)

@@ -53,7 +53,8 @@ def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | Non
     t2 = perf_counter()
     fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
     x, y = geom.to_frame_xy(fa.x, fa.y)
-    ood = ood_reference.score(fa.figures, params.threshold) if ood_reference else None
+    ood = (ood_reference.score(fa.figures, params.threshold, pixel_size_pm) if ood_reference
+           else None)
     t3 = perf_counter()
     return FrameOutput(fa, x, y, geom, {"prepare": t1 - t0, "infer": t2 - t1, "analyse": t3 - t2},
                        net_input, probs, ood)

@@ -350,7 +350,8 @@ class ModelLoader(threading.Thread):
 
 
 def new_policy(cfg: PolicyConfig, artifact: Artifact) -> SelectionPolicy:
-    return SelectionPolicy(cfg, list(artifact.member_ids), artifact.ood_reference)
+    return SelectionPolicy(cfg, list(artifact.member_ids), artifact.ood_reference,
+                           artifact.manifest["pixel_size_range_pm"])
 
 
 def swap_in(state: State, loader: ModelLoader, next_seq: int) -> dict:

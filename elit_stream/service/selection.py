@@ -65,15 +65,16 @@ class Advisory:
 class OodWatch:
     """Scores frames against an OOD reference; per acquisition, advisories on state changes."""
 
-    def __init__(self, reference: dict | None):
-        self.reference = OodReference.of(reference)
+    def __init__(self, reference: dict | None, pixel_range_pm=None):
+        self.reference = OodReference.of(reference, pixel_range_pm)
         self._state: dict[str, bool] = {}          # acquisition -> flagged (LRU order)
         self.last: dict | None = None
 
-    def score(self, analysis: FrameAnalysis, threshold: float) -> OodScore | None:
+    def score(self, analysis: FrameAnalysis, threshold: float,
+              pixel_size_pm: float | None = None) -> OodScore | None:
         if self.reference is None:
             return None
-        return self.reference.score(analysis.figures, threshold)
+        return self.reference.score(analysis.figures, threshold, pixel_size_pm)
 
     def observe(self, ood: OodScore | None, acquisition: str, frame_id: int,
                 members: tuple[int, ...]) -> list[Advisory]:
@@ -90,8 +91,11 @@ class OodWatch:
         figures = {"ood": round(ood.score, 4), "flag_above": self.reference.flag_above,
                    "excursions": dict(ood.excursions)}
         if ood.flagged:
+            worst = ood.worst
+            if worst == "pixel_size" and self.reference.pixel_range_pm:
+                worst += " (outside the trained {:g}-{:g} pm/px)".format(*self.reference.pixel_range_pm)
             msg = (f"frame {frame_id} of {acquisition!r} is out of distribution (score "
-                   f"{ood.score:.2f} > {self.reference.flag_above:g}, mostly {ood.worst}): "
+                   f"{ood.score:.2f} > {self.reference.flag_above:g}, mostly {worst}): "
                    f"the ensemble has not been trained for data like this")
             return [Advisory("ood", members, msg, figures)]
         msg = f"frame {frame_id} of {acquisition!r} is back in distribution (score {ood.score:.2f})"
@@ -109,7 +113,8 @@ class OodWatch:
 
 
 class SelectionPolicy:
-    def __init__(self, cfg: PolicyConfig, member_ids, ood_reference: dict | None = None):
+    def __init__(self, cfg: PolicyConfig, member_ids, ood_reference: dict | None = None,
+                 pixel_range_pm=None):
         self.cfg = cfg
         self.member_ids = tuple(int(m) for m in member_ids)
         n, w = len(self.member_ids), cfg.window
@@ -122,7 +127,7 @@ class SelectionPolicy:
         self._drifting = False
         self._version: int | None = None
         self._active_idx = np.arange(n)
-        self.ood = OodWatch(ood_reference)
+        self.ood = OodWatch(ood_reference, pixel_range_pm)
 
     def observe(self, analysis: FrameAnalysis, active: ActiveSet, ood: OodScore | None = None,
                 acquisition: str = "", frame_id: int = 0) -> list[Advisory]:

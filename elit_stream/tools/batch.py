@@ -113,7 +113,8 @@ class ChunkAnalyser:
         self.engine = Engine(art, device=device, threads=threads, precision=precision)
         self.active, self.params = ActiveSet.full(art.member_ids), Params()
         self.model_ref = {"name": art.name, "sha256": art.manifest_sha256}
-        self.ood_reference = OodReference.of(art.ood_reference)    # as the service scores frames
+        self.ood_reference = OodReference.of(art.ood_reference,     # as the service scores frames
+                                             art.manifest["pixel_size_range_pm"])
 
     def run(self, acquisition: str, first_id: int, frames: np.ndarray,
             pixel_size_pm: float | None) -> list[dict]:

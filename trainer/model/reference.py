@@ -104,17 +104,29 @@ def bands(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 EXCLUDED_SCENES = ("vacuum",)       # a frame with nothing to find is what the alarm is for
+MIN_ATOMS = 3                        # ... and so is a frame that shows (almost) no atoms
 
 
 def reference_frames(synth: SynthConfig, n: int, seed: int, size_px: int):
-    """``n`` in-distribution frames (float32, [0, 1]) of ``synth`` at ``size_px``; the physical
-    world's empty scenes (EXCLUDED_SCENES) are left out: an empty field of view is to be flagged."""
+    """``n`` in-distribution frames (float32, [0, 1]) of ``synth`` at ``size_px``. Left out: the
+    physical world's empty scenes (EXCLUDED_SCENES) and any frame with fewer than MIN_ATOMS
+    visible atoms (a sparse single-atom scene at a fine pixel size can show none): an empty field
+    of view is to be flagged, not learnt as normal."""
     rng = np.random.default_rng(seed)
     weights = tuple(0.0 if name in EXCLUDED_SCENES else w
                     for name, w in zip(synth.scenes, synth.scene_weights))
     cfg = replace(synth, size_px=size_px, scene_weights=weights)
-    for _ in range(n):
-        yield make_sample(rng, cfg).image
+    made = 0
+    for _ in range(50 * n):
+        sample = make_sample(rng, cfg)
+        if len(sample.xy) < MIN_ATOMS:
+            continue
+        yield sample.image
+        made += 1
+        if made == n:
+            return
+    raise ValueError(f"only {made} of {n} reference frames show >= {MIN_ATOMS} atoms "
+                     f"after {50 * n} draws: the training world is (nearly) empty")
 
 
 def training_seeds(manifest: dict) -> set[int]:
@@ -148,6 +160,7 @@ def compute_reference(artifact_dir: Path, frames: int = DEFAULT_FRAMES, seed: in
            "seed": seed, "size_px": size_px, "figures": bands(rows)}
     if set(synth.scenes) & set(EXCLUDED_SCENES):
         ref["scenes_excluded"] = sorted(set(synth.scenes) & set(EXCLUDED_SCENES))
+    ref["min_atoms"] = MIN_ATOMS
     if command:
         ref["command"] = command
     return ref
