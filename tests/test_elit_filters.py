@@ -131,6 +131,28 @@ def test_rehearsal_prepends_exact_synthetic_tiles_and_keeps_the_movie_tail(scene
     with pytest.raises(ValueError, match="rehearsal"):
         RelabelConfig(rehearsal=-1)
 
+def test_a_class_the_parent_disputes_is_not_taught(scene):
+    """2-class parent: an atom whose local Z-contrast class and the selected members' consensus
+    class disagree is ignored (neither class is taught); agreed classes are kept."""
+    from dataclasses import replace as dc_replace
+
+    an, xy, is_lattice, heavy, ghosts = scene
+    everything = np.concatenate([xy, ghosts])
+    others = np.setdiff1d(np.flatnonzero(is_lattice & np.all((xy > 40) & (xy < SIZE - 40), 1)),
+                          heavy)                           # interior lattice carbon
+    said_heavy = np.r_[heavy[1:], others[:1]]           # parent misses heavy[0], calls others[0] heavy
+    heavy_map = disc_maps(xy[said_heavy], SIZE)
+    light_map = np.clip(disc_maps(everything, SIZE) - heavy_map, 0, 1)
+    probs = np.stack([light_map, heavy_map])[None, None].repeat(2, axis=1).astype(np.float16)
+    two = dc_replace(an, probs=probs)                   # [1, 2 members, 2 classes, H, W]
+    scene2 = (two, *scene[1:])
+    reason, _, cls, info = fates(scene2, n_classes=2, std_quantile=None)
+    assert reason[heavy[0]] == 2 and reason[others[0]] == 2          # disputed: ignored
+    assert (reason[heavy[1:]] == 0).all() and (cls[heavy[1:]] == 2).all()   # agreed heavy
+    assert info["class_disputed"] == 2
+    reason, _, cls, _ = fates(scene2, n_classes=2, std_quantile=None, class_vote=False)
+    assert reason[heavy[0]] == 0 and cls[heavy[0]] == 2                # contrast alone decides
+
 def test_contamination_blob_and_gradient_do_not_make_lattice_atoms_heavy():
     from trainer.elit.intensity import atom_intensities, local_contrast, split_by_contrast
 

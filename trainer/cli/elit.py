@@ -131,6 +131,9 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
     g.add_argument("--heavy-threshold", type=float,
                    help="2 classes: heavy above this local Z-contrast (peak above the local "
                    "background over the neighbours' median; default 2.2)")
+    g.add_argument("--no-class-vote", action="store_true",
+                   help="2 classes: teach the local Z-contrast class of every atom, also where the "
+                   "selected members' consensus class disagrees (default: such atoms are ignored)")
     g.add_argument("--tile", type=_pos_int, default=d.tile_px, help="tile size in px (multiple of 8)")
     g.add_argument("--tiles-per-frame", type=_pos_int, default=d.tiles_per_frame)
     g.add_argument("--rehearsal", type=float, default=d.rehearsal,
@@ -149,7 +152,8 @@ def relabel_config(args, n_classes: int = 1):
                          dropped_as=args.dropped_as, keep_bright=args.keep_bright or None,
                          geometry_rescue=not args.no_geometry_rescue,
                          keep_atom_like=args.keep_atom_like or None,
-                         heavy_threshold=args.heavy_threshold, n_classes=n_classes, tile_px=args.tile,
+                         heavy_threshold=args.heavy_threshold, class_vote=not args.no_class_vote,
+                         n_classes=n_classes, tile_px=args.tile,
                          tiles_per_frame=args.tiles_per_frame, rehearsal=args.rehearsal,
                          seed=args.relabel_seed)
 

@@ -75,6 +75,7 @@ class RelabelConfig:
     keep_bright: float | None = 2.0      # never GMM-drop atoms of local Z-contrast above this
     keep_atom_like: float | None = None  # keep non-vacuum atoms of local contrast above this
     heavy_threshold: float | None = None # 2 classes: heavy above this contrast (None: 2.2)
+    class_vote: bool = True              # 2 classes: teach a class only where the parent agrees
     weak_threshold: float | None = 0.25  # faint blobs (peak in [this, 0.5)) are ignored
     ignore_radius_factor: float = 1.6
     region_ignore_factor: float = 3.0    # ignored around GMM-dropped atoms (~a bond: missed atoms)
@@ -189,6 +190,9 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
     lattice, info = _gmm_over_frames(patches, cfg)
     contrast = _contrasts(an, per_frame)
     cls, info["classes"] = _classes(contrast, cfg)
+    disputed = _class_disputes(an, per_frame, positions, cols, cls, cfg)
+    info["class_disputed"] = int(disputed.sum())
+    cls[disputed & (cls == 2)] = 1                  # never rescued as "heavy" below
     bright = contrast > cfg.keep_bright if cfg.keep_bright else np.zeros(len(contrast), bool)
     info["bright_rescued"] = int((bright & ~lattice).sum())
     lattice = lattice | bright | (cls == 2)
@@ -213,6 +217,7 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
         if cfg.dropped_as != "ignore":
             to_bg = ~ok & (vacuum[sl] if cfg.dropped_as == "auto" else True)
             fa.reason[to_bg] = 3
+        fa.reason[disputed[sl] & (fa.reason == 0)] = 2   # an atom, class unsure: ignored
         fa.cls = cls[sl]
     weak = _add_weak_blobs(per_frame, source, an.atom_radius_px, cfg.weak_threshold)
     info.update(weak_blobs_ignored=weak,std_limit=None if np.isinf(limit) else limit, patch_px_on_frames=patch,
@@ -242,6 +247,25 @@ def _classes(contrast: np.ndarray, cfg: RelabelConfig) -> tuple[np.ndarray, dict
     if cfg.n_classes != 2:
         raise ValueError(f"relabelling supports 1 or 2 classes, not {cfg.n_classes}")
     return split_by_contrast(contrast, cfg.heavy_threshold)
+
+
+def _class_disputes(an: Analysis, atoms: list[FrameAtoms], positions: list[int], cols: list[int],
+                    cls: np.ndarray, cfg: RelabelConfig) -> np.ndarray:
+    """Atoms whose local Z-contrast class disagrees with the selected members' consensus class
+    (argmax of their mean class maps at the atom): with ``cfg.class_vote`` and a 2-class parent,
+    these are taught as neither class (ignored), so neither a contrast artefact (contamination
+    edge, defocus) nor a parent's mistake becomes a label. All False otherwise."""
+    from trainer.elit.experiment import value_at
+
+    if cfg.n_classes != 2 or not cfg.class_vote or an.probs.shape[2] < 2:
+        return np.zeros(len(cls), bool)
+    votes = []
+    for fa, pos in zip(atoms, positions):
+        mean = an.probs[pos][cols].astype(np.float32).mean(0)               # [C, H, W]
+        votes.append(value_at(mean[1], fa.xy) > value_at(mean[0], fa.xy) if len(fa.xy)
+                     else np.zeros(0, bool))
+    parent_heavy = np.concatenate(votes) if votes else np.zeros(0, bool)
+    return parent_heavy != (cls == 2)
 
 
 def _second_opinions(an: Analysis, atoms: list[FrameAtoms], positions: list[int], lattice,
