@@ -219,6 +219,27 @@ def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path)
     assert "Recommended: iteration" in (run / "progress.md").read_text()
 
 
+def test_anchored_children_start_from_the_first_artifact(parent_artifact, tmp_path):
+    """--anchor: iteration 2's members start from the first artifact's best member, not from
+    iteration 1's (so errors learnt in one iteration are not the next one's starting point)."""
+    from trainer.cli import main
+    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
+    from trainer.model.artifact import verify_artifact
+
+    movie = tmp_path / "movie.npz"
+    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
+    run = tmp_path / "run"
+    assert main(["iterate", str(parent_artifact), str(movie), "--run-dir", str(run),
+                 "--iterations", "2", "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
+                 "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
+                 "--threads", "1", "--keep-going", "--anchor"]) == 0
+    first = json.loads((run / "iter_0" / "selection.json").read_text())["best"]
+    second = verify_artifact(run / "iter_2" / "run-iter2")
+    source, member = second["training"]["init_from"].rsplit(":", 1)
+    assert Path(source).name == "parent" and int(member) == first
+    assert second["lineage"]["steps"][-1]["init_from"] == f"parent:{first}"
+    assert second["lineage"]["parent"]["name"] == "run-iter1"      # the data still come from iter 1
+
 def test_a_tiny_tight_cluster_is_not_taken_for_the_lattice():
     rng = np.random.default_rng(0)
     lattice = rng.normal(0, 1.0, (200, 4, 4))

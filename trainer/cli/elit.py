@@ -174,6 +174,9 @@ def _retrain_args(p) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="member i uses seed SEED + i")
     g.add_argument("--from-scratch", action="store_true",
                    help="random initial weights instead of the parent's best member")
+    g.add_argument("--anchor", action="store_true",
+                   help="iterate: every child starts from the first artifact's best member, not "
+                   "from the previous child's (less drift from iteration to iteration)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     from trainer.cli.common import executor_args
     executor_args(p)
@@ -186,7 +189,8 @@ def retrain_config(args):
     return RetrainConfig(executor=executor_spec(args), members=args.members, epochs=args.epochs, swa_epochs=args.swa_epochs,
                          patience=args.patience,
                          lr=args.lr, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
-                         from_scratch=args.from_scratch, threads=args.threads)
+                         from_scratch=args.from_scratch, anchor=getattr(args, "anchor", False),
+                         threads=args.threads)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -51,6 +51,7 @@ class RetrainConfig:
     n_test: int = 16
     seed: int = 2000
     from_scratch: bool = False       # False: every member starts from the parent's best member
+    anchor: bool = False             # True: ... from the loop's first artifact's best member
     threads: int = 0
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)   # where members train
 
@@ -140,7 +141,7 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
 
     run.mkdir(parents=True, exist_ok=True)
     idx = parse_frames(cfg.analyse_frames, len(frames))
-    rows, current = [], Path(artifact)
+    rows, current, root = [], Path(artifact), None
     world = _parent_synth(read_manifest(current))      # rehearsal tiles: the first parent's world
     for i in range(cfg.iterations + 1):
         it = run / f"iter_{i}"
@@ -156,6 +157,8 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
                 f"\n  {command} --select {','.join(map(str, hint.members))} --best {hint.best}")
             return rows
         select, best = None, None                      # an operator's choice applies once
+        if root is None:
+            root = (current, sel.best)                 # --anchor: every child starts from here
         rcfg = replace(cfg.relabel, n_classes=len(read_manifest(current)["classes"]))
         dataset = _relabel(an, sel, rcfg, current, it / "relabel", log, truth, world)
         info = json.loads((it / "relabel" / "relabel.json").read_text())
@@ -175,6 +178,7 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
                 break
         child = it.parent / f"iter_{i + 1}"
         out = child / artifact_name(run, i + 1)
+        init_art, init_member = root if cfg.retrain.anchor else (current, sel.best)
         if not (out / "manifest.json").is_file():
             lineage = parent_lineage(current, f"ELIT iteration {i + 1}: analyse with {current.name}, "
                                      f"relabel {len(info['frames'])} frames by members {sel.members} "
@@ -183,15 +187,18 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
                                      members=sel.members, best_member=sel.best,
                                      selection=sel.chosen_by, filters=info["filters"],
                                      relabel=info["config"], init_from=None if cfg.retrain.from_scratch
-                                     else f"member {sel.best} of {current.name}",
-                                     steps=_steps(current, sel, rcfg, info, cfg.retrain))
-            retrain(dataset, current, child / "train", out, cfg.retrain,
-                    None if cfg.retrain.from_scratch else sel.best, lineage, command, force=True, log=log)
+                                     else f"member {init_member} of {init_art.name}",
+                                     steps=_steps(current, sel, rcfg, info, cfg.retrain,
+                                                  (init_art, init_member)))
+            retrain(dataset, init_art, child / "train", out, cfg.retrain,
+                    None if cfg.retrain.from_scratch else init_member, lineage, command, force=True,
+                    log=log)
         current = out
     return rows
 
 
-def _steps(parent: Path, sel: Selection, rcfg: RelabelConfig, info: dict, rc: RetrainConfig) -> list:
+def _steps(parent: Path, sel: Selection, rcfg: RelabelConfig, info: dict, rc: RetrainConfig,
+           init: tuple | None = None) -> list:
     """What each step of one iteration was, for the lineage."""
     f = info["filters"]
     return [{"step": "analyse", "artifact": parent.name, "frames": len(info["frames"])},
@@ -201,7 +208,8 @@ def _steps(parent: Path, sel: Selection, rcfg: RelabelConfig, info: dict, rc: Re
              "classes": rcfg.n_classes, "atoms": f["atoms"], "kept": f["kept"],
              "background": f["dropped_as_background"]},
             {"step": "retrain", "members": rc.members, "epochs": rc.epochs,
-             "init_from": None if rc.from_scratch else f"{parent.name}:{sel.best}"}]
+             "init_from": None if rc.from_scratch else
+             f"{(init or (parent, sel.best))[0].name}:{(init or (parent, sel.best))[1]}"}]
 
 
 def _analysis(artifact, frames, idx, pixel_size_pm, out: Path, log) -> Analysis:
