@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.elit.experiment import Analysis, analyse_movie, load_analysis, save_analysis
-from trainer.elit.relabel import RelabelConfig, build_dataset, select_atoms, write_relabel
+from trainer.elit.relabel import (RelabelConfig, build_dataset, rehearsal_tiles, select_atoms,
+                                  write_relabel)
 from trainer.elit.report import (
     Selection,
     load_selection,
@@ -198,8 +199,9 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
 
 
 def _steps(parent: Path, sel: Selection, rcfg: RelabelConfig, info: dict, rc: RetrainConfig,
-           init: tuple | None = None) -> list:
-    """What each step of one iteration was, for the lineage."""
+           init: tuple[Path, int]) -> list:
+    """What each step of one iteration was, for the lineage (``init``: the artifact and member
+    the new members start from)."""
     f = info["filters"]
     return [{"step": "analyse", "artifact": parent.name, "frames": len(info["frames"])},
             {"step": "select", "members": sel.members, "best": sel.best, "by": sel.chosen_by},
@@ -208,8 +210,7 @@ def _steps(parent: Path, sel: Selection, rcfg: RelabelConfig, info: dict, rc: Re
              "classes": rcfg.n_classes, "atoms": f["atoms"], "kept": f["kept"],
              "background": f["dropped_as_background"]},
             {"step": "retrain", "members": rc.members, "epochs": rc.epochs,
-             "init_from": None if rc.from_scratch else
-             f"{(init or (parent, sel.best))[0].name}:{(init or (parent, sel.best))[1]}"}]
+             "init_from": None if rc.from_scratch else f"{init[0].name}:{init[1]}"}]
 
 
 def _analysis(artifact, frames, idx, pixel_size_pm, out: Path, log) -> Analysis:
@@ -252,11 +253,12 @@ def _relabel(an: Analysis, sel: Selection, rcfg: RelabelConfig, artifact: Path, 
     ds = build_dataset(an, atoms, rcfg, manifest["pixel_size_pm"], manifest["atom_radius_px"],
                        _parent_synth(manifest), world)
     path = write_relabel(out, ds, atoms, info, rcfg, an, sel.members)
+    rehearsal = rehearsal_tiles(ds, atoms, rcfg)
     log(f"relabelled ({rcfg.n_classes} class(es)): {info['kept']} atoms kept, {info['dropped']} "
         f"dropped by the GMM ({info['geometry_rescued']} rescued by lattice geometry, "
         f"{info['dropped_as_background']} vacuum → background), {info['dropped_uncertainty']} "
-        f"by uncertainty; {len(ds.images)} tiles ({len(ds.images) - len(atoms) * rcfg.tiles_per_frame} "
-        f"of them rehearsal of the parent's synthetic world) -> {path}")
+        f"by uncertainty; {len(ds.images)} tiles ({rehearsal} of them rehearsal of the parent's "
+        f"synthetic world) -> {path}")
     return path
 
 

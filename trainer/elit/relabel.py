@@ -432,13 +432,18 @@ def with_rehearsal(ds: Dataset, world: SynthConfig, cfg: RelabelConfig) -> Datas
                    ds.config, ds.seed)
 
 
+def rehearsal_tiles(ds: Dataset, atoms: list[FrameAtoms], cfg: RelabelConfig) -> int:
+    """How many of ``ds``'s tiles are synthetic rehearsal (the rest: tiles_per_frame per frame)."""
+    return len(ds.images) - len(atoms) * cfg.tiles_per_frame
+
+
 def write_relabel(out_dir: Path, ds: Dataset, atoms: list[FrameAtoms], info: dict,
                   cfg: RelabelConfig, an: Analysis, members: list[int]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_dataset(ds, out_dir / "dataset.npz")
     summary = {"config": asdict(cfg), "members": members, "artifact": an.artifact,
                "frames": [fa.frame for fa in atoms], "filters": info, "tiles": len(ds.images),
-               "rehearsal_tiles": len(ds.images) - len(atoms) * cfg.tiles_per_frame,
+               "rehearsal_tiles": rehearsal_tiles(ds, atoms, cfg),
                "ignored_pixel_fraction": float((ds.masks == IGNORE).mean())}
     (out_dir / "relabel.json").write_text(json.dumps(summary, indent=1) + "\n")
     from trainer.elit.figures import kept_dropped_png
