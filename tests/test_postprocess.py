@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from scipy.spatial import cKDTree
 
 from elit_stream.core.postprocess import Params, analyse, check_active
 
@@ -195,3 +196,71 @@ def test_arbitrary_maps_never_crash_or_nan(probs, data):
     assert r.count_per_member.shape == (n_m,) and (r.count_per_member >= 0).all()
     assert np.isfinite(r.disagreement_per_member).all() and np.isfinite(r.mean_uncertainty)
     assert np.isfinite(r.std_map).all() and r.std_map.shape == (n_c, vh, vw)
+
+
+# --- merged atoms ------------------------------------------------------------------------------
+
+def merged(centres, sigma=2.2, shape=SHAPE, stretch=1.0):
+    """One member's one-class map: Gaussians summed and clipped at 1, as a network's discs of
+    neighbouring atoms touch under blur (the saturated top, the dip between atoms above 0.5)."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    a = sum(np.exp(-(((xx - x) / stretch) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2))
+            for x, y in centres)
+    return np.minimum(a, 1.0).astype(np.float32)[None, None]
+
+
+def test_touching_atoms_are_split_at_the_dip_between_them():
+    probs = merged([(20, 24), (26.5, 24)])
+    whole = analyse(probs, [0], Params(split_dip=0))
+    assert whole.n_atoms == 1                           # one component: the old behaviour
+    r = by_x(analyse(probs, [0], Params()))
+    np.testing.assert_allclose(r["x"], [20, 26.5], atol=0.6)
+    np.testing.assert_allclose(r["y"], [24, 24], atol=0.05)
+
+
+def test_a_row_of_merged_atoms_gives_every_atom():
+    xs = [12, 18.5, 25, 31.5, 38]
+    r = by_x(analyse(merged([(x, 20) for x in xs]), [0], Params()))
+    np.testing.assert_allclose(r["x"], xs, atol=0.6)
+
+
+@pytest.mark.parametrize("probs", [
+    merged([(30, 24)], stretch=2.5),                   # one atom smeared along the scan
+    np.pad(np.ones((1, 1, 9, 9), np.float32), ((0, 0), (0, 0), (20, 19), (28, 27))),  # plateau
+    merged([(30, 24), (33, 24)]),                      # closer than min_peak_distance_px
+], ids=["smeared", "flat top", "closer than the minimum distance"])
+def test_one_atom_is_never_split(probs):
+    assert analyse(probs, [0], Params()).n_atoms == 1
+
+
+def test_members_detect_both_halves_of_a_split_atom():
+    probs = np.concatenate([merged([(20, 24), (26.5, 24)])] * 3)
+    r = analyse(probs, [0, 1, 2], Params())
+    assert r.n_atoms == 2 and r.count_per_member.tolist() == [2, 2, 2]
+    np.testing.assert_array_equal(r.det_frac, 1.0)
+
+
+def test_split_params_validated():
+    with pytest.raises(ValueError, match="split_dip"):
+        Params().replace(split_dip=1.5)
+    with pytest.raises(ValueError, match="min_peak_distance_px"):
+        Params().replace(min_peak_distance_px=0)
+    assert Params().replace(split_dip=0).split_dip == 0
+
+
+def test_trainer_finds_the_same_atoms_as_the_service():
+    """trainer.elit.experiment mirrors the service's split (no shared code): same atoms on a
+    blurred lattice with merged neighbours, within 0.3 px (the centroids weigh pixels
+    differently: excess over the threshold here, the map there)."""
+    pytest.importorskip("torch")
+    from trainer.elit.experiment import atoms_with_uncertainty
+
+    rng = np.random.default_rng(3)
+    centres = [(x + rng.normal(0, 0.2), y + rng.normal(0, 0.2))
+               for x in np.arange(8, 58, 6.5) for y in np.arange(8, 42, 7.0)]
+    probs = merged(centres, sigma=2.0)
+    r = by_x(analyse(probs, [0], Params(min_blob_px=9)))
+    xy, _ = atoms_with_uncertainty(probs[0, 0], np.zeros_like(probs[0, 0]), 3.0)
+    assert len(xy) == len(r["x"]) == len(centres)
+    gap, partner = cKDTree(xy).query(np.stack([r["x"], r["y"]], 1))
+    assert np.unique(partner).size == len(xy) and gap.max() < 0.3

@@ -5,10 +5,19 @@ Definitions (all in network-grid pixels of the valid region; x = column, y = row
 top-left pixel centre):
 
 - member atom map  a_m = sum_c probs[m, c];  consensus atom map  a = mean over active m of a_m.
-- atoms: connected components (4-connectivity) of a > threshold with min_blob_px <= size <=
-  max_blob_px. Centre = centroid of the component weighted by (a - threshold), the excess
+- atoms: connected components (4-connectivity) of a > threshold, split where they hold several
+  separated peaks (below), with min_blob_px <= size <= max_blob_px. Centre = centroid of the component weighted by (a - threshold), the excess
   probability (rim pixels weigh ~0, so the cut at the threshold biases the centre less);
   `prob` = max of a in it; `cls` = argmax_c of the component's sum of the active-mean class map c.
+- merged atoms (split_dip > 0): where imaging blurs (defocus, contamination, thick areas) the
+  discs of neighbouring atoms touch and one component holds two or more atoms. Peaks = pixels of
+  a component not below any of their 8 neighbours in a smoothed by [1, 2, 1] / 4 along each axis.
+  Two peaks of one component closer than min_peak_distance_px are one atom; closer than
+  SPLIT_RANGE x min_peak_distance_px, one atom unless the smoothed map dips between them
+  (straight line, SPLIT_SAMPLES points, bilinear) by more than split_dip below the lower peak;
+  peaks joined so (transitively) form one atom. A
+  component with several atoms is divided among them, each pixel to the nearest atom (the mean
+  position of its peaks). A round or smeared single atom has no such dip and is not split.
 - `cls_prob` = the consensus probability of that class given an atom: the component's sum of the
   active-mean class map `cls` over its sum of a (1/C..1; 1 with one class).
 - `cls_agree` = fraction of ACTIVE members voting for `cls`; member m votes argmax_c of its own
@@ -55,6 +64,8 @@ CRYSTAL_MIN_CYCLES = 4
 ORDER_DENSITY_FLOOR = 0.01
 FIGURES = ("density", "disagreement", "area_cv", "crystallinity", "order")
 CRYSTAL_SIDE_PX = 128      # crystallinity: central 128 x 128 of every 2nd pixel (size-independent)
+SPLIT_RANGE = 3.0          # peaks farther apart than this x min_peak_distance_px: never one atom
+SPLIT_SAMPLES = 12         # points on the line between two peaks where the dip is looked for
 _WINDOW = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.intp)
 
 
@@ -66,15 +77,21 @@ class Params:
     min_blob_px: int = 3
     max_blob_px: int = 400
     detect_threshold: float = 0.5
+    split_dip: float = 0.05           # merged atoms are split at a dip this deep (0: never split)
+    min_peak_distance_px: int = 4     # closest two atoms' peaks can be (network pixels)
 
     def __post_init__(self) -> None:
+        value = self.split_dip
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+                or not 0.0 <= value < 1.0:
+            raise ValueError(f"split_dip: must be a number in [0, 1), got {value!r}")
         for name in ("threshold", "detect_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
                 raise ValueError(f"{name}: must be a number, got {value!r}")  # noqa: TRY004
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}: must be in (0, 1), got {value!r}")
-        for name in ("min_blob_px", "max_blob_px"):
+        for name in ("min_blob_px", "max_blob_px", "min_peak_distance_px"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"{name}: must be an integer, got {value!r}")  # noqa: TRY004
@@ -214,10 +231,13 @@ class _Blobs:
 
 
 def _blobs(mask: np.ndarray, consensus: np.ndarray, params: Params) -> _Blobs:
-    """Label, filter by size, weighted centroids and peaks (no per-atom Python loop)."""
+    """Label, split merged atoms, filter by size, weighted centroids and peaks (no per-atom
+    Python loop)."""
     labels, n = ndimage.label(mask)
     fg = np.flatnonzero(mask)
     lab = labels.ravel()[fg]
+    if params.split_dip > 0 and n:
+        lab, n = _split_merged(fg, lab, n, mask.shape, consensus, params)
     sizes = np.bincount(lab, minlength=n + 1)
     keep = (sizes >= params.min_blob_px) & (sizes <= params.max_blob_px)
     keep[0] = False
@@ -238,6 +258,85 @@ def _blobs(mask: np.ndarray, consensus: np.ndarray, params: Params) -> _Blobs:
     peak_flat = np.empty(n_kept, np.intp)
     peak_flat[lab[at_peak]] = flat[at_peak]
     return _Blobs(lab, flat, peak_flat, x, y, peak, total)
+
+
+def _split_merged(fg: np.ndarray, lab: np.ndarray, n: int, shape: tuple[int, int],
+                  consensus: np.ndarray, params: Params) -> tuple[np.ndarray, int]:
+    """Component labels of the foreground pixels ``fg`` (flat indices into ``shape``) with every
+    component that holds several atoms divided among them (module docstring): its pixels get
+    labels n+1, ... (one per atom; 0 for a pixel no atom of its component is among the 4 nearest
+    of), its own label is left empty. Returns (labels, new label count)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    vh, vw = shape
+    smooth = _binomial3(consensus[:vh, :vw])
+    fy, fx = np.divmod(fg, vw)
+    top = np.flatnonzero(_peaks(smooth, fy, fx))
+    several = (np.bincount(lab[top], minlength=n + 1) >= 2)[lab[top]]
+    top = top[several]
+    if top.size == 0:
+        return lab, n
+    plab, pts = lab[top], np.stack([fy[top], fx[top]], 1).astype(np.float64)
+    pairs = cKDTree(pts).query_pairs(SPLIT_RANGE * params.min_peak_distance_px,
+                                     output_type="ndarray")
+    pairs = pairs[plab[pairs[:, 0]] == plab[pairs[:, 1]]]
+    a, b = pts[pairs[:, 0]], pts[pairs[:, 1]]
+    t = np.linspace(0.0, 1.0, SPLIT_SAMPLES)
+    line = a[:, None, :] + t[None, :, None] * (b - a)[:, None, :]           # [P, S, 2]
+    low = ndimage.map_coordinates(smooth, line.reshape(-1, 2).T, order=1).reshape(len(pairs), -1)
+    peak = smooth.ravel()[fg[top]]
+    close = np.hypot(*(b - a).T) < params.min_peak_distance_px
+    same = close | (low.min(axis=1) > np.minimum(peak[pairs[:, 0]], peak[pairs[:, 1]])
+                    - params.split_dip)
+    joined = coo_matrix((np.ones(int(same.sum())), (pairs[same, 0], pairs[same, 1])),
+                        shape=(len(top), len(top)))
+    n_atoms, atom_of = connected_components(joined, directed=False)
+    atom_lab = np.zeros(n_atoms, np.intp)
+    atom_lab[atom_of] = plab
+    divided = np.bincount(atom_lab, minlength=n + 1) >= 2                   # [n + 1]
+    keep = divided[atom_lab]
+    if not keep.any():
+        return lab, n
+    centre = np.stack([np.bincount(atom_of, pts[:, k], n_atoms) for k in (0, 1)], 1)
+    centre = (centre / np.bincount(atom_of, minlength=n_atoms)[:, None])[keep]
+    owner = atom_lab[keep]
+    sel = np.flatnonzero(divided[lab])
+    pix = np.stack([fy[sel], fx[sel]], 1)
+    tree = cKDTree(centre)
+    pick = tree.query(pix, k=1)[1]
+    stray = np.flatnonzero(owner[pick] != lab[sel])        # nearest atom in another component
+    if stray.size:
+        k = min(4, len(centre))
+        near = tree.query(pix[stray], k=k)[1].reshape(stray.size, k)
+        own = owner[near] == lab[sel[stray]][:, None]
+        pick[stray] = np.where(own.any(axis=1), near[np.arange(stray.size), own.argmax(axis=1)], -1)
+    out = lab.copy()
+    out[sel] = np.where(pick >= 0, n + 1 + pick, 0)
+    return out, n + len(centre)
+
+
+def _binomial3(a: np.ndarray) -> np.ndarray:
+    """``a`` smoothed by the separable [1, 2, 1] / 4 kernel (edges repeated): ~ a Gaussian of
+    0.7 px, so that noise on a saturated blob does not make peaks."""
+    p = np.pad(a, 1, mode="edge")
+    rows = p[:-2] + 2 * p[1:-1] + p[2:]
+    return (rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:]) * np.float32(1 / 16)
+
+
+def _peaks(smooth: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """Which of the pixels (fy, fx) are not below any of their 8 neighbours (ties: all)."""
+    w = smooth.shape[1] + 2
+    p = np.pad(smooth, 1, mode="constant", constant_values=-np.inf).ravel()
+    flat = (fy + 1) * w + fx + 1
+    centre = p[flat]
+    top = np.ones(flat.size, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                top &= centre >= p[flat + dy * w + dx]
+    return top
 
 
 def _classes(probs: np.ndarray, act: np.ndarray, blobs: _Blobs

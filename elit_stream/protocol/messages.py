@@ -300,6 +300,8 @@ class SetParamsRequest(Request):
     min_blob_px: int | None = None
     max_blob_px: int | None = None
     detect_threshold: float | None = None
+    split_dip: float | None = None
+    min_peak_distance_px: int | None = None
 
 
 class SetMapsRequest(Request):

@@ -109,6 +109,8 @@ class Postprocess(_Overrides):
     min_blob_px: int | None = None
     max_blob_px: int | None = None
     detect_threshold: float | None = None
+    split_dip: float | None = None
+    min_peak_distance_px: int | None = None
 
 
 class Policy(_Overrides):

@@ -4,6 +4,16 @@ Owns ``analyse_movie`` (every member's class maps, their mean and std, per frame
 figures (``member_figures``, vectorised over frames × members), blob finding (``find_blobs``,
 ``blob_centres``) and the analysis run folder (``analysis.npz``, ``figures.csv``, ``figures.md``).
 
+Atoms of a map (``blob_centres``, ``atoms_with_uncertainty``, hence relabelling, scoring and the
+judge) are blobs of ``a > threshold`` with **merged atoms split** (``split_merged``): under blur or
+contamination the discs of neighbouring atoms touch, and one blob holding two atoms would give one
+atom between them (and teach both as background when relabelled). The rule is the service's
+(``elit_stream/core/postprocess.py``, mirrored here without shared code; ``tests/test_postprocess.py``
+checks they agree): peaks of the map smoothed by [1, 2, 1] / 4 per axis; two peaks of one blob are
+one atom when closer than ``min_peak_distance`` (4/3 × the disc radius, the service's 4 px for the
+shipped 3-px discs) or, closer than ``SPLIT_RANGE`` × that, when the map does not dip by more than
+``SPLIT_DIP`` between them; the blob's pixels go to the nearest of its atoms.
+
 Figures per (frame, member), on the member's *atom map* ``a = Σ_classes probs`` (probability that a
 pixel is an atom of any class):
 
@@ -27,6 +37,9 @@ import numpy as np
 from scipy import ndimage
 
 FIGURES = ("atoms", "agreement", "fog", "size_median", "size_cv", "log_count_ratio")
+SPLIT_DIP = 0.05          # merged atoms: split where the map dips this much between two peaks
+SPLIT_RANGE = 3.0         # peaks farther apart than this x min_peak_distance: never one atom
+SPLIT_SAMPLES = 12        # points on the line between two peaks where the dip is looked for
 PLANE = np.zeros((3, 3, 3), bool)
 PLANE[1] = ndimage.generate_binary_structure(2, 1)    # connect within a frame, never across
 
@@ -136,15 +149,84 @@ def _grouped_size_stats(group: np.ndarray, values: np.ndarray, n_groups: int):
     return median, cv
 
 
+def min_peak_distance(radius_px: float) -> int:
+    """Closest two atoms' peaks can be on a map whose atom discs have ``radius_px``."""
+    return max(2, int(round(4 / 3 * radius_px)))
+
+
+def atom_labels(atom_map: np.ndarray, radius_px: float, min_area_frac: float = 0.25,
+                threshold: float = 0.5, split_dip: float = SPLIT_DIP) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of the atoms of one map ``[H, W]``: blobs of ``atom_map > threshold``, merged atoms
+    split (``split_merged``), parts smaller than ``min_area_frac`` × the disc area removed.
+    Returns (labels, ids of the atoms)."""
+    labels, n = ndimage.label(atom_map > threshold)
+    if split_dip > 0 and n:
+        labels = split_merged(labels, atom_map, min_peak_distance(radius_px), split_dip)
+    area = np.bincount(labels.ravel())
+    ids = np.flatnonzero(area >= min_area_frac * np.pi * radius_px ** 2)
+    return labels, ids[ids > 0]
+
+
+def split_merged(labels: np.ndarray, atom_map: np.ndarray, min_distance: int,
+                 dip: float = SPLIT_DIP) -> np.ndarray:
+    """``labels`` with every blob that holds several atoms divided among them (module docstring);
+    new labels follow the largest old one, a divided blob's own label disappears."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    kernel = np.array([0.25, 0.5, 0.25], np.float32)
+    smooth = ndimage.correlate1d(ndimage.correlate1d(atom_map.astype(np.float32), kernel, 0,
+                                                     mode="nearest"), kernel, 1, mode="nearest")
+    top = (smooth >= ndimage.maximum_filter(smooth, size=3, mode="constant", cval=-np.inf)) \
+        & (labels > 0)
+    py, px = np.nonzero(top)
+    plab = labels[py, px]
+    n = int(labels.max())
+    several = (np.bincount(plab, minlength=n + 1) >= 2)[plab]
+    py, px, plab = py[several], px[several], plab[several]
+    if py.size == 0:
+        return labels
+    pts = np.stack([py, px], 1).astype(np.float64)
+    pairs = cKDTree(pts).query_pairs(SPLIT_RANGE * min_distance, output_type="ndarray")
+    pairs = pairs[plab[pairs[:, 0]] == plab[pairs[:, 1]]]
+    i, j = pairs[:, 0], pairs[:, 1]
+    t = np.linspace(0.0, 1.0, SPLIT_SAMPLES)[None, :, None]
+    line = pts[i][:, None] + t * (pts[j] - pts[i])[:, None]
+    low = ndimage.map_coordinates(smooth, line.reshape(-1, 2).T, order=1).reshape(len(pairs), -1)
+    peak = smooth[py, px]
+    one = (np.hypot(*(pts[j] - pts[i]).T) < min_distance) | \
+        (low.min(1) > np.minimum(peak[i], peak[j]) - dip)
+    graph = coo_matrix((np.ones(int(one.sum())), (i[one], j[one])), shape=(len(py), len(py)))
+    n_atoms, atom_of = connected_components(graph, directed=False)
+    blob_of_atom = np.zeros(n_atoms, np.intp)
+    blob_of_atom[atom_of] = plab
+    divided = np.bincount(blob_of_atom, minlength=n + 1) >= 2
+    keep = divided[blob_of_atom]
+    if not keep.any():
+        return labels
+    count = np.bincount(atom_of, minlength=n_atoms)
+    centre = np.stack([np.bincount(atom_of, pts[:, k], n_atoms) / count for k in (0, 1)], 1)[keep]
+    owner = blob_of_atom[keep]
+    fy, fx = np.nonzero(divided[labels])
+    own_blob = labels[fy, fx]
+    k = min(4, len(centre))
+    near = cKDTree(centre).query(np.stack([fy, fx], 1), k=k)[1].reshape(len(fy), k)
+    mine = owner[near] == own_blob[:, None]
+    pick = np.where(mine.any(1), near[np.arange(len(fy)), mine.argmax(1)], -1)
+    out = labels.copy()
+    out[fy, fx] = np.where(pick >= 0, n + 1 + pick, 0)
+    return out
+
+
 def blob_centres(atom_map: np.ndarray, radius_px: float, min_area_frac: float = 0.25,
                  threshold: float = 0.5) -> np.ndarray:
-    """Probability-weighted centres ``[n, 2]`` (x = column, y = row) of one map's kept blobs."""
-    labels, _, area = find_blobs(atom_map[None], radius_px, min_area_frac, threshold)
-    ids = np.nonzero(area)[0]
-    ids = ids[ids > 0]
+    """Probability-weighted centres ``[n, 2]`` (x = column, y = row) of one map's atoms
+    (``atom_labels``: merged atoms split)."""
+    labels, ids = atom_labels(atom_map, radius_px, min_area_frac, threshold)
     if len(ids) == 0:
         return np.zeros((0, 2), np.float32)
-    rc = np.array(ndimage.center_of_mass(atom_map, labels[0], ids))
+    rc = np.array(ndimage.center_of_mass(atom_map, labels, ids))
     return rc[:, ::-1].astype(np.float32).reshape(-1, 2)
 
 
@@ -203,12 +285,11 @@ def figures_markdown(an: Analysis) -> str:
 
 
 def atoms_with_uncertainty(mean_map: np.ndarray, std_map: np.ndarray, radius_px: float):
-    """Blob centres (probability-weighted) of ``mean_map`` and the mean ensemble std in each blob."""
-    labels, _, area = find_blobs(mean_map[None], radius_px)
-    ids = np.nonzero(area)[0]
-    ids = ids[ids > 0]
+    """Atom centres (probability-weighted; ``atom_labels``: merged atoms split) of ``mean_map``
+    and the mean ensemble std over each atom's pixels."""
+    labels, ids = atom_labels(mean_map, radius_px)
     if len(ids) == 0:
         return np.zeros((0, 2), np.float32), np.zeros(0)
-    rc = np.array(ndimage.center_of_mass(mean_map, labels[0], ids)).reshape(-1, 2)
-    std = np.asarray(ndimage.mean(std_map, labels[0], ids))
+    rc = np.array(ndimage.center_of_mass(mean_map, labels, ids)).reshape(-1, 2)
+    std = np.asarray(ndimage.mean(std_map, labels, ids))
     return rc[:, ::-1].astype(np.float32), std

@@ -31,7 +31,8 @@ from elit_stream.tools.view.state import ViewState
 log = logging.getLogger(__name__)
 
 ACTIONS = {"select", "deselect", "set_active", "reset", "set_params", "load_model"}
-PARAM_KEYS = {"threshold", "detect_threshold", "min_blob_px", "max_blob_px"}
+PARAM_KEYS = {"threshold", "detect_threshold", "min_blob_px", "max_blob_px", "split_dip",
+              "min_peak_distance_px"}
 RECENT_RESULTS = 16
 
 
