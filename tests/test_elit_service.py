@@ -81,11 +81,11 @@ def test_service_loads_each_iteration_mid_stream(iterations):
             for _ in range(4):
                 sender.send(frames[sent % len(frames)], sent, "elit", timeout_s=TIMEOUT_S)
                 sent += 1
-        while len(results) < sent:
-            msg = sub.recv(TIMEOUT_S)
-            assert msg is not None, proc.log_tail()
-            if msg["topic"] == "result":
-                results.append(msg)
+            while len(results) < sent:            # this model's frames answered before the next
+                msg = sub.recv(TIMEOUT_S)         # load (a frame still queued at a swap gets the
+                assert msg is not None, proc.log_tail()   # new model: docs/protocol.md)
+                if msg["topic"] == "result":
+                    results.append(msg)
     finally:
         for c in (sender, sub, ctl):
             c.close()

@@ -93,8 +93,8 @@ def test_det_frac_and_uncertainty_count_active_members_only():
     atom = [(20, 20, 0, 0.95)]
     members = [atom, atom, atom, []]                            # member 3 sees nothing
     probs = probs_with(members)
-    r = analyse(probs, np.arange(4), Params())
-    assert r.n_atoms == 1
+    r = analyse(probs, np.arange(4), Params(min_peak=0.7))
+    assert r.n_atoms == 1 and r.unconfirmed == 0
     np.testing.assert_allclose(r.det_frac, [0.75])
     assert r.uncertainty[0] > 0.3                               # std of (p, p, p, 0) around peak
     assert r.count_per_member.tolist() == [1, 1, 1, 0]
@@ -105,6 +105,24 @@ def test_det_frac_and_uncertainty_count_active_members_only():
     assert agree.count_per_member.tolist() == [1, 1, 1, 0]      # all members, always
     assert agree.mean_uncertainty == pytest.approx(0.0, abs=1e-7)
     assert r.mean_uncertainty == pytest.approx(float(r.uncertainty[0]))
+
+
+def test_atoms_whose_consensus_peak_stays_below_min_peak_are_unconfirmed():
+    atom, other = [(20, 20, 0, 0.95)], [(45, 30, 1, 0.95)]
+    probs = probs_with([atom + other, atom + other, atom + other, atom])   # 3 of 4 see `other`
+    vote = analyse(probs, np.arange(4), Params())          # its peak: 0.71 < 0.8
+    assert vote.n_atoms == 1 and vote.unconfirmed == 1
+    np.testing.assert_allclose([vote.x[0], vote.y[0]], [20, 20], atol=1e-4)
+    every = analyse(probs, np.arange(4), Params(min_peak=0.5))
+    assert every.n_atoms == 2 and every.unconfirmed == 0
+    # what the members do is measured on every consensus atom, reported or not
+    assert vote.count_per_member.tolist() == every.count_per_member.tolist() == [2, 2, 2, 1]
+    assert vote.mean_uncertainty == pytest.approx(every.mean_uncertainty)
+    assert vote.mean_uncertainty > 0.15
+    # deselecting the member that misses it confirms the atom
+    assert analyse(probs, [0, 1, 2], Params()).n_atoms == 2
+    with pytest.raises(ValueError, match="min_peak"):
+        Params(min_peak=1.0)
 
 
 def test_blob_size_filter():

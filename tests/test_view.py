@@ -60,6 +60,17 @@ def test_result_summary_caps_atoms_and_keeps_member_figures():
     out = render.result_summary(msg, max_atoms=3)
     assert out["atoms_shown"] == 3 and out["atoms"]["cls"] == [0, 1, 0]
     assert out["atoms"]["u"] == [0.1235] * 3 and out["count_per_member"] == [5, 6]
+    assert out["unconfirmed"] == 0                   # older results carry no such field
+    assert render.result_summary({**msg, "unconfirmed": 4})["unconfirmed"] == 4
+
+
+def test_result_line_says_how_many_atoms_were_left_unconfirmed():
+    from elit_stream.tools.replay import result_line
+
+    msg = {"frame_id": 3, "n_atoms": 12, "mean_uncertainty": 0.2, "active_version": 0,
+           "active": [0, 1], "count_per_member": [12, 30], "timings_ms": {"total": 5.0, "infer": 4.0}}
+    assert "atoms   12  mean" in result_line(msg)
+    assert "atoms   12 (+7 unconfirmed)  mean" in result_line({**msg, "unconfirmed": 7})
 
 
 def test_health_turns_cumulative_counts_into_rates():

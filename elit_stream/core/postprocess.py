@@ -35,9 +35,16 @@ top-left pixel centre):
   on clean maps, 1 of 15 hallucinated blobs missed on a dense lattice).
 - `disagreement_per_member[m]` (ALL members) = 1 - IoU(a_m > threshold, a > threshold) over the
   valid region (0 when both masks are empty).
-- `mean_uncertainty` = mean of `uncertainty` over the frame's atoms; with no atoms, 0 when no
-  active member counts a blob either (they agree: nothing there) and `MAX_UNCERTAINTY` (0.5, the
-  largest std of values in [0, 1]) when some do (an empty consensus of disagreeing members).
+- reported atoms: those whose `prob` (consensus peak) reaches min_peak (default 0.8): hysteresis,
+  the threshold gives an atom's extent, min_peak whether it is one. The others are counted in
+  `unconfirmed`: on noisy supports the members each see different noise grains as atoms and
+  their mean passes the threshold, barely, in many places (docs/evaluation.md, heavy atoms).
+  `count_per_member` and `mean_uncertainty` are over every consensus atom, reported or not, so
+  a frame of unconfirmed atoms reads uncertain.
+- `mean_uncertainty` = mean of `uncertainty` over the frame's consensus atoms; with no atoms, 0
+  when no active member counts a blob either (they agree: nothing there) and `MAX_UNCERTAINTY`
+  (0.5, the largest std of values in [0, 1]) when some do (an empty consensus of disagreeing
+  members).
 - frame figures (`FrameFigures`, over the valid region and the ACTIVE members; what the
   out-of-distribution reference of the manifest describes, see elit_stream/core/ood.py):
   `density` = fraction of pixels with a > threshold; `disagreement` = mean over active m of
@@ -79,12 +86,14 @@ class Params:
     detect_threshold: float = 0.5
     split_dip: float = 0.05           # merged atoms are split at a dip this deep (0: never split)
     min_peak_distance_px: int = 4     # closest two atoms' peaks can be (network pixels)
+    min_peak: float = 0.8             # an atom is reported when its consensus peak reaches this
 
     def __post_init__(self) -> None:
-        value = self.split_dip
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
-                or not 0.0 <= value < 1.0:
-            raise ValueError(f"split_dip: must be a number in [0, 1), got {value!r}")
+        for name in ("split_dip", "min_peak"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+                    or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}: must be a number in [0, 1), got {value!r}")
         for name in ("threshold", "detect_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
@@ -143,6 +152,7 @@ class FrameAnalysis:
     figures: FrameFigures | None = None
     mean_map: np.ndarray | None = None
     std_map: np.ndarray | None = None
+    unconfirmed: int = 0          # consensus atoms not reported: peak below min_peak
 
     @property
     def n_atoms(self) -> int:
@@ -182,14 +192,20 @@ def analyse(probs: np.ndarray, active, params: Params,
     member_on = atom[:, :vh, :vw] > params.threshold
     extra, disagreement, areas = _member_figures(member_on, mask, params)
     counts = (detected.sum(axis=1) + extra).astype(np.int32)
+    det_frac = detected[act].mean(axis=0, dtype=np.float32).astype(np.float32)
+    mean_uncertainty = _mean_uncertainty(uncertainty, counts[act])      # over every candidate
+    columns = (blobs.x, blobs.y, cls, blobs.peak, uncertainty, det_frac, cls_prob, cls_agree)
+    confirmed = blobs.peak >= np.float32(params.min_peak)
+    if not confirmed.all():
+        columns = tuple(c[confirmed] for c in columns)
+    x, y, cls, peak, uncertainty, det_frac, cls_prob, cls_agree = columns
     result = FrameAnalysis(
-        x=blobs.x, y=blobs.y, cls=cls, prob=blobs.peak, uncertainty=uncertainty,
-        det_frac=detected[act].mean(axis=0, dtype=np.float32).astype(np.float32),
+        x=x, y=y, cls=cls, prob=peak, uncertainty=uncertainty, det_frac=det_frac,
         count_per_member=counts, disagreement_per_member=disagreement,
-        mean_uncertainty=_mean_uncertainty(uncertainty, counts[act]),
-        cls_prob=cls_prob, cls_agree=cls_agree,
+        mean_uncertainty=mean_uncertainty, cls_prob=cls_prob, cls_agree=cls_agree,
         figures=_frame_figures(areas[act], mask, disagreement[act],
-                               central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX)))
+                               central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX)),
+        unconfirmed=int(confirmed.size - confirmed.sum()))
     if want_maps:
         result.mean_map, result.std_map = active_maps(probs, act, vh, vw)
     return result

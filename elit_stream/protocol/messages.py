@@ -104,6 +104,7 @@ class ResultHeader(Strict):
     pixel_size_pm: float | None
     acquired_at: float | None
     n_atoms: int
+    unconfirmed: int = 0            # consensus atoms whose peak stays below min_peak (not in the columns)
     columns: list[tuple[str, str]]        # (name, dtype) of each following part
     classes: list[str]
     count_per_member: list[int]           # all members, manifest order
@@ -302,6 +303,7 @@ class SetParamsRequest(Request):
     detect_threshold: float | None = None
     split_dip: float | None = None
     min_peak_distance_px: int | None = None
+    min_peak: float | None = None
 
 
 class SetMapsRequest(Request):

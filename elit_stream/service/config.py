@@ -111,6 +111,7 @@ class Postprocess(_Overrides):
     detect_threshold: float | None = None
     split_dip: float | None = None
     min_peak_distance_px: int | None = None
+    min_peak: float | None = None
 
 
 class Policy(_Overrides):

@@ -173,7 +173,9 @@ def result_line(msg: dict, rep=None) -> str:
     if rep is not None and msg["frame_id"] in rep.sent_at:
         rt = f"  since sent {1e3 * (time.perf_counter() - rep.sent_at[msg['frame_id']]):6.1f} ms"
     t = msg["timings_ms"]
-    return (f"frame {msg['frame_id']:4d}  atoms {msg['n_atoms']:4d}  "
+    unconfirmed = msg.get("unconfirmed", 0)
+    more = f" (+{unconfirmed} unconfirmed)" if unconfirmed else ""
+    return (f"frame {msg['frame_id']:4d}  atoms {msg['n_atoms']:4d}{more}  "
             f"mean uncertainty {msg['mean_uncertainty']:.3f}  "
             f"service {t['total']:6.1f} ms (infer {t['infer']:.1f}){rt}  "
             f"active v{msg['active_version']} {len(msg['active'])}/"

@@ -70,7 +70,8 @@ def result_summary(msg: dict, max_atoms: int = MAX_ATOMS) -> dict:
     return {
         "frame_id": msg["frame_id"], "acquisition": msg["acquisition"], "seq": msg.get("seq"),
         "frame_shape": msg.get("frame_shape"), "pixel_size_pm": msg.get("pixel_size_pm"),
-        "n_atoms": msg.get("n_atoms", 0), "atoms_shown": n, "classes": msg.get("classes", []),
+        "n_atoms": msg.get("n_atoms", 0), "unconfirmed": int(msg.get("unconfirmed", 0)),
+        "atoms_shown": n, "classes": msg.get("classes", []),
         "active": msg.get("active", []), "active_version": msg.get("active_version"),
         "model": (msg.get("model") or {}).get("name"),
         "count_per_member": msg.get("count_per_member", []),

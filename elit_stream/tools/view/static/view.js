@@ -179,7 +179,8 @@ function drawStatus() {
 function drawResult() {
   const r = S.result;
   $("frame-counter").textContent = String(r.seq);
-  $("n-atoms").textContent = String(r.n_atoms);
+  $("n-atoms").textContent = String(r.n_atoms) +
+    (r.unconfirmed ? ` (+${r.unconfirmed} unconfirmed)` : "");
   $("mean-unc").textContent = r.mean_uncertainty.toFixed(3);
   if (!S.images) drawFrame();
   memberCards();
