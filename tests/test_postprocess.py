@@ -282,3 +282,22 @@ def test_trainer_finds_the_same_atoms_as_the_service():
     assert len(xy) == len(r["x"]) == len(centres)
     gap, partner = cKDTree(xy).query(np.stack([r["x"], r["y"]], 1))
     assert np.unique(partner).size == len(xy) and gap.max() < 0.3
+
+
+def test_faint_atoms_count_in_a_lattice_but_not_on_a_disordered_support():
+    shape, rng = (128, 128), np.random.default_rng(5)
+    grid = [(x, y) for x in np.arange(6, 124, 9.0) for y in np.arange(6, 124, 9.0)]
+    scattered = []                                      # random, at least 8 px apart
+    while len(scattered) < 40:
+        p = rng.uniform(6, 122, 2)
+        if all(np.hypot(*(p - q)) >= 8 for q in scattered):
+            scattered.append(p)
+    for centres, lattice in ((grid, True), (scattered, False)):
+        amps = np.where(np.arange(len(centres)) % 7 == 3, 0.7, 0.95)      # faint ones peak at 0.7
+        probs = probs_with([[(x, y, 0, a) for (x, y), a in zip(centres, amps)]], shape=shape)
+        r = analyse(probs, [0], Params())
+        faint = int((amps < 0.8).sum())
+        assert (r.figures.crystallinity >= Params().lattice_crystallinity) == lattice
+        assert r.unconfirmed == (0 if lattice else faint)
+        assert r.n_atoms == len(centres) - r.unconfirmed
+        assert analyse(probs, [0], Params(lattice_crystallinity=0)).unconfirmed == 0

@@ -35,12 +35,15 @@ top-left pixel centre):
   on clean maps, 1 of 15 hallucinated blobs missed on a dense lattice).
 - `disagreement_per_member[m]` (ALL members) = 1 - IoU(a_m > threshold, a > threshold) over the
   valid region (0 when both masks are empty).
-- reported atoms: those whose `prob` (consensus peak) reaches min_peak (default 0.8): hysteresis,
-  the threshold gives an atom's extent, min_peak whether it is one. The others are counted in
-  `unconfirmed`: on noisy supports the members each see different noise grains as atoms and
-  their mean passes the threshold, barely, in many places (docs/evaluation.md, heavy atoms).
-  `count_per_member` and `mean_uncertainty` are over every consensus atom, reported or not, so
-  a frame of unconfirmed atoms reads uncertain.
+- reported atoms: every consensus atom in a frame that shows a lattice (`crystallinity`, below,
+  at least lattice_crystallinity, default 50: random points give ~20, every lattice measured
+  200 or more); in a frame without one (single atoms on a support, an amorphous film) only those
+  whose `prob` (consensus peak) reaches min_peak (default 0.8; hysteresis: the threshold gives an
+  atom's extent, min_peak whether it is one). There the members each see different noise
+  grains as atoms and their mean passes the threshold, barely, in many places; in a lattice a
+  faint blob on a lattice site is an atom (docs/evaluation.md, "post-processing"). Atoms left
+  out are counted in `unconfirmed`; `count_per_member` and `mean_uncertainty` are over every
+  consensus atom, reported or not, so a frame of unconfirmed atoms reads uncertain.
 - `mean_uncertainty` = mean of `uncertainty` over the frame's consensus atoms; with no atoms, 0
   when no active member counts a blob either (they agree: nothing there) and `MAX_UNCERTAINTY`
   (0.5, the largest std of values in [0, 1]) when some do (an empty consensus of disagreeing
@@ -86,7 +89,8 @@ class Params:
     detect_threshold: float = 0.5
     split_dip: float = 0.05           # merged atoms are split at a dip this deep (0: never split)
     min_peak_distance_px: int = 4     # closest two atoms' peaks can be (network pixels)
-    min_peak: float = 0.8             # an atom is reported when its consensus peak reaches this
+    min_peak: float = 0.8             # without a lattice, an atom needs a consensus peak this high
+    lattice_crystallinity: float = 50.0   # frames at or above this crystallinity: no min_peak
 
     def __post_init__(self) -> None:
         for name in ("split_dip", "min_peak"):
@@ -100,6 +104,10 @@ class Params:
                 raise ValueError(f"{name}: must be a number, got {value!r}")  # noqa: TRY004
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}: must be in (0, 1), got {value!r}")
+        value = self.lattice_crystallinity
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+                or not value >= 0:
+            raise ValueError(f"lattice_crystallinity: must be a number >= 0, got {value!r}")
         for name in ("min_blob_px", "max_blob_px", "min_peak_distance_px"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -194,18 +202,20 @@ def analyse(probs: np.ndarray, active, params: Params,
     counts = (detected.sum(axis=1) + extra).astype(np.int32)
     det_frac = detected[act].mean(axis=0, dtype=np.float32).astype(np.float32)
     mean_uncertainty = _mean_uncertainty(uncertainty, counts[act])      # over every candidate
+    figures = _frame_figures(areas[act], mask, disagreement[act],
+                             central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX))
     columns = (blobs.x, blobs.y, cls, blobs.peak, uncertainty, det_frac, cls_prob, cls_agree)
-    confirmed = blobs.peak >= np.float32(params.min_peak)
-    if not confirmed.all():
-        columns = tuple(c[confirmed] for c in columns)
+    confirmed = np.ones(blobs.n, bool)
+    if figures.crystallinity < params.lattice_crystallinity:          # no lattice in sight
+        confirmed = blobs.peak >= np.float32(params.min_peak)
+        if not confirmed.all():
+            columns = tuple(c[confirmed] for c in columns)
     x, y, cls, peak, uncertainty, det_frac, cls_prob, cls_agree = columns
     result = FrameAnalysis(
         x=x, y=y, cls=cls, prob=peak, uncertainty=uncertainty, det_frac=det_frac,
         count_per_member=counts, disagreement_per_member=disagreement,
         mean_uncertainty=mean_uncertainty, cls_prob=cls_prob, cls_agree=cls_agree,
-        figures=_frame_figures(areas[act], mask, disagreement[act],
-                               central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX)),
-        unconfirmed=int(confirmed.size - confirmed.sum()))
+        figures=figures, unconfirmed=int(confirmed.size - confirmed.sum()))
     if want_maps:
         result.mean_map, result.std_map = active_maps(probs, act, vh, vw)
     return result

@@ -304,6 +304,7 @@ class SetParamsRequest(Request):
     split_dip: float | None = None
     min_peak_distance_px: int | None = None
     min_peak: float | None = None
+    lattice_crystallinity: float | None = None
 
 
 class SetMapsRequest(Request):

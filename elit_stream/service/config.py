@@ -112,6 +112,7 @@ class Postprocess(_Overrides):
     split_dip: float | None = None
     min_peak_distance_px: int | None = None
     min_peak: float | None = None
+    lattice_crystallinity: float | None = None
 
 
 class Policy(_Overrides):

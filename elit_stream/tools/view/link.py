@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 ACTIONS = {"select", "deselect", "set_active", "reset", "set_params", "load_model"}
 PARAM_KEYS = {"threshold", "detect_threshold", "min_blob_px", "max_blob_px", "split_dip",
-              "min_peak_distance_px", "min_peak"}
+              "min_peak_distance_px", "min_peak",
+              "lattice_crystallinity"}
 RECENT_RESULTS = 16
 
 
