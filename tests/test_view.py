@@ -68,7 +68,8 @@ def test_result_line_says_how_many_atoms_were_left_unconfirmed():
     from elit_stream.tools.replay import result_line
 
     msg = {"frame_id": 3, "n_atoms": 12, "mean_uncertainty": 0.2, "active_version": 0,
-           "active": [0, 1], "count_per_member": [12, 30], "timings_ms": {"total": 5.0, "infer": 4.0}}
+           "active": [0, 1], "count_per_member": [12, 30],
+           "timings_ms": {"total": 5.0, "infer": 4.0}}
     assert "atoms   12  mean" in result_line(msg)
     assert "atoms   12 (+7 unconfirmed)  mean" in result_line({**msg, "unconfirmed": 7})
 

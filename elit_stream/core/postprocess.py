@@ -6,8 +6,9 @@ top-left pixel centre):
 
 - member atom map  a_m = sum_c probs[m, c];  consensus atom map  a = mean over active m of a_m.
 - atoms: connected components (4-connectivity) of a > threshold, split where they hold several
-  separated peaks (below), with min_blob_px <= size <= max_blob_px. Centre = centroid of the component weighted by (a - threshold), the excess
-  probability (rim pixels weigh ~0, so the cut at the threshold biases the centre less);
+  separated peaks (below), with min_blob_px <= size <= max_blob_px. Centre = centroid of the
+  component weighted by (a - threshold), the excess probability (rim pixels weigh ~0, so the
+  cut at the threshold biases the centre less);
   `prob` = max of a in it; `cls` = argmax_c of the component's sum of the active-mean class map c.
 - merged atoms (split_dip > 0): where imaging blurs (defocus, contamination, thick areas) the
   discs of neighbouring atoms touch and one component holds two or more atoms. Peaks = pixels of

@@ -104,7 +104,7 @@ class ResultHeader(Strict):
     pixel_size_pm: float | None
     acquired_at: float | None
     n_atoms: int
-    unconfirmed: int = 0            # consensus atoms whose peak stays below min_peak (not in the columns)
+    unconfirmed: int = 0                  # consensus atoms left out (peak below min_peak)
     columns: list[tuple[str, str]]        # (name, dtype) of each following part
     classes: list[str]
     count_per_member: list[int]           # all members, manifest order

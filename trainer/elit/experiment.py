@@ -151,7 +151,7 @@ def _grouped_size_stats(group: np.ndarray, values: np.ndarray, n_groups: int):
 
 def min_peak_distance(radius_px: float) -> int:
     """Closest two atoms' peaks can be on a map whose atom discs have ``radius_px``."""
-    return max(2, int(round(4 / 3 * radius_px)))
+    return max(2, round(4 / 3 * radius_px))
 
 
 def atom_labels(atom_map: np.ndarray, radius_px: float, min_area_frac: float = 0.25,
