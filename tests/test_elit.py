@@ -274,3 +274,12 @@ def test_multiclass_writes_a_two_class_child_named_by_run(parent_artifact, tmp_p
     assert manifest["name"] == "mc-multiclass" and len(manifest["classes"]) == 2
     assert manifest["lineage"]["step"] == "multiclass" and manifest["lineage"]["iteration"] == 0
     assert "impurity" in json.loads((run / "scores.json").read_text())
+
+
+def test_children_are_anchored_by_default_and_no_anchor_turns_it_off():
+    from trainer.cli import build_parser
+    from trainer.cli.elit import retrain_config
+
+    base = ["iterate", "models/default", "movie.npz", "--run-dir", "r"]
+    assert retrain_config(build_parser().parse_args(base)).anchor is True
+    assert retrain_config(build_parser().parse_args(base + ["--no-anchor"])).anchor is False

@@ -174,9 +174,10 @@ def _retrain_args(p) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="member i uses seed SEED + i")
     g.add_argument("--from-scratch", action="store_true",
                    help="random initial weights instead of the parent's best member")
-    g.add_argument("--anchor", action="store_true",
+    g.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=d.anchor,
                    help="iterate: every child starts from the first artifact's best member, not "
-                   "from the previous child's (less drift from iteration to iteration)")
+                   "from the previous child's (default; less loss from iteration to iteration, "
+                   "docs/elit.md runs D and 6); --no-anchor: from the previous child's")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     from trainer.cli.common import executor_args
     executor_args(p)
@@ -186,10 +187,11 @@ def retrain_config(args):
     from trainer.cli.common import executor_spec
     from trainer.elit.iterate import RetrainConfig
 
-    return RetrainConfig(executor=executor_spec(args), members=args.members, epochs=args.epochs, swa_epochs=args.swa_epochs,
-                         patience=args.patience,
+    return RetrainConfig(executor=executor_spec(args), members=args.members, epochs=args.epochs,
+                         swa_epochs=args.swa_epochs, patience=args.patience,
                          lr=args.lr, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
-                         from_scratch=args.from_scratch, anchor=getattr(args, "anchor", False),
+                         from_scratch=args.from_scratch,
+                         anchor=getattr(args, "anchor", RetrainConfig.anchor),
                          threads=args.threads)
 
 

@@ -52,7 +52,7 @@ class RetrainConfig:
     n_test: int = 16
     seed: int = 2000
     from_scratch: bool = False       # False: every member starts from the parent's best member
-    anchor: bool = False             # True: ... from the loop's first artifact's best member
+    anchor: bool = True              # children start from the loop's first artifact's best member
     threads: int = 0
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)   # where members train
 
