@@ -16,9 +16,8 @@ top-left pixel centre):
   Two peaks of one component closer than min_peak_distance_px are one atom; closer than
   SPLIT_RANGE x min_peak_distance_px, one atom unless the smoothed map dips between them
   (straight line, SPLIT_SAMPLES points, bilinear) by more than split_dip below the lower peak;
-  peaks joined so (transitively) form one atom. A
-  component with several atoms is divided among them, each pixel to the nearest atom (the mean
-  position of its peaks). A round or smeared single atom has no such dip and is not split.
+  peaks joined so (transitively) form one atom. A component with several atoms is divided
+  among them, each pixel to the nearest atom (the mean position of its peaks). A round or smeared single atom has no such dip and is not split.
 - `cls_prob` = the consensus probability of that class given an atom: the component's sum of the
   active-mean class map `cls` over its sum of a (1/C..1; 1 with one class).
 - `cls_agree` = fraction of ACTIVE members voting for `cls`; member m votes argmax_c of its own
@@ -94,21 +93,11 @@ class Params:
     lattice_crystallinity: float = 50.0   # frames at or above this crystallinity: no min_peak
 
     def __post_init__(self) -> None:
-        for name in ("split_dip", "min_peak"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
-                    or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}: must be a number in [0, 1), got {value!r}")
         for name in ("threshold", "detect_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-                raise ValueError(f"{name}: must be a number, got {value!r}")  # noqa: TRY004
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name}: must be in (0, 1), got {value!r}")
-        value = self.lattice_crystallinity
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
-                or not value >= 0:
-            raise ValueError(f"lattice_crystallinity: must be a number >= 0, got {value!r}")
+            _check_number(name, getattr(self, name), lambda v: 0.0 < v < 1.0, "in (0, 1)")
+        for name in ("split_dip", "min_peak"):
+            _check_number(name, getattr(self, name), lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _check_number("lattice_crystallinity", self.lattice_crystallinity, lambda v: v >= 0, ">= 0")
         for name in ("min_blob_px", "max_blob_px", "min_peak_distance_px"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -124,6 +113,14 @@ class Params:
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown parameter (known: {sorted(known)})")
         return dc_replace(self, **changes)
+
+
+def _check_number(name: str, value, ok, what: str) -> None:
+    """ValueError naming `name` unless `value` is a real number (not a bool) with ok(value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise ValueError(f"{name}: must be a number, got {value!r}")  # noqa: TRY004
+    if not ok(value):
+        raise ValueError(f"{name}: must be {what}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -206,17 +203,18 @@ def analyse(probs: np.ndarray, active, params: Params,
     figures = _frame_figures(areas[act], mask, disagreement[act],
                              central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX))
     columns = (blobs.x, blobs.y, cls, blobs.peak, uncertainty, det_frac, cls_prob, cls_agree)
-    confirmed = np.ones(blobs.n, bool)
+    unconfirmed = 0
     if figures.crystallinity < params.lattice_crystallinity:          # no lattice in sight
         confirmed = blobs.peak >= np.float32(params.min_peak)
-        if not confirmed.all():
+        unconfirmed = confirmed.size - int(np.count_nonzero(confirmed))
+        if unconfirmed:
             columns = tuple(c[confirmed] for c in columns)
     x, y, cls, peak, uncertainty, det_frac, cls_prob, cls_agree = columns
     result = FrameAnalysis(
         x=x, y=y, cls=cls, prob=peak, uncertainty=uncertainty, det_frac=det_frac,
         count_per_member=counts, disagreement_per_member=disagreement,
         mean_uncertainty=mean_uncertainty, cls_prob=cls_prob, cls_agree=cls_agree,
-        figures=figures, unconfirmed=int(confirmed.size - confirmed.sum()))
+        figures=figures, unconfirmed=unconfirmed)
     if want_maps:
         result.mean_map, result.std_map = active_maps(probs, act, vh, vw)
     return result
@@ -359,10 +357,9 @@ def _peaks(smooth: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
     flat = (fy + 1) * w + fx + 1
     centre = p[flat]
     top = np.ones(flat.size, bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                top &= centre >= p[flat + dy * w + dx]
+    for dy, dx in _WINDOW:
+        if dy or dx:
+            top &= centre >= p[flat + dy * w + dx]
     return top
 
 

@@ -161,16 +161,17 @@ def atom_labels(atom_map: np.ndarray, radius_px: float, min_area_frac: float = 0
     Returns (labels, ids of the atoms)."""
     labels, n = ndimage.label(atom_map > threshold)
     if split_dip > 0 and n:
-        labels = split_merged(labels, atom_map, min_peak_distance(radius_px), split_dip)
+        labels = split_merged(labels, n, atom_map, min_peak_distance(radius_px), split_dip)
     area = np.bincount(labels.ravel())
     ids = np.flatnonzero(area >= min_area_frac * np.pi * radius_px ** 2)
     return labels, ids[ids > 0]
 
 
-def split_merged(labels: np.ndarray, atom_map: np.ndarray, min_distance: int,
+def split_merged(labels: np.ndarray, n: int, atom_map: np.ndarray, min_distance: int,
                  dip: float = SPLIT_DIP) -> np.ndarray:
-    """``labels`` with every blob that holds several atoms divided among them (module docstring);
-    new labels follow the largest old one, a divided blob's own label disappears."""
+    """``labels`` (``n`` blobs, as ``ndimage.label`` returns them) with every blob that holds
+    several atoms divided among them (module docstring); new labels follow ``n``, a divided
+    blob's own label disappears."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
@@ -182,7 +183,6 @@ def split_merged(labels: np.ndarray, atom_map: np.ndarray, min_distance: int,
         & (labels > 0)
     py, px = np.nonzero(top)
     plab = labels[py, px]
-    n = int(labels.max())
     several = (np.bincount(plab, minlength=n + 1) >= 2)[plab]
     py, px, plab = py[several], px[several], plab[several]
     if py.size == 0:

@@ -25,15 +25,14 @@ import zmq.asyncio
 
 from elit_stream.protocol import wire
 from elit_stream.protocol.client import ControlClient
+from elit_stream.protocol.messages import SetParamsRequest
 from elit_stream.tools.view import render
 from elit_stream.tools.view.state import ViewState
 
 log = logging.getLogger(__name__)
 
 ACTIONS = {"select", "deselect", "set_active", "reset", "set_params", "load_model"}
-PARAM_KEYS = {"threshold", "detect_threshold", "min_blob_px", "max_blob_px", "split_dip",
-              "min_peak_distance_px", "min_peak",
-              "lattice_crystallinity"}
+PARAM_KEYS = frozenset(SetParamsRequest.model_fields) - {"cmd", "id"}   # what set_params takes
 RECENT_RESULTS = 16
 
 
