@@ -9,7 +9,9 @@ median / p90 in ms per version and the atom counts (which must agree). Not a tes
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -41,11 +43,21 @@ def module_at(rev: str):
     return mod
 
 
+def with_image(fn, x, art):
+    """`fn` given the network input and the heavy class where it takes them (the Z-contrast
+    class check, since 2026-12-02), so each version does what the service does with it."""
+    if "image" not in inspect.signature(fn).parameters:
+        return fn
+    return functools.partial(fn, image=x[0, 0], heavy_class=art.heavy_class)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", default="HEAD", help="baseline git revision (default HEAD)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--heavy-contrast", type=float, default=None,
+                    help="this checkout with the Z-contrast class check at this threshold")
     a = ap.parse_args(argv)
     from benchmarks.suite import frame_of
 
@@ -55,7 +67,9 @@ def main(argv=None) -> int:
     probs = eng.run(x)
     base = module_at(a.rev)
     act, vs = np.arange(art.n_members), geom.valid_shape
-    runs = {f"baseline ({a.rev})": (base.analyse, base.Params()), "this checkout": (analyse, Params())}
+    runs = {f"baseline ({a.rev})": (with_image(base.analyse, x, art), base.Params()),
+            "this checkout": (with_image(analyse, x, art), Params() if a.heavy_contrast is None
+                              else Params(heavy_contrast=a.heavy_contrast))}
     times = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
     atoms = {k: fn(probs, act, p, vs).n_atoms for k, (fn, p) in runs.items()}

@@ -33,11 +33,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few frames per case (CI smoke test)")
     ap.add_argument("--seed", type=int, default=suite.DEFAULT_SEED)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a post-processing parameter other than the default, e.g. "
+                         "heavy_contrast=3.2 (repeatable)")
     args = ap.parse_args(argv)
     out = args.out or ROOT / "runs" / "evaluation" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     command = "python -m benchmarks.evaluate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    result = suite.run(args.model, args.seed, args.quick, args.threads)
+    params = {}
+    for item in args.param:
+        name, _, value = item.partition("=")
+        params[name] = int(value) if value.isdigit() else float(value)
+    result = suite.run(args.model, args.seed, args.quick, args.threads, params=params)
     out.mkdir(parents=True, exist_ok=True)
     movie.save_movie(out / "movie.npz", result["movie"], args.seed)
     report.write(result, out, command.strip())

@@ -301,3 +301,96 @@ def test_faint_atoms_count_in_a_lattice_but_not_on_a_disordered_support():
         assert r.unconfirmed == (0 if lattice else faint)
         assert r.n_atoms == len(centres) - r.unconfirmed
         assert analyse(probs, [0], Params(lattice_crystallinity=0)).unconfirmed == 0
+
+
+# ----------------------------------------------------------------------------- Z-contrast classes
+ZC = Params(heavy_contrast=3.2)     # the check on, as recommended for dopants in a light host
+
+def _hex_lattice(shape, bond=8.0, margin=6.0):
+    """Atom positions of a graphene-like honeycomb (bond length `bond` px) inside `shape`."""
+    a = bond * np.sqrt(3)
+    pts = []
+    for i in range(-2, int(shape[1] / a) + 3):
+        for j in range(-2, int(shape[0] / (1.5 * bond)) + 3):
+            x0, y0 = i * a + (j % 2) * a / 2, j * 1.5 * bond
+            pts += [(x0, y0), (x0, y0 + bond)]
+    pts = np.array(pts)
+    inside = (pts[:, 0] > margin) & (pts[:, 0] < shape[1] - margin) \
+        & (pts[:, 1] > margin) & (pts[:, 1] < shape[0] - margin)
+    return pts[inside]
+
+
+def _scene(xy, weights, shape, background=None, sigma=1.6):
+    """Network input: a Gaussian per atom scaled by its weight, plus `background`."""
+    img = np.zeros(shape, np.float32) if background is None else background.astype(np.float32)
+    for (x, y), w in zip(xy, weights):
+        img += blob(shape, x, y, w, sigma)
+    return img
+
+
+def _contrast_case(net_heavy, weights, shape=(96, 96), background=None):
+    """probs of one member calling atom k heavy where net_heavy[k], and the image."""
+    xy = _hex_lattice(shape)
+    atoms = [(x, y, int(h), 0.95) for (x, y), h in zip(xy, net_heavy(len(xy)))]
+    return xy, probs_with([atoms], shape=shape), _scene(xy, weights(len(xy)), shape, background)
+
+
+def _atom_near(r, xy, k):
+    return int(np.argmin(np.hypot(r.x - xy[k, 0], r.y - xy[k, 1])))
+
+
+def test_an_atom_four_times_brighter_than_light_neighbours_is_heavy_whatever_the_network_says():
+    k = 40
+    xy, probs, img = _contrast_case(lambda n: np.zeros(n, int),
+                                    lambda n: np.where(np.arange(n) == k, 4.2, 1.0))
+    plain = analyse(probs, [0], Params(), image=img, heavy_class=1)      # off by default
+    r = analyse(probs, [0], ZC, image=img, heavy_class=1)
+    i = _atom_near(r, xy, k)
+    assert (plain.cls == 0).all() and np.isnan(plain.z_contrast).all()
+    assert r.cls[i] == 1 and np.count_nonzero(r.cls) == 1
+    assert 3.5 < r.z_contrast[i] < 5.0
+    others = np.delete(r.z_contrast, i)
+    assert np.nanmedian(others) == pytest.approx(1.0, abs=0.1)
+    assert r.cls_prob[i] > 0.75                   # the contrast is sure, though the network is not
+
+
+def test_a_network_heavy_atom_as_bright_as_its_light_neighbours_is_light():
+    k = 40
+    xy, probs, img = _contrast_case(lambda n: (np.arange(n) == k).astype(int),
+                                    lambda n: np.ones(n))
+    r = analyse(probs, [0], ZC, image=img, heavy_class=1)
+    assert (r.cls == 0).all()
+    off = analyse(probs, [0], Params(heavy_contrast=0.0), image=img, heavy_class=1)
+    assert off.cls[_atom_near(off, xy, k)] == 1 and np.count_nonzero(off.cls) == 1
+
+
+def test_a_lattice_of_heavy_atoms_stays_heavy_and_isolated_atoms_keep_the_network_class():
+    xy, probs, img = _contrast_case(lambda n: np.ones(n, int), lambda n: np.ones(n))
+    r = analyse(probs, [0], ZC, image=img, heavy_class=1)
+    assert (r.cls == 1).all()                     # a particle: heavy among heavy, not demoted
+    far = [(10, 10, 1, 0.95), (60, 12, 0, 0.95), (30, 40, 1, 0.95)]   # > 24 px apart
+    img2 = _scene([(a[0], a[1]) for a in far], [1.0, 4.0, 1.0], SHAPE)
+    r2 = analyse(probs_with([far]), [0], ZC, image=img2, heavy_class=1)
+    assert by_x(r2)["cls"].tolist() == [1, 1, 0] and np.isnan(r2.z_contrast).all()
+
+
+def test_a_background_gradient_and_a_diffuse_blob_do_not_make_lattice_atoms_heavy():
+    shape = (96, 96)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    ramp = 3.0 * xx / shape[1] + 4.0 * np.exp(-((xx - 50) ** 2 + (yy - 45) ** 2) / (2 * 18 ** 2))
+    xy, probs, img = _contrast_case(lambda n: np.zeros(n, int), lambda n: np.ones(n), shape,
+                                    background=ramp)
+    r = analyse(probs, [0], ZC, image=img, heavy_class=1)
+    assert (r.cls == 0).all() and np.nanmax(r.z_contrast) < 1.6
+
+
+def test_no_image_or_no_heavy_class_leaves_the_network_classes():
+    k = 40
+    xy, probs, img = _contrast_case(lambda n: np.zeros(n, int),
+                                    lambda n: np.where(np.arange(n) == k, 4.2, 1.0))
+    assert (analyse(probs, [0], ZC, image=img).cls == 0).all()
+    assert (analyse(probs, [0], ZC, heavy_class=1).cls == 0).all()
+    with pytest.raises(ValueError, match="heavy_contrast"):
+        Params(heavy_contrast=-1.0)
+    with pytest.raises(ValueError, match="contrast_radius_px"):
+        Params(contrast_radius_px=0)

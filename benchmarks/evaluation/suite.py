@@ -55,10 +55,12 @@ def picture_keys(frames: list) -> set:
 
 
 def run(model_dir, seed: int = DEFAULT_SEED, quick: bool = False, threads=None,
-        log=print) -> dict:
-    """Everything the report needs: per-frame records, per-group figures, picture frames."""
+        log=print, params: dict | None = None) -> dict:
+    """Everything the report needs: per-frame records, per-group figures, picture frames.
+    `params`: post-processing parameters other than the service's defaults."""
     t_start = time.perf_counter()
     runner = ModelRunner(model_dir, threads)
+    runner.params = runner.params.replace(**(params or {}))
     max_pm = runner.pixel_range_pm[1] or 20.0
     frames = make_frames(seed, quick, max_pm)
     log(f"{len(frames)} frames made ({time.perf_counter() - t_start:.0f} s)")

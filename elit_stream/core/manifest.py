@@ -157,6 +157,10 @@ class Manifest(_Strict):
     ood_reference: OodReferenceSpec = None  # type: ignore[assignment]  # optional, never null
 
 
+HEAVY_CLASS_NAMES = ("impurity", "heavy")
+"""Class names that mean "heavier atoms" (Z-contrast), in order of preference."""
+
+
 # --- the artifact ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -188,6 +192,13 @@ class Artifact:
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def heavy_class(self) -> int | None:
+        """Index of the heavier-atom class (named one of HEAVY_CLASS_NAMES), None without one:
+        the class the Z-contrast rule of core/postprocess.py checks (docs/artifact.md)."""
+        names = [n.lower() for n in self.class_names]
+        return next((names.index(n) for n in HEAVY_CLASS_NAMES if n in names), None)
 
 
 def default_artifact_path() -> Path:

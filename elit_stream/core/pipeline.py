@@ -51,7 +51,8 @@ def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | Non
     t1 = perf_counter()
     probs = engine.run(net_input)
     t2 = perf_counter()
-    fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps)
+    fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps,
+                 image=net_input[0, 0], heavy_class=engine.artifact.heavy_class)
     x, y = geom.to_frame_xy(fa.x, fa.y)
     ood = (ood_reference.score(fa.figures, params.threshold, pixel_size_pm) if ood_reference
            else None)
@@ -84,5 +85,5 @@ def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
     columns = {"x": out.x.astype(np.float32, copy=False), "y": out.y.astype(np.float32, copy=False),
                "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
                "uncertainty": fa.uncertainty, "det_frac": fa.det_frac,
-               "cls_prob": fa.cls_prob, "cls_agree": fa.cls_agree}
+               "cls_prob": fa.cls_prob, "cls_agree": fa.cls_agree, "z_contrast": fa.z_contrast}
     return header, columns

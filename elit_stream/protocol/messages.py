@@ -29,6 +29,7 @@ RESULT_COLUMNS = (
     ("det_frac", "float32"),     # fraction of active members that detect the atom
     ("cls_prob", "float32"),     # consensus probability of the atom's class (1/C..1)
     ("cls_agree", "float32"),    # fraction of active members voting for the atom's class
+    ("z_contrast", "float32"),   # height over the local background / neighbours' median; NaN
 )
 """Per-atom columns of a result, in wire order, with their dtypes."""
 
@@ -305,6 +306,8 @@ class SetParamsRequest(Request):
     min_peak_distance_px: int | None = None
     min_peak: float | None = None
     lattice_crystallinity: float | None = None
+    heavy_contrast: float | None = None
+    contrast_radius_px: float | None = None
 
 
 class SetMapsRequest(Request):

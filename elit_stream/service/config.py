@@ -113,6 +113,8 @@ class Postprocess(_Overrides):
     min_peak_distance_px: int | None = None
     min_peak: float | None = None
     lattice_crystallinity: float | None = None
+    heavy_contrast: float | None = None
+    contrast_radius_px: float | None = None
 
 
 class Policy(_Overrides):

@@ -158,6 +158,8 @@ def to_json_line(msg: dict) -> str:
 
 def _json_default(obj):
     if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f" and np.isnan(obj).any():      # JSON has no NaN: null
+            return np.where(np.isnan(obj), None, obj).tolist()
         return obj.tolist()
     if isinstance(obj, np.generic):
         return obj.item()
