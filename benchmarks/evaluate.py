@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.evaluation import movie, report, suite
+from elit_stream.core.postprocess import Params
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,11 @@ def main(argv=None) -> int:
     params = {}
     for item in args.param:
         name, _, value = item.partition("=")
-        params[name] = int(value) if value.isdigit() else float(value)
+        try:
+            params[name] = int(value) if value.isdigit() else float(value)
+            Params().replace(**params)
+        except ValueError as exc:
+            ap.error(f"--param {item}: {exc}")
     result = suite.run(args.model, args.seed, args.quick, args.threads, params=params)
     out.mkdir(parents=True, exist_ok=True)
     movie.save_movie(out / "movie.npz", result["movie"], args.seed)
