@@ -3,8 +3,7 @@
     python -m benchmarks.real_classes [--out docs/img/real-classes.png]
 
 Each image through the service's pipeline (all members, default parameters), once with the
-Z-contrast class check (`heavy_contrast` 3.2, as for dopants in a light host) and once without
-(`heavy_contrast` 0, the default): prints atoms and atoms
+Z-contrast class check (`heavy_contrast` 3.2, the default) and once without (0): prints atoms and atoms
 called heavy, and draws the image with the heavy atoms of both (PNG). Skips images that are not
 there (the data are not part of the repository; ../shared/data/README.md for their licences).
 """

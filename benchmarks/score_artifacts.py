@@ -6,8 +6,8 @@ For each artifact (e.g. the iterations of an `elit-train iterate` run) every fra
 `movie.npz` written by `benchmarks.evaluate`) goes through the service's pipeline
 (`core.pipeline.analyse_frame`, all members active, default parameters) and is scored by the
 suite's own scoring: detection F1 overall and per segment, impurity precision / recall with the
-Z-contrast class check (`heavy_contrast` 3.2, off in the service by default) and without it (the
-networks' classes alone, the service's default). Prints a markdown table. The ELIT loop's own truth tables (progress.md) score its
+Z-contrast class check (`heavy_contrast` 3.2, the service's default) and without it (0: the
+networks' classes alone). Prints a markdown table. The ELIT loop's own truth tables (progress.md) score its
 analysis of the class maps; this is what a user who loads the artifact into the service gets.
 """
 from __future__ import annotations

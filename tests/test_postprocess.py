@@ -304,7 +304,7 @@ def test_faint_atoms_count_in_a_lattice_but_not_on_a_disordered_support():
 
 
 # ----------------------------------------------------------------------------- Z-contrast classes
-ZC = Params(heavy_contrast=3.2)     # the check on, as recommended for dopants in a light host
+ZC = Params()                       # the check is on by default (heavy_contrast 3.2)
 
 def _hex_lattice(shape, bond=8.0, margin=6.0):
     """Atom positions of a graphene-like honeycomb (bond length `bond` px) inside `shape`."""
@@ -343,7 +343,7 @@ def test_an_atom_four_times_brighter_than_light_neighbours_is_heavy_whatever_the
     k = 40
     xy, probs, img = _contrast_case(lambda n: np.zeros(n, int),
                                     lambda n: np.where(np.arange(n) == k, 4.2, 1.0))
-    plain = analyse(probs, [0], Params(), image=img, heavy_class=1)      # off by default
+    plain = analyse(probs, [0], Params(heavy_contrast=0), image=img, heavy_class=1)   # off
     r = analyse(probs, [0], ZC, image=img, heavy_class=1)
     i = _atom_near(r, xy, k)
     assert (plain.cls == 0).all() and np.isnan(plain.z_contrast).all()
@@ -365,7 +365,7 @@ def test_a_network_heavy_atom_as_bright_as_its_light_neighbours_is_light():
 
 
 def test_a_lattice_of_heavy_atoms_stays_heavy_and_isolated_atoms_keep_the_network_class():
-    xy, probs, img = _contrast_case(lambda n: np.ones(n, int), lambda n: np.ones(n))
+    _, probs, img = _contrast_case(lambda n: np.ones(n, int), lambda n: np.ones(n))
     r = analyse(probs, [0], ZC, image=img, heavy_class=1)
     assert (r.cls == 1).all()                     # a particle: heavy among heavy, not demoted
     far = [(10, 10, 1, 0.95), (60, 12, 0, 0.95), (30, 40, 1, 0.95)]   # > 24 px apart
@@ -378,7 +378,7 @@ def test_a_background_gradient_and_a_diffuse_blob_do_not_make_lattice_atoms_heav
     shape = (96, 96)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
     ramp = 3.0 * xx / shape[1] + 4.0 * np.exp(-((xx - 50) ** 2 + (yy - 45) ** 2) / (2 * 18 ** 2))
-    xy, probs, img = _contrast_case(lambda n: np.zeros(n, int), lambda n: np.ones(n), shape,
+    _, probs, img = _contrast_case(lambda n: np.zeros(n, int), lambda n: np.ones(n), shape,
                                     background=ramp)
     r = analyse(probs, [0], ZC, image=img, heavy_class=1)
     assert (r.cls == 0).all() and np.nanmax(r.z_contrast) < 1.6
@@ -386,7 +386,7 @@ def test_a_background_gradient_and_a_diffuse_blob_do_not_make_lattice_atoms_heav
 
 def test_no_image_or_no_heavy_class_leaves_the_network_classes():
     k = 40
-    xy, probs, img = _contrast_case(lambda n: np.zeros(n, int),
+    _, probs, img = _contrast_case(lambda n: np.zeros(n, int),
                                     lambda n: np.where(np.arange(n) == k, 4.2, 1.0))
     assert (analyse(probs, [0], ZC, image=img).cls == 0).all()
     assert (analyse(probs, [0], ZC, heavy_class=1).cls == 0).all()
@@ -394,3 +394,46 @@ def test_no_image_or_no_heavy_class_leaves_the_network_classes():
         Params(heavy_contrast=-1.0)
     with pytest.raises(ValueError, match="contrast_radius_px"):
         Params(contrast_radius_px=0)
+
+
+def test_a_heavier_sublattice_keeps_its_class_but_scattered_false_heavy_calls_do_not():
+    """Honeycomb: sublattice A 1.8x as bright as B (like Mo among S2, less than heavy_contrast).
+    Networks calling all of A heavy (a compound, half the atoms): kept. Networks calling 10 % of
+    the atoms heavy, as bright as their neighbours (a dopant frame): light."""
+    shape = (96, 96)
+    xy = _hex_lattice(shape)
+    a_site = _sublattice(xy)
+    img = _scene(xy, np.where(a_site, 1.8, 1.0), shape)
+    compound = probs_with([[(x, y, int(h), 0.95) for (x, y), h in zip(xy, a_site)]], shape=shape)
+    r = analyse(compound, [0], ZC, image=img, heavy_class=1)
+    assert np.count_nonzero(r.cls) == np.count_nonzero(a_site) > 0.4 * len(xy)
+    flat = _scene(xy, np.ones(len(xy)), shape)
+    scattered = np.zeros(len(xy), int)
+    scattered[::10] = 1                                           # 10 %, each among light atoms
+    dopant = probs_with([[(x, y, int(h), 0.95) for (x, y), h in zip(xy, scattered)]], shape=shape)
+    r = analyse(dopant, [0], ZC, image=flat, heavy_class=1)
+    assert np.count_nonzero(r.cls) == 0
+
+
+def _sublattice(xy, bond=8.0):
+    """The honeycomb's A sites of _hex_lattice: those with an atom one bond straight below."""
+    tree = cKDTree(xy)
+    return np.array([len(tree.query_ball_point((x, y + bond), 0.5)) > 0 for x, y in xy])
+
+
+def test_a_region_called_heavy_wholesale_is_light_but_a_bright_cluster_stays_heavy():
+    """A third of a flat honeycomb called heavy in one piece (both sublattices: a region painted
+    heavy, not a compound) -> light. Six atoms 10x as bright called heavy, among light ones -> kept."""
+    shape = (96, 96)
+    xy = _hex_lattice(shape)
+    region = xy[:, 0] < np.percentile(xy[:, 0], 33)
+    painted = probs_with([[(x, y, int(h), 0.95) for (x, y), h in zip(xy, region)]], shape=shape)
+    r = analyse(painted, [0], ZC, image=_scene(xy, np.ones(len(xy)), shape), heavy_class=1)
+    assert np.count_nonzero(r.cls) == 0
+    centre = np.argsort(np.hypot(xy[:, 0] - 48, xy[:, 1] - 48))[:6]
+    bright = np.zeros(len(xy), int)
+    bright[centre] = 1
+    cluster = probs_with([[(x, y, int(h), 0.95) for (x, y), h in zip(xy, bright)]], shape=shape)
+    r = analyse(cluster, [0], ZC, image=_scene(xy, np.where(bright, 10.0, 1.0), shape),
+                heavy_class=1)
+    assert np.count_nonzero(r.cls) == 6
