@@ -30,7 +30,7 @@ def probs_with(blobs_per_member, n_classes=2, shape=SHAPE):
 def by_x(result):
     order = np.argsort(result.x)
     return {k: getattr(result, k)[order] for k in ("x", "y", "cls", "prob", "uncertainty",
-                                                   "det_frac")}
+                                                   "det_frac", "spread")}
 
 
 def test_symmetric_blobs_give_exact_centres():
@@ -44,7 +44,9 @@ def test_symmetric_blobs_give_exact_centres():
                                              np.exp(-0.25 / 4.5)], rtol=1e-5)
     assert got["x"].dtype == np.float32 and got["cls"].dtype == np.uint8
     np.testing.assert_array_equal(got["det_frac"], 1.0)
-    np.testing.assert_allclose(got["uncertainty"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(got["spread"], 0.0, atol=1e-7)            # members agree
+    p = got["prob"].astype(np.float64)                  # members agree: their own doubt alone
+    np.testing.assert_allclose(got["uncertainty"], np.sqrt(p * (1 - p)), rtol=1e-5)
     assert r.count_per_member.tolist() == [3, 3, 3] and r.count_per_member.dtype == np.int32
     np.testing.assert_allclose(r.disagreement_per_member, 0.0)
 
@@ -96,14 +98,15 @@ def test_det_frac_and_uncertainty_count_active_members_only():
     r = analyse(probs, np.arange(4), Params(min_peak=0.7))
     assert r.n_atoms == 1 and r.unconfirmed == 0
     np.testing.assert_allclose(r.det_frac, [0.75])
-    assert r.uncertainty[0] > 0.3                               # std of (p, p, p, 0) around peak
+    assert r.spread[0] > 0.3                                    # std of (p, p, p, 0) around peak
     assert r.count_per_member.tolist() == [1, 1, 1, 0]
     np.testing.assert_allclose(r.disagreement_per_member[3], 1.0)
     agree = analyse(probs, [0, 1, 2], Params())
     np.testing.assert_allclose(agree.det_frac, [1.0])
-    np.testing.assert_allclose(agree.uncertainty, [0.0], atol=1e-7)
+    np.testing.assert_allclose(agree.spread, [0.0], atol=1e-7)
+    assert 0 < agree.uncertainty[0] < r.uncertainty[0]          # their doubt only, no spread
     assert agree.count_per_member.tolist() == [1, 1, 1, 0]      # all members, always
-    assert agree.mean_uncertainty == pytest.approx(0.0, abs=1e-7)
+    assert agree.mean_uncertainty == pytest.approx(float(agree.uncertainty[0]))
     assert r.mean_uncertainty == pytest.approx(float(r.uncertainty[0]))
 
 
@@ -165,7 +168,7 @@ def test_float64_maps_accepted():
 
 def test_atom_at_the_border():
     r = analyse(probs_with([[(0, 0, 0, 0.95)]]), [0], Params())
-    assert r.n_atoms == 1 and r.x[0] > 0 and r.y[0] > 0 and r.uncertainty[0] == 0
+    assert r.n_atoms == 1 and r.x[0] > 0 and r.y[0] > 0 and r.spread[0] == 0
 
 
 def test_params_replace_validates():

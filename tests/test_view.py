@@ -62,6 +62,8 @@ def test_result_summary_caps_atoms_and_keeps_member_figures():
     assert out["atoms"]["u"] == [0.1235] * 3 and out["count_per_member"] == [5, 6]
     assert out["unconfirmed"] == 0                   # older results carry no such field
     assert render.result_summary({**msg, "unconfirmed": 4})["unconfirmed"] == 4
+    spread = {**atoms, "spread": np.full(5, 0.0456, np.float32)}      # colours: the spread
+    assert render.result_summary({**msg, "atoms": spread})["atoms"]["u"] == [0.0456] * 5
 
 
 def test_result_line_says_how_many_atoms_were_left_unconfirmed():

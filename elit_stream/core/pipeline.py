@@ -85,5 +85,6 @@ def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
     columns = {"x": out.x.astype(np.float32, copy=False), "y": out.y.astype(np.float32, copy=False),
                "cls": fa.cls.astype(np.uint8, copy=False), "prob": fa.prob,
                "uncertainty": fa.uncertainty, "det_frac": fa.det_frac,
-               "cls_prob": fa.cls_prob, "cls_agree": fa.cls_agree, "z_contrast": fa.z_contrast}
+               "cls_prob": fa.cls_prob, "cls_agree": fa.cls_agree, "z_contrast": fa.z_contrast,
+               "spread": fa.spread}
     return header, columns

@@ -50,8 +50,16 @@ top-left pixel centre):
   and the contrast's confidence 1 / (1 + exp(-|ln(z_contrast / heavy_contrast)| /
   CONTRAST_CONF_SCALE)).
 - peak window: the 3x3 pixels centred on the component's maximum of a (clipped at the border).
-- `uncertainty` = mean over the peak window of the std over ACTIVE members of a_m (population
-  std, ddof=0: 0 with one active member).
+- `uncertainty` = the ensemble's total predictive uncertainty that the atom is there, at its
+  peak: sqrt(p (1 - p)), p = `prob` (the consensus atom map's maximum, clipped to [0, 1]). By the
+  law of total variance p (1 - p) = mean over ACTIVE m of p_m (1 - p_m) (each member's own doubt)
+  + the variance over ACTIVE members of p_m (their disagreement), p_m = a_m at the peak pixel.
+  0 where every active member is sure, 0.5 at most. It ranks false detections above true ones
+  better than the spread alone: on the drift segments and heavy-atom cases of seeds the suite
+  does not score, AUROC 0.82-0.96 against 0.81-0.93 (docs/evaluation.md, "per-atom
+  uncertainty"; the same over the 3x3 peak window was tried: no better than the spread).
+- `spread` = mean over the peak window of the std over ACTIVE members of a_m (population std,
+  ddof=0: 0 with one active member): the between-member part alone.
 - `det_frac` = fraction of ACTIVE members with max of a_m over the peak window >= detect_threshold.
 - `count_per_member[m]` (ALL members) = atoms (above) that m detects in the same sense, plus m's
   "extra" blobs: connected regions of (any member's a_m > threshold) that touch no consensus pixel,
@@ -197,6 +205,7 @@ class FrameAnalysis:
     std_map: np.ndarray | None = None
     unconfirmed: int = 0          # consensus atoms not reported: peak below min_peak
     z_contrast: np.ndarray | None = None    # per atom; NaN where not measured
+    spread: np.ndarray | None = None        # per atom: the between-member part of uncertainty
 
     @property
     def n_atoms(self) -> int:
@@ -233,9 +242,12 @@ def analyse(probs: np.ndarray, active, params: Params,
     consensus = _active_mean(atom, act)                                 # [H, W]
     mask = consensus[:vh, :vw] > params.threshold
     blobs = _blobs(mask, consensus, params)
-    win = atom.reshape(n_m, -1)[:, _peak_window(blobs, vh, vw, w)]      # [M, 9, N]
+    window = _peak_window(blobs, vh, vw, w)                              # [9, N]
+    win = atom.reshape(n_m, -1)[:, window]                              # [M, 9, N]
     detected = win.max(axis=1) >= params.detect_threshold             # [M, N]
-    uncertainty = win[act].std(axis=0).mean(axis=0).astype(np.float32)
+    spread = win[act].std(axis=0).mean(axis=0).astype(np.float32)
+    p = np.clip(blobs.peak, 0.0, 1.0)
+    uncertainty = np.sqrt(p * (1.0 - p)).astype(np.float32)
     member_on = atom[:, :vh, :vw] > params.threshold
     extra, disagreement, areas = _member_figures(member_on, mask, params)
     counts = (detected.sum(axis=1) + extra).astype(np.int32)
@@ -244,14 +256,14 @@ def analyse(probs: np.ndarray, active, params: Params,
     figures = _frame_figures(areas[act], mask, disagreement[act],
                              central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX))
     share, votes = _class_shares(probs, act, blobs)                     # [C, N], [A, N]
-    columns = (blobs.x, blobs.y, blobs.peak, uncertainty, det_frac, share.T, votes.T)
+    columns = (blobs.x, blobs.y, blobs.peak, uncertainty, spread, det_frac, share.T, votes.T)
     unconfirmed = 0
     if figures.crystallinity < params.lattice_crystallinity:          # no lattice in sight
         confirmed = blobs.peak >= np.float32(params.min_peak)
         unconfirmed = confirmed.size - int(np.count_nonzero(confirmed))
         if unconfirmed:
             columns = tuple(c[confirmed] for c in columns)
-    x, y, peak, uncertainty, det_frac, share, votes = columns
+    x, y, peak, uncertainty, spread, det_frac, share, votes = columns
     share, votes, n = share.T, votes.T, x.shape[0]
     cls = share.argmax(axis=0).astype(np.uint8)
     contrast = np.full(n, np.nan, np.float32)
@@ -269,7 +281,7 @@ def analyse(probs: np.ndarray, active, params: Params,
         x=x, y=y, cls=cls, prob=peak, uncertainty=uncertainty, det_frac=det_frac,
         count_per_member=counts, disagreement_per_member=disagreement,
         mean_uncertainty=mean_uncertainty, cls_prob=cls_prob, cls_agree=cls_agree,
-        figures=figures, unconfirmed=unconfirmed, z_contrast=contrast)
+        figures=figures, unconfirmed=unconfirmed, z_contrast=contrast, spread=spread)
     if want_maps:
         result.mean_map, result.std_map = active_maps(probs, act, vh, vw)
     return result

@@ -25,11 +25,12 @@ RESULT_COLUMNS = (
     ("y", "float32"),            # input-frame pixels, row
     ("cls", "uint8"),            # class index (manifest `classes` order)
     ("prob", "float32"),         # consensus (active-member mean) probability at the atom
-    ("uncertainty", "float32"),  # active-member standard deviation at the atom
+    ("uncertainty", "float32"),  # total predictive std that the atom is there, at its peak
     ("det_frac", "float32"),     # fraction of active members that detect the atom
     ("cls_prob", "float32"),     # consensus probability of the atom's class (1/C..1)
     ("cls_agree", "float32"),    # fraction of active members voting for the atom's class
     ("z_contrast", "float32"),   # height over the local background / neighbours' median; NaN
+    ("spread", "float32"),       # active-member standard deviation at the atom (ELIT's spread)
 )
 """Per-atom columns of a result, in wire order, with their dtypes."""
 

@@ -157,7 +157,7 @@ def write_overlay(frame: np.ndarray, result: dict, out: Path, pixel_size_pm: flo
                         linewidths=0.5, label=f"{name} ({int(sel.sum())})")
     if sc is not None:
         fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02,
-                     label="uncertainty: std of the members' probability at the atom")
+                     label="uncertainty: the ensemble's doubt that an atom is there")
     if "cls_agree" in a:
         doubt = np.asarray(a["cls_agree"]) < LOW_CLASS_AGREEMENT
         ax.scatter(xy[doubt, 0], xy[doubt, 1], s=70, facecolors="none", edgecolors="lime",

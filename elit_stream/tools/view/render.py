@@ -81,7 +81,7 @@ def result_summary(msg: dict, max_atoms: int = MAX_ATOMS) -> dict:
         "timings_ms": msg.get("timings_ms", {}),
         "atoms": {"x": col("x", 1), "y": col("y", 1),
                   "cls": [int(c) for c in atoms.get("cls", [])[:n]],
-                  "u": col("uncertainty", 4)},
+                  "u": col("spread" if "spread" in atoms else "uncertainty", 4)},
     }
 
 
