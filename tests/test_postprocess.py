@@ -35,7 +35,7 @@ def by_x(result):
 
 def test_symmetric_blobs_give_exact_centres():
     atoms = [(10, 12, 0, 0.95), (30.5, 20, 0, 0.9), (50, 35.5, 1, 0.99)]
-    r = analyse(probs_with([atoms] * 3), np.arange(3), Params())
+    r = analyse(probs_with([atoms] * 3), np.arange(3), Params(min_peak=0.5))  # centres here
     got = by_x(r)
     np.testing.assert_allclose(got["x"], [10, 30.5, 50], atol=1e-4)
     np.testing.assert_allclose(got["y"], [12, 20, 35.5], atol=1e-4)
@@ -57,7 +57,7 @@ def test_subpixel_centres_within_a_tenth_of_a_pixel():
     xs = np.sort(xs + np.arange(6) * 0.0)
     keep = np.concatenate([[True], np.diff(xs) > 5])
     atoms = [(x, y, 0, 0.95) for x, y in zip(xs[keep], ys[keep])]
-    got = by_x(analyse(probs_with([atoms]), [0], Params()))
+    got = by_x(analyse(probs_with([atoms]), [0], Params(min_peak=0.5)))    # centres here
     np.testing.assert_allclose(got["x"], xs[keep], atol=0.1)
     np.testing.assert_allclose(got["y"], ys[keep], atol=0.1)
 
@@ -113,7 +113,7 @@ def test_det_frac_and_uncertainty_count_active_members_only():
 def test_atoms_whose_consensus_peak_stays_below_min_peak_are_unconfirmed():
     atom, other = [(20, 20, 0, 0.95)], [(45, 30, 1, 0.95)]
     probs = probs_with([atom + other, atom + other, atom + other, atom])   # 3 of 4 see `other`
-    vote = analyse(probs, np.arange(4), Params())          # its peak: 0.71 < 0.8
+    vote = analyse(probs, np.arange(4), Params())          # its peak: 0.71 < 0.9
     assert vote.n_atoms == 1 and vote.unconfirmed == 1
     np.testing.assert_allclose([vote.x[0], vote.y[0]], [20, 20], atol=1e-4)
     every = analyse(probs, np.arange(4), Params(min_peak=0.5))
@@ -296,10 +296,10 @@ def test_faint_atoms_count_in_a_lattice_but_not_on_a_disordered_support():
         if all(np.hypot(*(p - q)) >= 8 for q in scattered):
             scattered.append(p)
     for centres, lattice in ((grid, True), (scattered, False)):
-        amps = np.where(np.arange(len(centres)) % 7 == 3, 0.7, 0.95)      # faint ones peak at 0.7
+        amps = np.where(np.arange(len(centres)) % 7 == 3, 0.7, 0.99)      # faint ones peak at 0.7
         probs = probs_with([[(x, y, 0, a) for (x, y), a in zip(centres, amps)]], shape=shape)
         r = analyse(probs, [0], Params())
-        faint = int((amps < 0.8).sum())
+        faint = int((amps < Params().min_peak).sum())
         assert (r.figures.crystallinity >= Params().lattice_crystallinity) == lattice
         assert r.unconfirmed == (0 if lattice else faint)
         assert r.n_atoms == len(centres) - r.unconfirmed

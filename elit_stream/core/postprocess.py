@@ -73,7 +73,7 @@ top-left pixel centre):
 - reported atoms: every consensus atom in a frame that shows a lattice (`crystallinity`, below,
   at least lattice_crystallinity, default 50: random points give ~20, every lattice measured
   200 or more); in a frame without one (single atoms on a support, an amorphous film) only those
-  whose `prob` (consensus peak) reaches min_peak (default 0.8; hysteresis: the threshold gives an
+  whose `prob` (consensus peak) reaches min_peak (default 0.9; hysteresis: the threshold gives an
   atom's extent, min_peak whether it is one). There the members each see different noise
   grains as atoms and their mean passes the threshold, barely, in many places; in a lattice a
   faint blob on a lattice site is an atom (docs/evaluation.md, "post-processing"). Atoms left
@@ -130,7 +130,7 @@ class Params:
     detect_threshold: float = 0.5
     split_dip: float = 0.05           # merged atoms are split at a dip this deep (0: never split)
     min_peak_distance_px: int = 4     # closest two atoms' peaks can be (network pixels)
-    min_peak: float = 0.8             # without a lattice, an atom needs a consensus peak this high
+    min_peak: float = 0.9             # without a lattice, an atom needs a consensus peak this high
     lattice_crystallinity: float = 50.0   # frames at or above this crystallinity: no min_peak
     heavy_contrast: float = 3.2       # Z-contrast class check: heavy above this (0: off)
     contrast_radius_px: float = 24.0  # Z-contrast neighbours within this distance (network px)
