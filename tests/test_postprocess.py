@@ -440,3 +440,14 @@ def test_a_region_called_heavy_wholesale_is_light_but_a_bright_cluster_stays_hea
     r = analyse(cluster, [0], ZC, image=_scene(xy, np.where(bright, 10.0, 1.0), shape),
                 heavy_class=1)
     assert np.count_nonzero(r.cls) == 6
+
+
+def test_row_median_of_the_first_k_values_matches_numpy():
+    from elit_stream.core.postprocess import _row_median
+
+    rng = np.random.default_rng(0)
+    k = rng.integers(1, 9, 300)
+    values = rng.random((300, 8))
+    values[np.arange(8)[None, :] >= k[:, None]] = np.inf        # the rest: no neighbour
+    want = [np.median(v[:n]) for v, n in zip(values, k)]
+    np.testing.assert_allclose(_row_median(values, k), want)

