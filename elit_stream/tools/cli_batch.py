@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
                        "`replay --record` format, OUT/summary.md, summary.json and "
                        "disagreement.png. Formats as for replay. docs/cluster.md.")
     b.add_argument("movies", metavar="MOVIE", nargs="+", help="stacks to analyse")
-    b.add_argument("--model", metavar="DIR", required=True, help="artifact folder")
+    b.add_argument("--model", metavar="DIR",
+                   help="artifact folder (default $ELIT_MODEL, else models/default)")
     b.add_argument("--out", metavar="DIR", required=True, help="output folder")
     b.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: chunks of frames as Ray tasks, the "
@@ -37,14 +38,15 @@ def add_parser(sub) -> None:
 
 def cmd_batch(args) -> int:
     from elit_stream.core.engine import EngineError
-    from elit_stream.core.manifest import ArtifactError
+    from elit_stream.core.manifest import ArtifactError, default_artifact_path
     from elit_stream.tools.batch import BatchConfig, BatchError, run_batch
 
     if args.chunk < 1 or (args.workers is not None and args.workers < 1):
         raise CliError("--chunk and --workers must be positive")
     if args.address and args.executor != "ray":
         raise CliError("--address needs --executor ray")
-    cfg = BatchConfig(model=Path(args.model), out=Path(args.out), executor=args.executor,
+    model = Path(args.model) if args.model else default_artifact_path()
+    cfg = BatchConfig(model=model, out=Path(args.out), executor=args.executor,
                       address=args.address, workers=args.workers, threads=args.threads,
                       chunk_frames=args.chunk, pixel_size_pm=args.pixel_size_pm,
                       dataset=args.dataset, device=args.device, precision=args.precision)
