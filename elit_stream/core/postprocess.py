@@ -457,26 +457,11 @@ def _z_contrast_classes(image: np.ndarray, x: np.ndarray, y: np.ndarray, cls: np
     """Per atom the Z-contrast (module docstring; NaN where not measured), the classes after
     the Z-contrast rule and where the rule decided the class."""
     n = x.shape[0]
-    contrast = np.full(n, np.nan, np.float32)
     if n < CONTRAST_MIN_NEIGHBOURS + 1 or params.heavy_contrast <= 0:
-        return contrast, cls, np.zeros(n, bool)
-    xy = np.stack([x, y], axis=1)
-    dist, nb = cKDTree(xy, balanced_tree=False, compact_nodes=False).query(
-        xy, k=min(CONTRAST_NEIGHBOURS + 1, n), distance_upper_bound=params.contrast_radius_px)
-    dist, nb = dist[:, 1:], nb[:, 1:]                                   # the atom itself out
-    near = np.isfinite(dist)                                            # within the radius
-    bond = float(np.median(dist[near[:, 0], 0])) if near[:, 0].any() else params.contrast_radius_px
-    half = _half(image)                              # background at half resolution: cheaper
-    smooth, cells = _binomial3(half), max(3, round(bond) | 1)      # window ~ 2 bonds
-    low = ndimage.minimum_filter(smooth, cells)
-    at = [(y - 0.5) / 2, (x - 0.5) / 2]                                 # half-resolution coords
-    height = (ndimage.map_coordinates(smooth, at, order=1, mode="nearest")
-              - ndimage.map_coordinates(low, at, order=1, mode="nearest")).astype(np.float64)
-    measured = near.sum(axis=1) >= CONTRAST_MIN_NEIGHBOURS
-    nb = np.where(near, nb, 0)
-    ref = _row_median(np.where(near, height[nb], np.inf)[measured], near[measured].sum(axis=1))
+        return np.full(n, np.nan, np.float32), cls, np.zeros(n, bool)
+    contrast, height, nb, near = _z_contrast(image, x, y, params.contrast_radius_px)
+    measured = ~np.isnan(contrast)
     floor = max(float(np.median(np.abs(height))) * 0.05, 1e-6)
-    contrast[measured] = np.maximum(height[measured] / np.maximum(ref, floor), 1e-3)
     light_nb = near & (cls[nb] != heavy)
     among_light = measured & (2 * light_nb.sum(axis=1) >= near.sum(axis=1))  # half or more
     kind = _frame_kind(cls == heavy, nb[:, 0], near[:, 0])
@@ -496,6 +481,30 @@ def _z_contrast_classes(image: np.ndarray, x: np.ndarray, y: np.ndarray, cls: np
     decided = above | (among_light & (cls != heavy))
     decided[doubt] = True
     return contrast, out, decided
+
+
+def _z_contrast(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius_px: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(z_contrast [N] float32, NaN where not measured; height [N]; the up to 8 nearest atoms
+    [N, 8] (0 where none); which of them are within radius_px [N, 8]). Module docstring."""
+    xy = np.stack([x, y], axis=1)
+    dist, nb = cKDTree(xy, balanced_tree=False, compact_nodes=False).query(
+        xy, k=min(CONTRAST_NEIGHBOURS + 1, len(xy)), distance_upper_bound=radius_px)
+    dist, nb = dist[:, 1:], nb[:, 1:]                                   # the atom itself out
+    near = np.isfinite(dist)                                            # within the radius
+    nb = np.where(near, nb, 0)
+    bond = float(np.median(dist[near[:, 0], 0])) if near[:, 0].any() else radius_px
+    smooth = _binomial3(_half(image))                # background at half resolution: cheaper
+    low = ndimage.minimum_filter(smooth, max(3, round(bond) | 1))       # window ~ 2 bonds
+    at = [(y - 0.5) / 2, (x - 0.5) / 2]                                 # half-resolution coords
+    height = (ndimage.map_coordinates(smooth, at, order=1, mode="nearest")
+              - ndimage.map_coordinates(low, at, order=1, mode="nearest")).astype(np.float64)
+    measured = near.sum(axis=1) >= CONTRAST_MIN_NEIGHBOURS
+    ref = _row_median(np.where(near, height[nb], np.inf)[measured], near[measured].sum(axis=1))
+    floor = max(float(np.median(np.abs(height))) * 0.05, 1e-6)
+    contrast = np.full(len(xy), np.nan, np.float32)
+    contrast[measured] = np.maximum(height[measured] / np.maximum(ref, floor), 1e-3)
+    return contrast, height, nb, near
 
 
 def _row_median(values: np.ndarray, k: np.ndarray) -> np.ndarray:
