@@ -179,6 +179,17 @@ def test_batch_cli_local_writes_records_summary_and_reports_a_bad_movie(tiny_art
     assert len(summary[0]["disagreement_per_member"][0]) == len(summary[0]["members"])
 
 
+@pytest.mark.slow
+def test_batch_cli_without_model_takes_the_default_artifact(tiny_artifact, movies, tmp_path):
+    env = {**os.environ, "ELIT_MODEL": str(tiny_artifact)}          # what `serve` would load
+    out = subprocess.run([*CLI, "batch", movies[0], "--out", tmp_path / "b", "--threads", "1",
+                          "--quiet"], capture_output=True, text=True, timeout=120, check=False,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    first = json.loads((tmp_path / "b" / "first.jsonl").read_text().splitlines()[0])
+    assert first["model"]["name"] == tiny_artifact.name
+
+
 def test_iterate_and_multiclass_take_the_executor_into_their_retraining():
     pytest.importorskip("torch")
     from trainer.cli import build_parser
