@@ -206,11 +206,18 @@ def test_arbitrary_maps_never_crash_or_nan(probs, data):
     probs = probs / n_c                                    # classes sum to <= 1
     active = data.draw(st.lists(st.integers(0, n_m - 1), min_size=1, unique=True))
     vh, vw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
-    params = Params(threshold=data.draw(st.floats(0.05, 0.95)), min_blob_px=1)
-    r = analyse(probs, active, params, valid_shape=(vh, vw), want_maps=True)
+    params = Params(threshold=data.draw(st.floats(0.05, 0.95)), min_blob_px=1,
+                    contrast_radius_px=data.draw(st.floats(1.0, 30.0)))
+    image = data.draw(hnp.arrays(np.float32, (h, w), elements=st.floats(0, 1, width=32)))
+    heavy = data.draw(st.sampled_from([None, n_c - 1]))     # with the Z-contrast check or not
+    r = analyse(probs, active, params, valid_shape=(vh, vw), want_maps=True, image=image,
+                heavy_class=heavy)
     n = r.n_atoms
-    for arr in (r.x, r.y, r.prob, r.uncertainty, r.det_frac):
+    for arr in (r.x, r.y, r.prob, r.uncertainty, r.det_frac, r.spread, r.cls_prob, r.cls_agree):
         assert arr.shape == (n,) and arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert r.z_contrast.shape == (n,) and not np.isinf(r.z_contrast).any()
+    assert (np.isnan(r.z_contrast) | (r.z_contrast > 0)).all()
+    assert ((r.uncertainty >= 0) & (r.uncertainty <= 0.5)).all()
     assert ((r.x >= 0) & (r.x <= vw - 1) & (r.y >= 0) & (r.y <= vh - 1)).all()
     assert ((r.det_frac >= 0) & (r.det_frac <= 1)).all() and (r.cls < n_c).all()
     assert (r.prob > params.threshold).all()
