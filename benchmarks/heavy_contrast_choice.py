@@ -22,13 +22,12 @@ import numpy as np
 from benchmarks.evaluation import movie
 from benchmarks.evaluation.runner import ModelRunner
 from benchmarks.evaluation.scoring import pool, score_frame
+from benchmarks.postprocess_choice import REAL
 from elit_stream.core import postprocess
 from elit_stream.core.postprocess import analyse
 
 CANDIDATES = (0.0, 2.6, 2.8, 3.0, 3.2, 3.4)
 GATES = (0.1, 0.2, 0.3, 1.1)
-REAL = (("MoS2_stem_Exp-000-2.npy", 17.6), ("MoS2_stem_Exp-001-5.npy", 13.7),
-        ("Acquisition_18.emd", 12.25))
 
 
 def impurity_f1(pooled: list[dict]) -> list[float]:

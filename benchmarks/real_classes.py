@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.evaluation.runner import ModelRunner
+from benchmarks.postprocess_choice import REAL
 from elit_stream.core.pipeline import analyse_frame
-
-REAL = (("MoS2_stem_Exp-000-2.npy", 17.6), ("MoS2_stem_Exp-001-5.npy", 13.7),
-        ("Acquisition_18.emd", 12.25))
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,8 @@ top-left pixel centre):
   SPLIT_RANGE x min_peak_distance_px, one atom unless the smoothed map dips between them
   (straight line, SPLIT_SAMPLES points, bilinear) by more than split_dip below the lower peak;
   peaks joined so (transitively) form one atom. A component with several atoms is divided
-  among them, each pixel to the nearest atom (the mean position of its peaks). A round or smeared single atom has no such dip and is not split.
+  among them, each pixel to the nearest atom (the mean position of its peaks). A round or
+  smeared single atom has no such dip and is not split.
 - `cls_prob` = the consensus probability of that class given an atom: the component's sum of the
   active-mean class map `cls` over its sum of a (1/C..1; 1 with one class).
 - `cls_agree` = fraction of ACTIVE members voting for `cls`; member m votes argmax_c of its own
@@ -256,15 +257,15 @@ def analyse(probs: np.ndarray, active, params: Params,
     figures = _frame_figures(areas[act], mask, disagreement[act],
                              central(consensus[:vh:2, :vw:2], CRYSTAL_SIDE_PX))
     share, votes = _class_shares(probs, act, blobs)                     # [C, N], [A, N]
-    columns = (blobs.x, blobs.y, blobs.peak, uncertainty, spread, det_frac, share.T, votes.T)
-    unconfirmed = 0
+    keep, unconfirmed = slice(None), 0                                  # slice: views, no copy
     if figures.crystallinity < params.lattice_crystallinity:          # no lattice in sight
         confirmed = blobs.peak >= np.float32(params.min_peak)
         unconfirmed = confirmed.size - int(np.count_nonzero(confirmed))
         if unconfirmed:
-            columns = tuple(c[confirmed] for c in columns)
-    x, y, peak, uncertainty, spread, det_frac, share, votes = columns
-    share, votes, n = share.T, votes.T, x.shape[0]
+            keep = confirmed
+    x, y, peak = blobs.x[keep], blobs.y[keep], blobs.peak[keep]
+    uncertainty, spread, det_frac = uncertainty[keep], spread[keep], det_frac[keep]
+    share, votes, n = share[:, keep], votes[:, keep], x.shape[0]
     cls = share.argmax(axis=0).astype(np.uint8)
     contrast = np.full(n, np.nan, np.float32)
     decided = np.zeros(n, bool)
@@ -459,9 +460,8 @@ def _z_contrast_classes(image: np.ndarray, x: np.ndarray, y: np.ndarray, cls: np
     n = x.shape[0]
     if n < CONTRAST_MIN_NEIGHBOURS + 1 or params.heavy_contrast <= 0:
         return np.full(n, np.nan, np.float32), cls, np.zeros(n, bool)
-    contrast, height, nb, near = _z_contrast(image, x, y, params.contrast_radius_px)
+    contrast, height, floor, nb, near = _z_contrast(image, x, y, params.contrast_radius_px)
     measured = ~np.isnan(contrast)
-    floor = max(float(np.median(np.abs(height))) * 0.05, 1e-6)
     light_nb = near & (cls[nb] != heavy)
     among_light = measured & (2 * light_nb.sum(axis=1) >= near.sum(axis=1))  # half or more
     kind = _frame_kind(cls == heavy, nb[:, 0], near[:, 0])
@@ -484,9 +484,10 @@ def _z_contrast_classes(image: np.ndarray, x: np.ndarray, y: np.ndarray, cls: np
 
 
 def _z_contrast(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius_px: float
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(z_contrast [N] float32, NaN where not measured; height [N]; the up to 8 nearest atoms
-    [N, 8] (0 where none); which of them are within radius_px [N, 8]). Module docstring."""
+                ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
+    """(z_contrast [N] float32, NaN where not measured; height [N]; the smallest height a
+    reference may have (5 % of the typical one); the up to 8 nearest atoms [N, 8] (0 where
+    none); which of them are within radius_px [N, 8]). Module docstring."""
     xy = np.stack([x, y], axis=1)
     dist, nb = cKDTree(xy, balanced_tree=False, compact_nodes=False).query(
         xy, k=min(CONTRAST_NEIGHBOURS + 1, len(xy)), distance_upper_bound=radius_px)
@@ -504,7 +505,7 @@ def _z_contrast(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius_px: floa
     floor = max(float(np.median(np.abs(height))) * 0.05, 1e-6)
     contrast = np.full(len(xy), np.nan, np.float32)
     contrast[measured] = np.maximum(height[measured] / np.maximum(ref, floor), 1e-3)
-    return contrast, height, nb, near
+    return contrast, height, floor, nb, near
 
 
 def _row_median(values: np.ndarray, k: np.ndarray) -> np.ndarray:
