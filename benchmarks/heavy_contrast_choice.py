@@ -28,6 +28,7 @@ from elit_stream.core.postprocess import analyse
 
 CANDIDATES = (0.0, 2.6, 2.8, 3.0, 3.2, 3.4)
 GATES = (0.1, 0.2, 0.3, 1.1)
+RATIOS = (np.inf, 3.5, 4.0, 4.5, 5.0)
 
 
 def impurity_f1(pooled: list[dict]) -> list[float]:
@@ -45,7 +46,9 @@ def main(argv=None) -> int:
     eng, heavy = run.engine, run.artifact.heavy_class
     scores = {t: {} for t in CANDIDATES}                      # t -> (seed, segment) -> [scores]
     gated = {g: {} for g in GATES}
+    rescued = {r: {} for r in RATIOS}
     default_gate = postprocess.CONTRAST_DOPANT_FRACTION
+    default_ratio = postprocess.CONTRAST_FRAME_RATIO
 
     def heavy_calls(x, probs, geom, t):
         fa = analyse(probs, run.active, run.params.replace(heavy_contrast=t), geom.valid_shape,
@@ -67,6 +70,12 @@ def main(argv=None) -> int:
                 gated[g].setdefault((seed, f.segment), []).append(score_frame(
                     f.xy, f.cls, xy, cls, f.image.shape, f.spacing_px, f.pixel_size_pm))
             postprocess.CONTRAST_DOPANT_FRACTION = default_gate
+            for r in RATIOS:
+                postprocess.CONTRAST_FRAME_RATIO = r
+                xy, cls = heavy_calls(x, probs, geom, 3.2)
+                rescued[r].setdefault((seed, f.segment), []).append(score_frame(
+                    f.xy, f.cls, xy, cls, f.image.shape, f.spacing_px, f.pixel_size_pm))
+            postprocess.CONTRAST_FRAME_RATIO = default_ratio
     keys = list(scores[CANDIDATES[0]])
     print(f"Impurity precision / recall per segment ({a.model}; 0 = the networks' classes):\n")
     print("| heavy_contrast | " + " | ".join(f"{s} {g}" for s, g in keys)
@@ -97,6 +106,19 @@ def main(argv=None) -> int:
         print(f"| {g:g} | {np.mean(f1):.3f} | {min(f1):.3f} | " + " | ".join(map(str, calls)) + " |")
     networks = [int(heavy_calls(x, p, geom, 0.0)[1].sum()) for x, p, geom in images]
     print("| (the networks' classes) | | | " + " | ".join(map(str, networks)) + " |")
+    print("\nThe frame-ratio rescue at heavy_contrast 3.2 (inf = none):\n")
+    print("| CONTRAST_FRAME_RATIO | " + " | ".join(f"{s} {g}" for s, g in keys)
+          + " | mean F1 | worst F1 | " + " | ".join(f"heavy calls {n}" for n, _ in real)
+          + " |\n|---|" + "---|" * (len(keys) + 2 + len(real)))
+    for r in RATIOS:
+        pooled = [pool(rescued[r][k]) for k in keys]
+        f1 = impurity_f1(pooled)
+        postprocess.CONTRAST_FRAME_RATIO = r
+        calls = [int(heavy_calls(x, p, geom, 3.2)[1].sum()) for x, p, geom in images]
+        postprocess.CONTRAST_FRAME_RATIO = default_ratio
+        print(f"| {r:g} | " + " | ".join(f"{p['impurity_precision'] or 0:.2f} / "
+                                          f"{p['impurity_recall'] or 0:.2f}" for p in pooled)
+              + f" | {np.mean(f1):.3f} | {min(f1):.3f} | " + " | ".join(map(str, calls)) + " |")
     return 0
 
 

@@ -458,3 +458,30 @@ def test_row_median_of_the_first_k_values_matches_numpy():
     values[np.arange(8)[None, :] >= k[:, None]] = np.inf        # the rest: no neighbour
     want = [np.median(v[:n]) for v, n in zip(values, k)]
     np.testing.assert_allclose(_row_median(values, k), want)
+
+
+def test_a_heavy_atom_under_contamination_keeps_the_networks_call_a_light_one_there_does_not():
+    """Contamination raises every atom within 20 px of the frame centre by 2 (its own atoms over
+    each column) on a diffuse blob: the Si's neighbours are raised too, so its z_contrast reads
+    ~2, below heavy_contrast. Its band-pass peak is still > 4x the frame's light atoms': the
+    networks' heavy call stays. A carbon there called heavy (3x the frame's light atoms) is light."""
+    shape = (96, 96)
+    xy = _hex_lattice(shape)
+    centre = np.hypot(xy[:, 0] - 48, xy[:, 1] - 48)
+    si, c = np.argsort(centre)[[0, 3]]
+    weights = np.where(centre < 20, 3.0, 1.0)
+    weights[si] = 6.2
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    blob_bg = 3.0 * np.exp(-((xx - 48) ** 2 + (yy - 48) ** 2) / (2 * 16 ** 2))
+    img = _scene(xy, weights, shape, background=blob_bg)
+    calls = np.zeros(len(xy), int)
+    calls[[si, c]] = 1
+    probs = probs_with([[(x, y, int(h), 0.95) for (x, y), h in zip(xy, calls)]], shape=shape)
+    r = analyse(probs, [0], ZC, image=img, heavy_class=1)
+    i, j = _atom_near(r, xy, si), _atom_near(r, xy, c)
+    assert r.z_contrast[i] < ZC.heavy_contrast              # the neighbours' median misses it
+    assert r.cls[i] == 1 and r.cls[j] == 0 and np.count_nonzero(r.cls) == 1
+    plain = analyse(probs, [0], ZC, image=_scene(xy, np.where(centre < 20, 3.0, 1.0),
+                                                           shape, background=blob_bg),
+                              heavy_class=1)
+    assert np.count_nonzero(plain.cls) == 0       # no heavier atom there: both light
