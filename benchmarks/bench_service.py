@@ -6,6 +6,10 @@ round trip. The baseline runs the same stages in this process without sockets. P
 table (median and 90th percentile, ms). Usage:
 
     .venv/bin/python benchmarks/bench_service.py [--model DIR] [--size 512] [--frames 30]
+
+With `--ab NAME=VALUE` (a `set_params` parameter, e.g. `heavy_contrast=0`) there is no in-process
+baseline: the one service alternates frame by frame between its default parameters and NAME=VALUE
+(`ctl set_params` before each frame), so load hits both alike, and the table compares the two.
 """
 from __future__ import annotations
 
@@ -65,16 +69,22 @@ def baseline(model: Path, frames: np.ndarray, threads: int | None,
 
 
 def through_service(model: Path, frames: np.ndarray, threads: int | None, pixel_size_pm: float,
-                    device: str = "cpu", precision: str = "fp32"):
+                    device: str = "cpu", precision: str = "fp32", ab: dict | None = None):
+    """Per-stage ms of every frame through a real service; with `ab` ({name: value}) two dicts:
+    frames under the default parameters, frames under `ab` (alternating)."""
     args = ["--model", str(model), "--device", device, "--precision", precision] + (
         ["--threads", str(threads)] if threads else [])
     stages: dict[str, list[float]] = {s: [] for s in (*STAGES, "round trip")}
+    other: dict[str, list[float]] = {s: [] for s in (*STAGES, "round trip")}
+    default = {k: getattr(Params(), k) for k in (ab or {})}
     with ServiceProcess(args, timeout_s=120) as sp, \
             ControlClient(sp.endpoints["control"]) as ctl, \
             ResultSubscriber(sp.endpoints["results"], topics=("result",)) as sub, \
             FrameSender(sp.endpoints["ingest"]) as snd:
         sub.wait_ready(ctl)
         for i, f in enumerate(np.concatenate([frames[:3], frames])):  # 3 warm-up frames
+            if ab:
+                ctl.call("set_params", check=True, **(ab if i % 2 else default))
             t0 = time.perf_counter()
             snd.send(f, i, "bench", pixel_size_pm=pixel_size_pm)
             while (msg := sub.recv(60)) is not None and msg["topic"] != "result":
@@ -83,10 +93,13 @@ def through_service(model: Path, frames: np.ndarray, threads: int | None, pixel_
             if msg is None:
                 raise SystemExit("no result within 60 s:\n" + sp.log_tail())
             if i >= 3:
+                into = other if ab and i % 2 else stages
                 for s in STAGES:
-                    stages[s].append(msg["timings_ms"][s])
-                stages["round trip"].append(rt)
+                    into[s].append(msg["timings_ms"][s])
+                into["round trip"].append(rt)
         n_atoms = msg["n_atoms"]
+        if ab:
+            return (stages, other), n_atoms
         stages.update(metrics_means(sp.endpoints["metrics"]))
     return stages, n_atoms
 
@@ -120,10 +133,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--ab", metavar="NAME=VALUE",
+                    help="alternate frame by frame between the default parameters and this one")
     a = ap.parse_args()
     model = pick_model(a.model)
     ps = load_artifact(model, check_probe=False).pixel_size_pm
     frames = make_movie(n_frames=a.frames, size_px=a.size, seed=0, pixel_size_pm=ps).frames
+    if a.ab:
+        name, _, value = a.ab.partition("=")
+        if not hasattr(Params(), name) or not value:
+            ap.error(f"--ab: need NAME=VALUE with NAME a post-processing parameter, got {a.ab!r}")
+        (dflt, alt), n_atoms = through_service(model, frames, a.threads, ps, a.device,
+                                               a.precision, ab={name: float(value)})
+        print(f"\nmodel {model.name}, {a.frames} frames {a.size}x{a.size} alternating, {a.device}, "
+              f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} logical CPUs\n")
+        print(f"| stage | defaults ({name}={getattr(Params(), name):g}), ms (median / p90) "
+              f"| {a.ab}, ms (median / p90) |\n|---|---|---|")
+        for s in (*STAGES, "round trip"):
+            print(f"| {s} | {fmt(dflt[s])} | {fmt(alt[s])} |")
+        return
     base = baseline(model, frames, a.threads, a.device, a.precision)
     served, n_atoms = through_service(model, frames, a.threads, ps, a.device, a.precision)
     print(f"\nmodel {model.name}, {a.frames} frames {a.size}x{a.size} uint16 ({n_atoms} atoms in "
