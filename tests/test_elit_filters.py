@@ -185,9 +185,12 @@ def test_the_loop_recommends_the_last_accepted_iteration():
     v = compare(jumpy, better)
     assert not v["accepted"] and "count_jitter" in v["why"] and any("count_jitter" in f and "worse" in f
                                                              for f in v["figures"])
-    assert not compare(same, better)["accepted"]              # stopped improving
-    agreeing = dict(better, agreement=0.99, uncertainty=0.01)  # members agree more, nothing else
-    assert not compare(agreeing, better)["accepted"]
+    v = compare(same, better)
+    assert not v["accepted"] and "no figure better" in v["why"]   # stopped improving
+    agreeing = dict(better, agreement=0.99, uncertainty=0.01)  # members agree more, nothing worse
+    assert compare(agreeing, better)["accepted"]
+    shaky = dict(agreeing, keep_fraction=0.70)                 # ... but the filter keeps less
+    assert not compare(shaky, better)["accepted"]
     rows = [{"iteration": 0, "artifact": "a0"},
             {"iteration": 1, "artifact": "a1", "verdict": compare(better, base)},
             {"iteration": 2, "artifact": "a2", "verdict": compare(jumpy, better)},

@@ -1,0 +1,89 @@
+"""Replay the ELIT loop's judge on finished runs: which iteration would each rule recommend, and
+was it the run's best against the truth?
+
+    python -m benchmarks.judge_replay [RUN_DIR ...]      # default: every runs/elit14*/loop*
+
+Reads each run's `progress.json` (written by `elit-train iterate`, with `--keep-going` so every
+iteration is there): the label-free figures of every iteration (`label_free`) and, only to score
+the rules, the truth F1 of the movie (`all.f1`). Every rule sees the label-free figures alone and
+decides child against parent with `trainer.elit.judge.improvement` (worse below -0.10, better
+above +0.02, as the loop); the recommendation is the last iteration reached through accepted
+steps, as `trainer.elit.judge.recommend`. Prints a markdown table per run and a tally. Not a test.
+
+Rules:
+  jitter-or-keep   no figure worse, and count jitter or keep fraction better (the rule until
+                   session 7)
+  any-better       no figure worse, and any figure better (`trainer.elit.judge.compare` since)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from trainer.elit.judge import FIGURES, improvement
+
+ROOT = Path(__file__).resolve().parents[1]
+WORSE, BETTER = 0.10, 0.02
+
+
+def verdicts(child: dict, parent: dict) -> tuple[set, set]:
+    """(figures worse, figures better) of a child against its parent."""
+    worse, better = set(), set()
+    for name in FIGURES:
+        c, p = child.get(name), parent.get(name)
+        if c is None or p is None:
+            continue
+        d = improvement(name, c, p)
+        (worse if d < -WORSE else better if d > BETTER else set()).add(name)
+    return worse, better
+
+
+RULES = {
+    "jitter-or-keep": lambda w, b: not w and bool(b & {"count_jitter", "keep_fraction"}),
+    "any-better": lambda w, b: not w and bool(b),
+}
+
+
+def recommend(rows: list[dict], rule) -> int:
+    best = 0
+    for parent, child in zip(rows, rows[1:]):
+        if not rule(*verdicts(child["label_free"], parent["label_free"])):
+            break
+        best = child["iteration"]
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="*", type=Path)
+    a = ap.parse_args(argv)
+    runs = a.runs or sorted(p.parent for p in ROOT.glob("runs/elit14*/*/progress.json"))
+    tally = {r: [0, 0, 0] for r in RULES}                # best, worse than best, runs
+    print("| run | F1 per iteration | best | " + " | ".join(RULES) + " |\n|---|---|---|"
+          + "---|" * len(RULES))
+    for run in runs:
+        rows = json.loads((run / "progress.json").read_text())
+        if len(rows) < 2 or any("label_free" not in r for r in rows):
+            continue
+        f1 = [r["all"]["f1"] for r in rows]
+        best = max(range(len(f1)), key=f1.__getitem__)
+        cells = []
+        for name, rule in RULES.items():
+            pick = recommend(rows, rule)
+            hit = f1[pick] >= f1[best] - 1e-9
+            tally[name][0] += hit
+            tally[name][1] += f1[pick] < f1[0] - 1e-9
+            tally[name][2] += 1
+            cells.append(f"{pick} ({f1[pick]:.3f}){' ✓' if hit else ''}")
+        print(f"| {run.relative_to(ROOT) if run.is_relative_to(ROOT) else run} | "
+              + " / ".join(f"{v:.3f}" for v in f1) + f" | {best} | " + " | ".join(cells) + " |")
+    print("\n| rule | recommends the best-F1 iteration | recommends one worse than iteration 0 |"
+          "\n|---|---|---|")
+    for name, (hit, worse, n) in tally.items():
+        print(f"| {name} | {hit} of {n} | {worse} of {n} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
