@@ -102,7 +102,7 @@ def test_a_two_class_parent_gives_two_class_children(scene):
     atoms, _ = select_atoms(an, [0, 1], RelabelConfig(n_classes=2, tile_px=64, tiles_per_frame=8), 11.0)
     ds = build_dataset(an, atoms, RelabelConfig(n_classes=2, tile_px=64, tiles_per_frame=8), 11.0,
                        RADIUS_PX, SynthConfig())
-    assert ds.config.n_classes == 2 and set(np.unique(ds.masks)) <= {0, 1, 2, 255}
+    assert ds.config.n_classes == 2 and set(np.unique(ds.masks)) <= {0, 1, 2, 254, 255}
     assert (ds.masks == 2).any()
     with pytest.raises(ValueError, match="1 or 2 classes"):
         fates(scene, n_classes=3)
@@ -132,8 +132,10 @@ def test_rehearsal_prepends_exact_synthetic_tiles_and_keeps_the_movie_tail(scene
         RelabelConfig(rehearsal=-1)
 
 def test_a_class_the_parent_disputes_is_not_taught(scene):
-    """2-class parent: an atom whose local Z-contrast class and the selected members' consensus
-    class disagree is ignored (neither class is taught); agreed classes are kept."""
+    """2-class parent: an atom the local Z-contrast calls heavy and the selected members' consensus
+    light is ignored (neither class is taught); one only the parent calls heavy, and that does
+    not stand out of the frame either, is taught light (teach_light, the default; before:
+    ignored, so a parent's false heavy calls were never corrected); agreed classes are kept."""
     from dataclasses import replace as dc_replace
 
     an, xy, is_lattice, heavy, ghosts = scene
@@ -147,11 +149,50 @@ def test_a_class_the_parent_disputes_is_not_taught(scene):
     two = dc_replace(an, probs=probs)                   # [1, 2 members, 2 classes, H, W]
     scene2 = (two, *scene[1:])
     reason, _, cls, info = fates(scene2, n_classes=2, std_quantile=None)
-    assert reason[heavy[0]] == 2 and reason[others[0]] == 2          # disputed: ignored
+    assert reason[heavy[0]] == 2                                      # disputed: ignored
+    assert reason[others[0]] == 0 and cls[others[0]] == 1   # heavy by the parent alone: light
     assert (reason[heavy[1:]] == 0).all() and (cls[heavy[1:]] == 2).all()   # agreed heavy
-    assert info["class_disputed"] == 2
+    assert info["class_disputed"] == 1 and info["class_taught_light"] == 1
+    reason, _, cls, info = fates(scene2, n_classes=2, std_quantile=None, teach_light=False)
+    assert reason[heavy[0]] == 2 and reason[others[0]] == 2 and info["class_disputed"] == 2
     reason, _, cls, _ = fates(scene2, n_classes=2, std_quantile=None, class_vote=False)
     assert reason[heavy[0]] == 0 and cls[heavy[0]] == 2                # contrast alone decides
+
+def test_a_heavy_atom_under_contamination_the_parent_calls_heavy_is_not_taught_light():
+    """Contamination raises every atom near a Si (its neighbours too: local contrast ~2, below
+    2.2) on a diffuse blob. The parent calls the Si and a carbon next to it heavy. The Si stands
+    out of the frame's band pass (> 4x the light atoms'): disputed, ignored, not taught light;
+    the carbon does not: taught light."""
+    from trainer.elit.intensity import bright_in_frame, local_contrast
+
+    rng = np.random.default_rng(7)
+    size = 160
+    xy = honeycomb_pm(size, BOND_PX, 0.3) + size / 2
+    xy = xy[np.all((xy > 3) & (xy < size - 3), axis=1)]
+    centre = np.hypot(*(xy - size / 2).T)
+    si, c = np.argsort(centre)[[0, 3]]
+    amp = np.where(centre < 2.5 * BOND_PX, 3.0, 1.0)
+    amp[si] = 6.2
+    y, x = np.mgrid[:size, :size]
+    blob = 3.0 * np.exp(-((x - size / 2) ** 2 + (y - size / 2) ** 2) / (2 * 20.0 ** 2))
+    image = gaussians(xy, amp, size) + blob + rng.normal(0, 0.05, (size, size))
+    contrast = local_contrast(image, xy, RADIUS_PX)
+    assert contrast[si] < 2.2 and contrast[c] < 2.2            # the local contrast misses the Si
+    bright = bright_in_frame(image, xy, contrast < 2.2)
+    assert bright[si] and not bright[c] and bright.sum() == 1
+    said_heavy = disc_maps(xy[[si, c]], size)
+    light_map = np.clip(disc_maps(xy, size) - said_heavy, 0, 1)
+    probs = np.stack([light_map, said_heavy])[None, None].repeat(2, axis=1).astype(np.float16)
+    an = Analysis(image[None].astype(np.float32), np.arange(1), probs,
+                  member_figures(probs.astype(np.float32).sum(2), RADIUS_PX), 11.0, RADIUS_PX,
+                  [0, 1], "fake")
+    atoms, info = select_atoms(an, [0, 1], RelabelConfig(n_classes=2, std_quantile=None), 11.0)
+    fa = atoms[0]
+    at = lambda k: int(np.argmin(np.hypot(*(fa.xy - xy[k]).T)))
+    assert fa.reason[at(si)] == 2                               # ignored: maybe heavy
+    assert fa.reason[at(c)] == 0 and fa.cls[at(c)] == 1          # taught light
+    assert info["class_taught_light"] == 1
+
 
 def test_contamination_blob_and_gradient_do_not_make_lattice_atoms_heavy():
     from trainer.elit.intensity import atom_intensities, local_contrast, split_by_contrast
@@ -221,3 +262,52 @@ def test_the_evaluation_suites_drift_movie_is_read_with_its_segments(tmp_path):
     assert [c.tolist() for c in t["cls"]] == [[1, 2], [1]]        # Si is the heavy class 2
     assert t["bond_px"] == pytest.approx(142 / 15) and t["segment"] == ["clean", "dose"]
     assert [len(x) for x in t["xy"]] == [2, 1]
+
+
+def test_not_heavy_pixels_penalise_only_the_heavier_class():
+    """Mask 254 (NOT_HEAVY): -(1 - p_bg) log(p_light / (p_light + p_heavy)): an atom there must be
+    light; whether one is there is left open (no gradient on the background logit); with one atom
+    class it is ignored like 255."""
+    import torch
+
+    from trainer.model.train import NOT_HEAVY, labelled_pixels, segmentation_loss
+
+    y = torch.full((1, 1, 1), NOT_HEAVY, dtype=torch.long)
+    def loss(bg, lattice, heavy):
+        logits = torch.tensor([bg, lattice, heavy], dtype=torch.float32, requires_grad=True)
+        out = segmentation_loss(logits.view(1, 3, 1, 1), y)
+        out.backward()
+        return float(out), logits.grad
+    assert loss(0.0, 5.0, 0.0)[0] < 0.01                       # a light atom: fine
+    assert loss(8.0, 0.0, 0.0)[0] < 0.01                       # background: fine too
+    value, grad = loss(0.0, 0.0, 5.0)                          # a heavy atom: costly
+    assert value > 4.0 and abs(float(grad[0])) < 1e-6 and grad[1] < 0 < grad[2]   # to light, not bg
+    mixed = torch.tensor([[[1, NOT_HEAVY, 255]]])
+    logits = torch.zeros(1, 3, 1, 3)
+    assert float(segmentation_loss(logits, mixed, "sum")) == pytest.approx(
+        np.log(3) + (2 / 3) * np.log(2), abs=1e-5)         # CE of class 1 + (1 - 1/3) log 2
+    assert labelled_pixels(mixed, 3) == 2 and labelled_pixels(mixed, 2) == 1
+    assert float(segmentation_loss(torch.zeros(1, 2, 1, 3), mixed, "sum")) == pytest.approx(
+        np.log(2), abs=1e-5)                                # one class: only the labelled pixel
+
+
+def test_places_the_filter_leaves_open_are_taught_not_heavy_except_near_a_possible_heavy_atom(scene):
+    """2 classes: the amorphous half is ignored by the filter; its pixels become NOT_HEAVY (254),
+    so a child is not free to call a bright region heavy; the discs of atoms that may be heavy
+    stay fully open (255). --no-not-heavy: all 255 as before."""
+    from dataclasses import replace as dc_replace
+
+    from trainer.data.synth import SynthConfig
+    from trainer.elit.relabel import IGNORE, NOT_HEAVY, build_dataset, label_mask
+
+    an = scene[0]
+    cfg = RelabelConfig(n_classes=2, tile_px=64, tiles_per_frame=6, std_quantile=None)
+    atoms, _ = select_atoms(an, [0, 1], cfg, 11.0)
+    ds = build_dataset(an, atoms, cfg, 11.0, RADIUS_PX, SynthConfig())
+    assert (ds.masks == NOT_HEAVY).sum() > 0.5 * (ds.masks >= NOT_HEAVY).sum()
+    old = build_dataset(an, atoms, dc_replace(cfg, not_heavy=False), 11.0, RADIUS_PX, SynthConfig())
+    assert not (old.masks == NOT_HEAVY).any()
+    np.testing.assert_array_equal(old.masks == IGNORE, ds.masks >= NOT_HEAVY)   # same places
+    m = label_mask(np.zeros((0, 2)), np.zeros(0, np.uint8), np.array([[10.0, 10], [30, 30]]),
+                   2.0, 4.0, 40, open_xy=np.array([[30.0, 30]]))
+    assert m[10, 10] == NOT_HEAVY and m[30, 30] == IGNORE and m[20, 20] == 0

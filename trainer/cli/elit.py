@@ -134,6 +134,12 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
     g.add_argument("--no-class-vote", action="store_true",
                    help="2 classes: teach the local Z-contrast class of every atom, also where the "
                    "selected members' consensus class disagrees (default: such atoms are ignored)")
+    g.add_argument("--no-teach-light", action="store_true",
+                   help="2 classes: also ignore the parent's heavy calls that the local Z-contrast "
+                   "and the frame's band pass both call light (default: taught as lattice)")
+    g.add_argument("--no-not-heavy", action="store_true",
+                   help="2 classes: leave the places the filter ignores fully open (default: "
+                   "taught 'not heavy' unless an atom there may be heavy)")
     g.add_argument("--tile", type=_pos_int, default=d.tile_px, help="tile size in px (multiple of 8)")
     g.add_argument("--tiles-per-frame", type=_pos_int, default=d.tiles_per_frame)
     g.add_argument("--rehearsal", type=float, default=d.rehearsal,
@@ -153,6 +159,7 @@ def relabel_config(args, n_classes: int = 1):
                          geometry_rescue=not args.no_geometry_rescue,
                          keep_atom_like=args.keep_atom_like or None,
                          heavy_threshold=args.heavy_threshold, class_vote=not args.no_class_vote,
+                         teach_light=not args.no_teach_light, not_heavy=not args.no_not_heavy,
                          n_classes=n_classes, tile_px=args.tile,
                          tiles_per_frame=args.tiles_per_frame, rehearsal=args.rehearsal,
                          seed=args.relabel_seed)

@@ -20,12 +20,12 @@ otherwise the loop stops and recommends the last accepted ensemble. The reasons 
 
 Why any figure (since session 7; before, only count jitter or keep fraction could accept, and
 agreement and uncertainty could only veto, after one early run on the trainer's test movie where
-agreement rose +0.03 while F1 fell 0.003): replayed on the label-free figures of all eleven loop
-runs with truth (`python -m benchmarks.judge_replay`, two drift movies), "any figure better"
-recommends the run's best-F1 iteration in 8 of 11 runs and the old rule in 5; neither ever
-recommends one worse than iteration 0. The old rule rejected every first child since children
+agreement rose +0.03 while F1 fell 0.003): replayed on the label-free figures of all fourteen
+loop runs with truth (`python -m benchmarks.judge_replay`, two drift movies), "any figure better"
+recommends the run's best-F1 iteration in 9 of 14 runs and the old rule in 6; neither ever
+recommends one worse than iteration 0. The old rule rejected most first children since children
 start from the parent's best member (agreement and uncertainty much better, jitter and keep
-fraction about the same), although that child was the run's best in all four such runs.
+fraction about the same), although that child was the run's best in every run since.
 """
 from __future__ import annotations
 

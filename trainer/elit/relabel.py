@@ -41,6 +41,16 @@ and faint blobs of the source map (peak in ``[weak_threshold, 0.5)``) are ignore
 
 Classes: with ``n_classes`` 2 (a 2-class parent) every atom gets class 1 (lattice) or 2 (heavy)
 from its local Z-contrast (``trainer.elit.intensity``), so a 2-class parent has 2-class children.
+Where the contrast and the selected members' consensus class disagree (``class_vote``) the atom is
+ignored, except (``teach_light``, default) a heavy call of the parent that neither the contrast
+nor the frame's band pass (``intensity.bright_in_frame``: > 4x the frame's light atoms, which a
+Si under contamination still is) sees as heavy: it is taught lattice, so a parent's false heavy
+calls are corrected, not passed on. And (``not_heavy``, default) every pixel the filters leave
+open (255) becomes NOT_HEAVY (254: "not the heavier class, atom or not", a term of the loss in
+``trainer.model.train.segmentation_loss``) except within the ignore disc of an atom that may be
+heavy (contrast above the threshold or bright in the frame): without it a child was free to call
+a bright contamination blob heavy, and did (impurity precision of its own class maps 0.23–0.32
+after one iteration; docs/elit.md, session 7).
 """
 from __future__ import annotations
 
@@ -56,6 +66,7 @@ from trainer.elit.experiment import Analysis, atoms_with_uncertainty  # noqa: F4
 from trainer.model.artifact import normalise_minmax
 
 IGNORE = 255
+NOT_HEAVY = 254            # = trainer.model.train.NOT_HEAVY: not the heavier class, atom or not
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,8 @@ class RelabelConfig:
     keep_atom_like: float | None = None  # keep non-vacuum atoms of local contrast above this
     heavy_threshold: float | None = None # 2 classes: heavy above this contrast (None: 2.2)
     class_vote: bool = True              # 2 classes: teach a class only where the parent agrees
+    teach_light: bool = True             # ... except a parent's heavy call nothing else sees: light
+    not_heavy: bool = True               # 2 classes: ignored places are taught "not heavy" (254)
     weak_threshold: float | None = 0.25  # faint blobs (peak in [this, 0.5)) are ignored
     ignore_radius_factor: float = 1.6
     region_ignore_factor: float = 3.0    # ignored around GMM-dropped atoms (~a bond: missed atoms)
@@ -108,6 +121,7 @@ class FrameAtoms:
     std: np.ndarray
     reason: np.ndarray
     cls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    maybe_heavy: np.ndarray | None = None    # 2 classes: could be a heavier atom (contrast, band pass)
 
     @property
     def kept(self) -> np.ndarray:
@@ -191,11 +205,17 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
     contrast = _contrasts(an, per_frame)
     cls, info["classes"] = _classes(contrast, cfg)
     disputed = _class_disputes(an, per_frame, positions, cols, cls, cfg)
+    bright = _bright(an, per_frame, cls) if cfg.n_classes == 2 else np.zeros(len(cls), bool)
+    maybe_heavy = (cls == 2) | bright
+    if cfg.teach_light and disputed.any():           # the parent's heavy call, light by contrast
+        settled = disputed & (cls == 1) & ~bright
+        info["class_taught_light"] = int(settled.sum())
+        disputed &= ~settled
     info["class_disputed"] = int(disputed.sum())
     cls[disputed & (cls == 2)] = 1                  # never rescued as "heavy" below
-    bright = contrast > cfg.keep_bright if cfg.keep_bright else np.zeros(len(contrast), bool)
-    info["bright_rescued"] = int((bright & ~lattice).sum())
-    lattice = lattice | bright | (cls == 2)
+    very = contrast > cfg.keep_bright if cfg.keep_bright else np.zeros(len(contrast), bool)
+    info["bright_rescued"] = int((very & ~lattice).sum())
+    lattice = lattice | very | (cls == 2)
     geometry, vacuum = _second_opinions(an, per_frame, positions, lattice, source, std, cfg)
     info["geometry_rescued"] = int((geometry & ~lattice).sum())
     lattice = lattice | geometry
@@ -219,6 +239,7 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
             fa.reason[to_bg] = 3
         fa.reason[disputed[sl] & (fa.reason == 0)] = 2   # an atom, class unsure: ignored
         fa.cls = cls[sl]
+        fa.maybe_heavy = maybe_heavy[sl]
     weak = _add_weak_blobs(per_frame, source, an.atom_radius_px, cfg.weak_threshold)
     info.update(weak_blobs_ignored=weak,std_limit=None if np.isinf(limit) else limit, patch_px_on_frames=patch,
                 kept=int(sum(fa.kept.sum() for fa in per_frame)),
@@ -236,6 +257,20 @@ def _contrasts(an: Analysis, atoms: list[FrameAtoms]) -> np.ndarray:
     where = {int(f): i for i, f in enumerate(an.frame_index)}
     values = [local_contrast(an.frames[where[fa.frame]], fa.xy, an.atom_radius_px) for fa in atoms]
     return np.concatenate(values) if values else np.zeros(0)
+
+
+def _bright(an: Analysis, atoms: list[FrameAtoms], cls: np.ndarray) -> np.ndarray:
+    """Per atom: its band-pass peak stands out of its frame like a heavier atom's
+    (``trainer.elit.intensity.bright_in_frame``, against the frame's atoms of class 1)."""
+    from trainer.elit.intensity import bright_in_frame
+
+    where = {int(f): i for i, f in enumerate(an.frame_index)}
+    out, start = [], 0
+    for fa in atoms:
+        sl = slice(start, start + len(fa.xy))
+        start += len(fa.xy)
+        out.append(bright_in_frame(an.frames[where[fa.frame]], fa.xy, cls[sl] == 1))
+    return np.concatenate(out) if out else np.zeros(0, bool)
 
 
 def _classes(contrast: np.ndarray, cfg: RelabelConfig) -> tuple[np.ndarray, dict]:
@@ -310,6 +345,8 @@ def _add_weak_blobs(atoms: list[FrameAtoms], source: np.ndarray, radius_px: floa
         fa.std = np.concatenate([fa.std, np.full(len(weak), np.nan)])
         fa.reason = np.concatenate([fa.reason, np.full(len(weak), 4, np.uint8)])
         fa.cls = np.concatenate([fa.cls, np.ones(len(weak), np.uint8)])
+        if fa.maybe_heavy is not None:                  # a faint blob is no heavier atom
+            fa.maybe_heavy = np.concatenate([fa.maybe_heavy, np.zeros(len(weak), bool)])
         total += len(weak)
     return total
 
@@ -337,14 +374,22 @@ def _positions(an: Analysis, frames: np.ndarray) -> list[int]:
 
 def label_mask(xy: np.ndarray, cls: np.ndarray, dropped_xy: np.ndarray, radius_px: float,
                ignore_radius_px: float, size: int, region_xy: np.ndarray | None = None,
-               region_radius_px: float = 0.0) -> np.ndarray:
+               region_radius_px: float = 0.0, open_xy: np.ndarray | None = None) -> np.ndarray:
     """Discs of class ``cls`` at ``xy``; 255 within ``ignore_radius_px`` of dropped atoms and
-    within ``region_radius_px`` of ``region_xy`` (kept discs win where they overlap)."""
+    within ``region_radius_px`` of ``region_xy`` (kept discs win where they overlap). With
+    ``open_xy`` (2 classes) those ignored pixels are NOT_HEAVY (254: not the heavier class,
+    atom or not) except within ``ignore_radius_px`` of ``open_xy``, the atoms that may be heavy."""
     mask = paint_discs(xy, cls, radius_px, size) if len(xy) else np.zeros((size, size), np.uint8)
     for pts, r in ((dropped_xy, ignore_radius_px), (region_xy, region_radius_px)):
         if pts is not None and len(pts) and r > 0:
             ignore = paint_discs(pts, np.ones(len(pts), np.uint8), r, size)
             mask[(ignore > 0) & (mask == 0)] = IGNORE
+    if open_xy is not None:
+        unsure = mask == IGNORE
+        if len(open_xy):
+            unsure &= paint_discs(open_xy, np.ones(len(open_xy), np.uint8), ignore_radius_px,
+                                  size) == 0
+        mask[unsure] = NOT_HEAVY
     return mask
 
 
@@ -358,7 +403,7 @@ def rot90_xy(xy: np.ndarray, k: int, size: int) -> np.ndarray:
 
 def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cls: np.ndarray,
                  dropped: np.ndarray, cfg: RelabelConfig, radius_px: float,
-                 region: np.ndarray | None = None):
+                 region: np.ndarray | None = None, open_xy: np.ndarray | None = None):
     """One training tile: crop (with scale jitter), rot90, flips, Gaussian noise; the mask is painted
     from the transformed coordinates, so it is aligned with the image by construction."""
     tile, (h, w) = cfg.tile_px, image.shape
@@ -370,7 +415,8 @@ def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cl
     if crop != tile:
         img = ndimage.zoom(img, tile / crop, order=1)
     region = np.zeros((0, 2)) if region is None else region
-    pts = [(p - [x0, y0]) * factor for p in (xy, dropped, region)]
+    opened = np.zeros((0, 2)) if open_xy is None else open_xy
+    pts = [(p - [x0, y0]) * factor for p in (xy, dropped, region, opened)]
     k = int(rng.integers(4))
     img, pts = np.rot90(img, k), [rot90_xy(p, k, tile) for p in pts]
     if rng.random() < 0.5:
@@ -380,7 +426,7 @@ def augment_tile(rng: np.random.Generator, image: np.ndarray, xy: np.ndarray, cl
     img = normalise_minmax(img) + rng.normal(0, rng.uniform(0, cfg.noise_max), img.shape)
     r = radius_px * factor
     mask = label_mask(pts[0], cls, pts[1], r, r * cfg.ignore_radius_factor, tile, pts[2],
-                      r * cfg.region_ignore_factor)
+                      r * cfg.region_ignore_factor, None if open_xy is None else pts[3])
     inside = np.all((pts[0] >= -0.5) & (pts[0] < tile - 0.5), axis=1)
     return (normalise_minmax(img).astype(np.float32), mask, pts[0][inside].astype(np.float32),
             cls[inside], factor)
@@ -404,9 +450,12 @@ def build_dataset(an: Analysis, atoms: list[FrameAtoms], cfg: RelabelConfig, nom
                              f"{cfg.tile_px}-px tiles; use a smaller --tile")
         kept, dropped = fa.xy[fa.kept] * g, fa.xy[np.isin(fa.reason, (1, 2, 4))] * g
         region = fa.xy[fa.reason == 1] * g           # not lattice, not vacuum: its surroundings too
+        opened = None                                 # 2 classes: the rest of them "not heavy"
+        if cfg.n_classes == 2 and cfg.not_heavy and fa.maybe_heavy is not None:
+            opened = fa.xy[fa.maybe_heavy & ~fa.kept] * g
         for _ in range(cfg.tiles_per_frame):
             img, mask, xy, cls, factor = augment_tile(rng, scaled, kept, fa.cls[fa.kept], dropped,
-                                                      cfg, radius_nominal_px, region)
+                                                      cfg, radius_nominal_px, region, opened)
             images.append(img[None]), masks.append(mask), xys.append(xy), clss.append(cls)
             pix.append(nominal_px_pm / factor)
     jit = (1 / (1 + cfg.scale_jitter), 1 + cfg.scale_jitter)
@@ -444,7 +493,8 @@ def write_relabel(out_dir: Path, ds: Dataset, atoms: list[FrameAtoms], info: dic
     summary = {"config": asdict(cfg), "members": members, "artifact": an.artifact,
                "frames": [fa.frame for fa in atoms], "filters": info, "tiles": len(ds.images),
                "rehearsal_tiles": rehearsal_tiles(ds, atoms, cfg),
-               "ignored_pixel_fraction": float((ds.masks == IGNORE).mean())}
+               "ignored_pixel_fraction": float((ds.masks == IGNORE).mean()),
+               "not_heavy_pixel_fraction": float((ds.masks == NOT_HEAVY).mean())}
     (out_dir / "relabel.json").write_text(json.dumps(summary, indent=1) + "\n")
     from trainer.elit.figures import kept_dropped_png
 

@@ -110,6 +110,36 @@ class SplitData:
 
 
 IGNORE_INDEX = 255                   # mask value skipped by the loss and the IoU
+NOT_HEAVY = 254                      # mask value: unsure whether an atom, sure not the last class
+
+
+def segmentation_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+                      ) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels; IGNORE_INDEX pixels count not at all; NOT_HEAVY
+    pixels (ELIT children: places the relabelling leaves open, e.g. a contamination blob, whose
+    brightness is not a heavier atom's) count as -(1 - p_bg) log(p_light / (p_light + p_heavy))
+    with (1 - p_bg) held constant: whatever atom is there is not the heavier one, and whether an
+    atom is there at all is left open (the term does not depend on the background logit; a first
+    version, -log(1 - p_heavy), also pushed atoms the child called heavy towards background and
+    lost blurred atoms in later iterations). With one class (background + atom) NOT_HEAVY is
+    ignored like IGNORE_INDEX."""
+    not_heavy = y == NOT_HEAVY
+    ce_target = torch.where(not_heavy, torch.full_like(y, IGNORE_INDEX), y)
+    ce = F.cross_entropy(logits, ce_target, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = int((ce_target != IGNORE_INDEX).sum())
+    if logits.shape[1] >= 3 and bool(not_heavy.any()):
+        logp = torch.log_softmax(logits, 1)
+        atom = 1.0 - logp[:, 0].exp().detach()
+        light = logp[:, 1:-1].logsumexp(1) - logp[:, 1:].logsumexp(1)   # log P(light | atom)
+        ce = ce - (atom * light)[not_heavy].sum()
+        count += int(not_heavy.sum())
+    return ce if reduction == "sum" else ce / max(count, 1)
+
+
+def labelled_pixels(masks, n_channels: int) -> int:
+    """How many pixels `segmentation_loss` counts."""
+    ignored = (masks == IGNORE_INDEX) | ((masks == NOT_HEAVY) if n_channels < 3 else False)
+    return int((~ignored).sum())
 
 
 def prepare_data(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = print) -> dict:
@@ -177,7 +207,7 @@ def train_epoch(model: UNet, opt: torch.optim.Optimizer, data: SplitData, order:
     model.train()
     total, count = 0.0, 0
     for x, y in batches(data, batch_size, order):
-        loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+        loss = segmentation_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -192,20 +222,22 @@ def train_epoch(model: UNet, opt: torch.optim.Optimizer, data: SplitData, order:
 @torch.no_grad()
 def evaluate_loss(model: UNet, data: SplitData, batch_size: int) -> float:
     model.eval()
-    total = sum(F.cross_entropy(model(x), y, reduction="sum", ignore_index=IGNORE_INDEX).item()
-                for x, y in batches(data, batch_size))
-    return total / max(int((data.masks != IGNORE_INDEX).sum()), 1)
+    total, channels = 0.0, 0
+    for x, y in batches(data, batch_size):
+        logits = model(x)
+        total, channels = total + segmentation_loss(logits, y, "sum").item(), logits.shape[1]
+    return total / max(labelled_pixels(data.masks, channels), 1)
 
 
 @torch.no_grad()
 def atom_iou(model: UNet, data: SplitData, batch_size: int = 16) -> float:
     """IoU of atom pixels (any class) vs background over a whole split; an atom pixel is one whose
     background probability is below 0.5 (sum of class probabilities above 0.5). Ignored pixels
-    (mask 255) count neither way."""
+    (mask 255, and 254: NOT_HEAVY) count neither way."""
     model.eval()
     inter = union = 0
     for x, y in batches(data, batch_size):
-        valid = y != IGNORE_INDEX
+        valid = (y != IGNORE_INDEX) & (y != NOT_HEAVY)
         pred = (torch.softmax(model(x), 1)[:, 0] < 0.5) & valid
         truth = (y > 0) & valid
         inter += (pred & truth).sum().item()
