@@ -161,8 +161,8 @@ def test_a_class_the_parent_disputes_is_not_taught(scene):
 def test_a_heavy_atom_under_contamination_the_parent_calls_heavy_is_not_taught_light():
     """Contamination raises every atom near a Si (its neighbours too: local contrast ~2, below
     2.2) on a diffuse blob. The parent calls the Si and a carbon next to it heavy. The Si stands
-    out of the frame's band pass (> 4x the light atoms'): disputed, ignored, not taught light;
-    the carbon does not: taught light."""
+    out of the frame's band pass (> 4x the light atoms'): taught heavy, as the parent said; the
+    carbon does not: taught light."""
     from trainer.elit.intensity import bright_in_frame, local_contrast
 
     rng = np.random.default_rng(7)
@@ -189,9 +189,9 @@ def test_a_heavy_atom_under_contamination_the_parent_calls_heavy_is_not_taught_l
     atoms, info = select_atoms(an, [0, 1], RelabelConfig(n_classes=2, std_quantile=None), 11.0)
     fa = atoms[0]
     at = lambda k: int(np.argmin(np.hypot(*(fa.xy - xy[k]).T)))
-    assert fa.reason[at(si)] == 2                               # ignored: maybe heavy
+    assert fa.reason[at(si)] == 0 and fa.cls[at(si)] == 2        # the band pass confirms: heavy
     assert fa.reason[at(c)] == 0 and fa.cls[at(c)] == 1          # taught light
-    assert info["class_taught_light"] == 1
+    assert info["class_taught_light"] == 1 and info["class_taught_heavy_by_band_pass"] == 1
 
 
 def test_contamination_blob_and_gradient_do_not_make_lattice_atoms_heavy():

@@ -135,8 +135,9 @@ def _relabel_args(p, gmm_default: str = "tight") -> None:
                    help="2 classes: teach the local Z-contrast class of every atom, also where the "
                    "selected members' consensus class disagrees (default: such atoms are ignored)")
     g.add_argument("--no-teach-light", action="store_true",
-                   help="2 classes: also ignore the parent's heavy calls that the local Z-contrast "
-                   "and the frame's band pass both call light (default: taught as lattice)")
+                   help="2 classes: ignore every heavy call of the parent that the local "
+                   "Z-contrast does not confirm (default: the frame's band pass settles it: "
+                   "lattice, or heavy where the atom stands out of the frame)")
     g.add_argument("--no-not-heavy", action="store_true",
                    help="2 classes: leave the places the filter ignores fully open (default: "
                    "taught 'not heavy' unless an atom there may be heavy)")

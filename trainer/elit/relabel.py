@@ -42,10 +42,11 @@ and faint blobs of the source map (peak in ``[weak_threshold, 0.5)``) are ignore
 Classes: with ``n_classes`` 2 (a 2-class parent) every atom gets class 1 (lattice) or 2 (heavy)
 from its local Z-contrast (``trainer.elit.intensity``), so a 2-class parent has 2-class children.
 Where the contrast and the selected members' consensus class disagree (``class_vote``) the atom is
-ignored, except (``teach_light``, default) a heavy call of the parent that neither the contrast
-nor the frame's band pass (``intensity.bright_in_frame``: > 4x the frame's light atoms, which a
-Si under contamination still is) sees as heavy: it is taught lattice, so a parent's false heavy
-calls are corrected, not passed on. And (``not_heavy``, default) every pixel the filters leave
+ignored, except (``teach_light``, default) a heavy call of the parent that the local contrast
+does not confirm is settled by the frame's band pass (``intensity.bright_in_frame``: > 4x the
+frame's light atoms, which a Si under contamination still is, as in the service's class check):
+not bright, it is taught lattice (a parent's false heavy call is corrected, not passed on);
+bright, it is taught heavy. And (``not_heavy``, default) every pixel the filters leave
 open (255) becomes NOT_HEAVY (254: "not the heavier class, atom or not", a term of the loss in
 ``trainer.model.train.segmentation_loss``) except within the ignore disc of an atom that may be
 heavy (contrast above the threshold or bright in the frame): without it a child was free to call
@@ -210,7 +211,10 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
     if cfg.teach_light and disputed.any():           # the parent's heavy call, light by contrast
         settled = disputed & (cls == 1) & ~bright
         info["class_taught_light"] = int(settled.sum())
-        disputed &= ~settled
+        confirmed = disputed & (cls == 1) & bright       # the band pass agrees with the parent
+        cls[confirmed] = 2
+        info["class_taught_heavy_by_band_pass"] = int(confirmed.sum())
+        disputed &= ~(settled | confirmed)
     info["class_disputed"] = int(disputed.sum())
     cls[disputed & (cls == 2)] = 1                  # never rescued as "heavy" below
     very = contrast > cfg.keep_bright if cfg.keep_bright else np.zeros(len(contrast), bool)
