@@ -20,9 +20,9 @@ otherwise the loop stops and recommends the last accepted ensemble. The reasons 
 
 Why any figure (since session 7; before, only count jitter or keep fraction could accept, and
 agreement and uncertainty could only veto, after one early run on the trainer's test movie where
-agreement rose +0.03 while F1 fell 0.003): replayed on the label-free figures of all fourteen
+agreement rose +0.03 while F1 fell 0.003): replayed on the label-free figures of all sixteen
 loop runs with truth (`python -m benchmarks.judge_replay`, two drift movies), "any figure better"
-recommends the run's best-F1 iteration in 9 of 14 runs and the old rule in 6; neither ever
+recommends the run's best-F1 iteration in 11 of 16 runs and the old rule in 7; neither ever
 recommends one worse than iteration 0. The old rule rejected most first children since children
 start from the parent's best member (agreement and uncertainty much better, jitter and keep
 fraction about the same), although that child was the run's best in every run since.
