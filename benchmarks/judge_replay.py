@@ -6,8 +6,8 @@ was it the run's best against the truth?
 Reads each run's `progress.json` (written by `elit-train iterate`, with `--keep-going` so every
 iteration is there): the label-free figures of every iteration (`label_free`) and, only to score
 the rules, the truth F1 of the movie (`all.f1`). Every rule sees the label-free figures alone and
-decides child against parent with `trainer.elit.judge.improvement` (worse below -0.10, better
-above +0.02, as the loop); the recommendation is the last iteration reached through accepted
+decides child against parent with `trainer.elit.judge.figure_verdicts` (worse below -0.10,
+better above +0.02, as the loop); the recommendation is the last iteration reached through accepted
 steps, as `trainer.elit.judge.recommend`. Prints a markdown table per run and a tally. Not a test.
 
 Rules:
@@ -21,22 +21,16 @@ import argparse
 import json
 from pathlib import Path
 
-from trainer.elit.judge import FIGURES, improvement
+from trainer.elit.judge import figure_verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
-WORSE, BETTER = 0.10, 0.02
 
 
 def verdicts(child: dict, parent: dict) -> tuple[set, set]:
-    """(figures worse, figures better) of a child against its parent."""
-    worse, better = set(), set()
-    for name in FIGURES:
-        c, p = child.get(name), parent.get(name)
-        if c is None or p is None:
-            continue
-        d = improvement(name, c, p)
-        (worse if d < -WORSE else better if d > BETTER else set()).add(name)
-    return worse, better
+    """(figures worse, figures better) of a child against its parent, as the loop judges them."""
+    v = figure_verdicts(child, parent)
+    return ({n for n, x in v.items() if x and x[0] == "worse"},
+            {n for n, x in v.items() if x and x[0] == "better"})
 
 
 RULES = {

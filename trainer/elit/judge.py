@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 FIGURES = ("agreement", "uncertainty", "count_jitter", "keep_fraction")
+WORSE, BETTER = 0.10, 0.02          # a figure is worse below -WORSE, better above +BETTER
 HIGHER_IS_BETTER = {"agreement": True, "uncertainty": False, "count_jitter": False,
                     "keep_fraction": True}
 
@@ -61,23 +62,32 @@ def improvement(name: str, child: float, parent: float) -> float:
     return (parent - child) / max(abs(parent), 0.005)
 
 
-def compare(child: dict, parent: dict, worse: float = 0.10, better: float = 0.02) -> dict:
-    """Verdict of a child against its parent: ``accepted`` and one line per figure."""
-    lines, n_better, n_worse = [], 0, 0
+def figure_verdicts(child: dict, parent: dict, worse: float = WORSE, better: float = BETTER
+                    ) -> dict[str, tuple[str, float] | None]:
+    """Per figure ("worse" | "better" | "about the same", relative improvement), None where
+    either side was not measured."""
+    out = {}
     for name in FIGURES:
         c, p = child.get(name), parent.get(name)
         if c is None or p is None:
-            lines.append(f"{name}: not measured")
+            out[name] = None
             continue
         d = improvement(name, c, p)
-        verdict = "worse" if d < -worse else "better" if d > better else "about the same"
-        n_better += verdict == "better"
-        n_worse += verdict == "worse"
-        lines.append(f"{name}: {p:.4f} → {c:.4f} ({verdict}, {d:+.2f})")
-    accepted = n_worse == 0 and n_better > 0
-    worse_names = [ln.split(":")[0] for ln in lines if "(worse" in ln]
+        out[name] = ("worse" if d < -worse else "better" if d > better else "about the same", d)
+    return out
+
+
+def compare(child: dict, parent: dict, worse: float = WORSE, better: float = BETTER) -> dict:
+    """Verdict of a child against its parent: ``accepted`` and one line per figure."""
+    verdicts = figure_verdicts(child, parent, worse, better)
+    lines = [f"{name}: not measured" if v is None else
+             f"{name}: {parent[name]:.4f} → {child[name]:.4f} ({v[0]}, {v[1]:+.2f})"
+             for name, v in verdicts.items()]
+    worse_names = [n for n, v in verdicts.items() if v and v[0] == "worse"]
+    n_better = sum(1 for v in verdicts.values() if v and v[0] == "better")
+    accepted = not worse_names and n_better > 0
     why = (f"no figure worse; {n_better} better" if accepted else
-           f"worse: {', '.join(worse_names)}" if n_worse else
+           f"worse: {', '.join(worse_names)}" if worse_names else
            "no figure better: it stopped improving")
     return {"accepted": accepted, "why": why, "figures": lines}
 
