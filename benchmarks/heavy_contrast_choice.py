@@ -15,6 +15,7 @@ SrTiO3 frames, whose heavier sublattice (Mo, Sr) the gate is there to keep
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,23 @@ from elit_stream.core.postprocess import analyse
 CANDIDATES = (0.0, 2.6, 2.8, 3.0, 3.2, 3.4)
 GATES = (0.1, 0.2, 0.3, 1.1)
 RATIOS = (np.inf, 3.5, 4.0, 4.5, 5.0)
+SWEEPS = {"CONTRAST_DOPANT_FRACTION": GATES, "CONTRAST_FRAME_RATIO": RATIOS}   # module constants
+
+
+@contextmanager
+def constant(name: str, value):
+    """`elit_stream.core.postprocess.<name>` set to `value` inside the block, restored after."""
+    old = getattr(postprocess, name)
+    setattr(postprocess, name, value)
+    try:
+        yield
+    finally:
+        setattr(postprocess, name, old)
+
+
+def pr_cells(pooled: list[dict]) -> str:
+    return " | ".join(f"{p['impurity_precision'] or 0:.2f} / {p['impurity_recall'] or 0:.2f}"
+                      for p in pooled)
 
 
 def impurity_f1(pooled: list[dict]) -> list[float]:
@@ -45,10 +63,7 @@ def main(argv=None) -> int:
     run = ModelRunner(a.model, threads=2)
     eng, heavy = run.engine, run.artifact.heavy_class
     scores = {t: {} for t in CANDIDATES}                      # t -> (seed, segment) -> [scores]
-    gated = {g: {} for g in GATES}
-    rescued = {r: {} for r in RATIOS}
-    default_gate = postprocess.CONTRAST_DOPANT_FRACTION
-    default_ratio = postprocess.CONTRAST_FRAME_RATIO
+    swept = {name: {v: {} for v in values} for name, values in SWEEPS.items()}   # at 3.2
 
     def heavy_calls(x, probs, geom, t):
         fa = analyse(probs, run.active, run.params.replace(heavy_contrast=t), geom.valid_shape,
@@ -60,22 +75,17 @@ def main(argv=None) -> int:
         for f in movie.make_movie(seed):
             x, geom = eng.prepare(f.image, f.pixel_size_pm)
             probs = eng.run(x)
-            for t in CANDIDATES:
+
+            def record(into, t):
                 xy, cls = heavy_calls(x, probs, geom, t)
-                scores[t].setdefault((seed, f.segment), []).append(score_frame(
+                into.setdefault((seed, f.segment), []).append(score_frame(
                     f.xy, f.cls, xy, cls, f.image.shape, f.spacing_px, f.pixel_size_pm))
-            for g in GATES:
-                postprocess.CONTRAST_DOPANT_FRACTION = g
-                xy, cls = heavy_calls(x, probs, geom, 3.2)
-                gated[g].setdefault((seed, f.segment), []).append(score_frame(
-                    f.xy, f.cls, xy, cls, f.image.shape, f.spacing_px, f.pixel_size_pm))
-            postprocess.CONTRAST_DOPANT_FRACTION = default_gate
-            for r in RATIOS:
-                postprocess.CONTRAST_FRAME_RATIO = r
-                xy, cls = heavy_calls(x, probs, geom, 3.2)
-                rescued[r].setdefault((seed, f.segment), []).append(score_frame(
-                    f.xy, f.cls, xy, cls, f.image.shape, f.spacing_px, f.pixel_size_pm))
-            postprocess.CONTRAST_FRAME_RATIO = default_ratio
+            for t in CANDIDATES:
+                record(scores[t], t)
+            for name, values in SWEEPS.items():
+                for v in values:
+                    with constant(name, v):
+                        record(swept[name][v], 3.2)
     keys = list(scores[CANDIDATES[0]])
     print(f"Impurity precision / recall per segment ({a.model}; 0 = the networks' classes):\n")
     print("| heavy_contrast | " + " | ".join(f"{s} {g}" for s, g in keys)
@@ -83,9 +93,7 @@ def main(argv=None) -> int:
     for t in CANDIDATES:
         pooled = [pool(scores[t][k]) for k in keys]
         f1 = impurity_f1(pooled)
-        print(f"| {t:g} | " + " | ".join(f"{p['impurity_precision'] or 0:.2f} / "
-                                          f"{p['impurity_recall'] or 0:.2f}" for p in pooled)
-              + f" | {np.mean(f1):.3f} | {min(f1):.3f} |")
+        print(f"| {t:g} | {pr_cells(pooled)} | {np.mean(f1):.3f} | {min(f1):.3f} |")
     real = [(n, px) for n, px in REAL if (Path(a.shared) / n).is_file()]
     print("\nThe gate at heavy_contrast 3.2 (1.1 = no gate):\n")
     print("| CONTRAST_DOPANT_FRACTION | mean F1 | worst F1 | "
@@ -98,11 +106,13 @@ def main(argv=None) -> int:
             img = np.asarray(read_movie(Path(a.shared) / n).frames[0], np.float32)
             x, geom = eng.prepare(img, px)
             images.append((x, eng.run(x).copy(), geom))
+    def real_calls(name, value):
+        with constant(name, value):
+            return [int(heavy_calls(x, p, geom, 3.2)[1].sum()) for x, p, geom in images]
+
     for g in GATES:
-        f1 = impurity_f1([pool(gated[g][k]) for k in keys])
-        postprocess.CONTRAST_DOPANT_FRACTION = g
-        calls = [int(heavy_calls(x, p, geom, 3.2)[1].sum()) for x, p, geom in images]
-        postprocess.CONTRAST_DOPANT_FRACTION = default_gate
+        f1 = impurity_f1([pool(swept["CONTRAST_DOPANT_FRACTION"][g][k]) for k in keys])
+        calls = real_calls("CONTRAST_DOPANT_FRACTION", g)
         print(f"| {g:g} | {np.mean(f1):.3f} | {min(f1):.3f} | " + " | ".join(map(str, calls)) + " |")
     networks = [int(heavy_calls(x, p, geom, 0.0)[1].sum()) for x, p, geom in images]
     print("| (the networks' classes) | | | " + " | ".join(map(str, networks)) + " |")
@@ -111,14 +121,11 @@ def main(argv=None) -> int:
           + " | mean F1 | worst F1 | " + " | ".join(f"heavy calls {n}" for n, _ in real)
           + " |\n|---|" + "---|" * (len(keys) + 2 + len(real)))
     for r in RATIOS:
-        pooled = [pool(rescued[r][k]) for k in keys]
+        pooled = [pool(swept["CONTRAST_FRAME_RATIO"][r][k]) for k in keys]
         f1 = impurity_f1(pooled)
-        postprocess.CONTRAST_FRAME_RATIO = r
-        calls = [int(heavy_calls(x, p, geom, 3.2)[1].sum()) for x, p, geom in images]
-        postprocess.CONTRAST_FRAME_RATIO = default_ratio
-        print(f"| {r:g} | " + " | ".join(f"{p['impurity_precision'] or 0:.2f} / "
-                                          f"{p['impurity_recall'] or 0:.2f}" for p in pooled)
-              + f" | {np.mean(f1):.3f} | {min(f1):.3f} | " + " | ".join(map(str, calls)) + " |")
+        calls = real_calls("CONTRAST_FRAME_RATIO", r)
+        print(f"| {r:g} | {pr_cells(pooled)} | {np.mean(f1):.3f} | {min(f1):.3f} | "
+              + " | ".join(map(str, calls)) + " |")
     return 0
 
 
