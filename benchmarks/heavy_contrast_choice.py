@@ -10,7 +10,9 @@ the suite's own scoring, and the mean and the worst impurity F1 over all segment
 only in frames where the networks call fewer than this fraction of the atoms heavy; 1.1 = no
 gate): the same mean F1, and with ../shared/data present the heavy calls on the real MoS2 and
 SrTiO3 frames, whose heavier sublattice (Mo, Sr) the gate is there to keep
-(docs/evaluation.md, "heavy atoms by Z-contrast"). Prints markdown tables. Not a test.
+(docs/evaluation.md, "heavy atoms by Z-contrast"). Then the band-pass frame ratio (rescue of
+heavy calls and lift of light ones) and `CONTRAST_LIFT` swept alone. Prints markdown tables.
+Not a test.
 """
 from __future__ import annotations
 
@@ -30,7 +32,11 @@ from elit_stream.core.postprocess import analyse
 CANDIDATES = (0.0, 2.6, 2.8, 3.0, 3.2, 3.4)
 GATES = (0.1, 0.2, 0.3, 1.1)
 RATIOS = (np.inf, 3.5, 4.0, 4.5, 5.0)
-SWEEPS = {"CONTRAST_DOPANT_FRACTION": GATES, "CONTRAST_FRAME_RATIO": RATIOS}   # module constants
+LIFTS = (np.inf, 1.5, 1.6, 1.7, 1.8, 2.0, 2.2)
+SWEEPS = {"CONTRAST_DOPANT_FRACTION": GATES, "CONTRAST_FRAME_RATIO": RATIOS,   # module constants
+          "CONTRAST_LIFT": LIFTS}
+TITLES = {"CONTRAST_FRAME_RATIO": "The frame ratio of the band-pass rescue and lift",
+          "CONTRAST_LIFT": "The lift of light calls (contrast above this and bright in the frame)"}
 
 
 @contextmanager
@@ -116,16 +122,17 @@ def main(argv=None) -> int:
         print(f"| {g:g} | {np.mean(f1):.3f} | {min(f1):.3f} | " + " | ".join(map(str, calls)) + " |")
     networks = [int(heavy_calls(x, p, geom, 0.0)[1].sum()) for x, p, geom in images]
     print("| (the networks' classes) | | | " + " | ".join(map(str, networks)) + " |")
-    print("\nThe frame-ratio rescue at heavy_contrast 3.2 (inf = none):\n")
-    print("| CONTRAST_FRAME_RATIO | " + " | ".join(f"{s} {g}" for s, g in keys)
-          + " | mean F1 | worst F1 | " + " | ".join(f"heavy calls {n}" for n, _ in real)
-          + " |\n|---|" + "---|" * (len(keys) + 2 + len(real)))
-    for r in RATIOS:
-        pooled = [pool(swept["CONTRAST_FRAME_RATIO"][r][k]) for k in keys]
-        f1 = impurity_f1(pooled)
-        calls = real_calls("CONTRAST_FRAME_RATIO", r)
-        print(f"| {r:g} | {pr_cells(pooled)} | {np.mean(f1):.3f} | {min(f1):.3f} | "
-              + " | ".join(map(str, calls)) + " |")
+    for name, title in TITLES.items():
+        print(f"\n{title}, at heavy_contrast 3.2 (inf = none):\n")
+        print(f"| {name} | " + " | ".join(f"{s} {g}" for s, g in keys)
+              + " | mean F1 | worst F1 | " + " | ".join(f"heavy calls {n}" for n, _ in real)
+              + " |\n|---|" + "---|" * (len(keys) + 2 + len(real)))
+        for v in SWEEPS[name]:
+            pooled = [pool(swept[name][v][k]) for k in keys]
+            f1 = impurity_f1(pooled)
+            calls = real_calls(name, v)
+            print(f"| {v:g} | {pr_cells(pooled)} | {np.mean(f1):.3f} | {min(f1):.3f} | "
+                  + " | ".join(map(str, calls)) + " |")
     return 0
 
 

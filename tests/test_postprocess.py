@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.spatial import cKDTree
 
+from elit_stream.core import postprocess
 from elit_stream.core.postprocess import Params, analyse, check_active
 
 SHAPE = (48, 64)
@@ -458,6 +459,35 @@ def test_row_median_of_the_first_k_values_matches_numpy():
     values[np.arange(8)[None, :] >= k[:, None]] = np.inf        # the rest: no neighbour
     want = [np.median(v[:n]) for v, n in zip(values, k)]
     np.testing.assert_allclose(_row_median(values, k), want)
+
+
+def test_a_heavy_atom_the_networks_call_light_is_lifted_when_both_contrasts_say_heavy(
+        monkeypatch):
+    """The contaminated scene of the next test with a heavier Si (7), but the networks call
+    every atom light. The Si reads ~2 against its raised neighbours (above CONTRAST_LIFT, below
+    heavy_contrast) and its band-pass peak is > 4x the frame's light atoms': heavy, with a class
+    probability of 0.5 (the networks say otherwise). A carbon 2.5x as bright as its neighbours
+    outside the blob passes the contrast but not the band pass (2.5x the frame's light atoms):
+    light. Without the lift (CONTRAST_LIFT = inf) the Si stays light."""
+    shape = (96, 96)
+    xy = _hex_lattice(shape)
+    centre = np.hypot(xy[:, 0] - 48, xy[:, 1] - 48)
+    si, c = np.argsort(centre)[[0, -40]]
+    weights = np.where(centre < 20, 3.0, 1.0)
+    weights[si], weights[c] = 7.0, 2.5
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    img = _scene(xy, weights, shape,
+                 background=3.0 * np.exp(-((xx - 48) ** 2 + (yy - 48) ** 2) / (2 * 16 ** 2)))
+    probs = probs_with([[(x, y, 0, 0.95) for x, y in xy]], shape=shape)
+    r = analyse(probs, [0], ZC, image=img, heavy_class=1)
+    i, j = _atom_near(r, xy, si), _atom_near(r, xy, c)
+    assert postprocess.CONTRAST_LIFT < r.z_contrast[i] < ZC.heavy_contrast
+    assert postprocess.CONTRAST_LIFT < r.z_contrast[j] < ZC.heavy_contrast
+    assert r.cls[i] == 1 and r.cls[j] == 0 and np.count_nonzero(r.cls) == 1
+    assert r.cls_prob[i] == pytest.approx(0.5)
+    monkeypatch.setattr(postprocess, "CONTRAST_LIFT", np.inf)
+    off = analyse(probs, [0], ZC, image=img, heavy_class=1)
+    assert np.count_nonzero(off.cls) == 0
 
 
 def test_a_heavy_atom_under_contamination_keeps_the_networks_call_a_light_one_there_does_not():
