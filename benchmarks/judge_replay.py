@@ -1,7 +1,7 @@
 """Replay the ELIT loop's judge on finished runs: which iteration would each rule recommend, and
 was it the run's best against the truth?
 
-    python -m benchmarks.judge_replay [RUN_DIR ...]      # default: every runs/elit14*/loop*
+    python -m benchmarks.judge_replay [RUN_DIR ...]      # default: every runs/elit14*/*/
 
 Reads each run's `progress.json` (written by `elit-train iterate`, with `--keep-going` so every
 iteration is there): the label-free figures of every iteration (`label_free`) and, only to score
@@ -13,7 +13,12 @@ steps, as `trainer.elit.judge.recommend`. Prints a markdown table per run and a 
 Rules:
   jitter-or-keep   no figure worse, and count jitter or keep fraction better (the rule until
                    session 7)
-  any-better       no figure worse, and any figure better (`trainer.elit.judge.compare` since)
+  any-better       no figure worse, and any figure better (`trainer.elit.judge.compare` since
+                   session 7)
+  any-better, jitter ≥ 1 atom
+                   the same, but a count jitter that moves by less than one atom per frame is
+                   "about the same" (tried in session 8 because the jitter vetoed a better first
+                   child by 1.5 -> 2.0 atoms; not adopted: it lets later, worse children through)
 """
 from __future__ import annotations
 
@@ -26,23 +31,25 @@ from trainer.elit.judge import figure_verdicts
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def verdicts(child: dict, parent: dict) -> tuple[set, set]:
+def verdicts(child: dict, parent: dict, jitter_atoms: float) -> tuple[set, set]:
     """(figures worse, figures better) of a child against its parent, as the loop judges them."""
-    v = figure_verdicts(child, parent)
+    v = figure_verdicts(child, parent, jitter_atoms=jitter_atoms)
     return ({n for n, x in v.items() if x and x[0] == "worse"},
             {n for n, x in v.items() if x and x[0] == "better"})
 
 
-RULES = {
-    "jitter-or-keep": lambda w, b: not w and bool(b & {"count_jitter", "keep_fraction"}),
-    "any-better": lambda w, b: not w and bool(b),
+RULES = {   # name: (accept(worse, better), count-jitter resolution in atoms per frame)
+    "jitter-or-keep": (lambda w, b: not w and bool(b & {"count_jitter", "keep_fraction"}), 0.0),
+    "any-better": (lambda w, b: not w and bool(b), 0.0),
+    "any-better, jitter ≥ 1 atom": (lambda w, b: not w and bool(b), 1.0),
 }
 
 
 def recommend(rows: list[dict], rule) -> int:
+    accept, jitter_atoms = rule
     best = 0
     for parent, child in zip(rows, rows[1:]):
-        if not rule(*verdicts(child["label_free"], parent["label_free"])):
+        if not accept(*verdicts(child["label_free"], parent["label_free"], jitter_atoms)):
             break
         best = child["iteration"]
     return best

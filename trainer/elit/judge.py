@@ -62,10 +62,12 @@ def improvement(name: str, child: float, parent: float) -> float:
     return (parent - child) / max(abs(parent), 0.005)
 
 
-def figure_verdicts(child: dict, parent: dict, worse: float = WORSE, better: float = BETTER
-                    ) -> dict[str, tuple[str, float] | None]:
+def figure_verdicts(child: dict, parent: dict, worse: float = WORSE, better: float = BETTER,
+                    jitter_atoms: float = 0.0) -> dict[str, tuple[str, float] | None]:
     """Per figure ("worse" | "better" | "about the same", relative improvement), None where
-    either side was not measured."""
+    either side was not measured. ``jitter_atoms`` > 0: a count jitter that moves by less than
+    that many atoms per frame is "about the same" whatever its relative change (tried in session
+    8 and not adopted: ``benchmarks/judge_replay.py``; the loop uses 0)."""
     out = {}
     for name in FIGURES:
         c, p = child.get(name), parent.get(name)
@@ -73,6 +75,9 @@ def figure_verdicts(child: dict, parent: dict, worse: float = WORSE, better: flo
             out[name] = None
             continue
         d = improvement(name, c, p)
+        if name == "count_jitter" and abs(c - p) * parent.get("atoms_per_frame", 0.0) < jitter_atoms:
+            out[name] = ("about the same", d)            # within what counting can resolve
+            continue
         out[name] = ("worse" if d < -worse else "better" if d > better else "about the same", d)
     return out
 
