@@ -240,6 +240,29 @@ def test_anchored_children_start_from_the_first_artifact(parent_artifact, tmp_pa
     assert second["lineage"]["steps"][-1]["init_from"] == f"parent:{first}"
     assert second["lineage"]["parent"]["name"] == "run-iter1"      # the data still come from iter 1
 
+def test_diverse_children_start_each_member_from_another_selected_member(parent_artifact, tmp_path):
+    """--diverse: child member k starts from the k-th selected member of the first artifact,
+    best first (not every member from the best), and the lineage says which."""
+    from trainer.cli import main
+    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
+    from trainer.model.artifact import verify_artifact
+
+    movie = tmp_path / "movie.npz"
+    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
+    run = tmp_path / "run"
+    assert main(["iterate", str(parent_artifact), str(movie), "--run-dir", str(run),
+                 "--iterations", "1", "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
+                 "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
+                 "--threads", "1", "--diverse"]) == 0
+    sel = json.loads((run / "iter_0" / "selection.json").read_text())
+    order = [sel["best"]] + [m for m in sel["members"] if m != sel["best"]]
+    assert len(order) >= 2
+    child = verify_artifact(run / "iter_1" / "run-iter1")
+    source, members = child["training"]["init_from"].rsplit(":", 1)
+    assert Path(source).name == "parent" and members == ",".join(map(str, order))
+    assert child["lineage"]["steps"][-1]["init_from"] == f"parent:{members}"
+
+
 def test_a_tiny_tight_cluster_is_not_taken_for_the_lattice():
     rng = np.random.default_rng(0)
     lattice = rng.normal(0, 1.0, (200, 4, 4))

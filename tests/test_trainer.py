@@ -95,6 +95,14 @@ def test_member_init_spec_star_means_member_k_from_member_k():
     assert member_spec("models/default:5", 3) == "models/default:5"
 
 
+def test_member_init_spec_list_gives_member_k_the_kth_listed_member_cycling():
+    from trainer.model.init_weights import member_spec, per_member
+    assert [member_spec("runs/x/a:6,0,3", k) for k in range(4)] == \
+        ["runs/x/a:6", "runs/x/a:0", "runs/x/a:3", "runs/x/a:6"]
+    assert per_member("runs/x/a:6,0,3") and per_member("runs/x/a:*") and per_member("runs/x/a:6,")
+    assert not per_member("runs/x/a:6") and not per_member(None)
+
+
 def test_a_run_config_written_before_new_fields_existed_still_resumes(tmp_path):
     from trainer.model.train import _check_or_write_config
     cfg = tiny_config()

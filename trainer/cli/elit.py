@@ -186,6 +186,10 @@ def _retrain_args(p) -> None:
                    help="iterate: every child starts from the first artifact's best member, not "
                    "from the previous child's (default; less loss from iteration to iteration, "
                    "docs/elit.md runs D and 6); --no-anchor: from the previous child's")
+    g.add_argument("--diverse", action=argparse.BooleanOptionalAction, default=d.diverse,
+                   help="iterate: child member k starts from the k-th selected member (best "
+                   "first) instead of every member from the best one, so the children's members "
+                   "differ as the parent's do")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     from trainer.cli.common import executor_args
     executor_args(p)
@@ -200,6 +204,7 @@ def retrain_config(args):
                          lr=args.lr, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
                          from_scratch=args.from_scratch,
                          anchor=getattr(args, "anchor", RetrainConfig.anchor),
+                         diverse=getattr(args, "diverse", RetrainConfig.diverse),
                          threads=args.threads)
 
 

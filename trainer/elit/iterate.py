@@ -53,6 +53,7 @@ class RetrainConfig:
     seed: int = 2000
     from_scratch: bool = False       # False: every member starts from the parent's best member
     anchor: bool = True              # children start from the loop's first artifact's best member
+    diverse: bool = False            # ... member k from the k-th selected member (best first)
     threads: int = 0
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)   # where members train
 
@@ -88,7 +89,8 @@ def retrain_config(dataset: Path, parent: Path, rc: RetrainConfig, init_member: 
     synth = dataset_config(dataset)
     unet = replace(UNetConfig.from_dict(arch), n_classes=synth.n_classes)
     n = len(load_dataset(dataset).images)
-    init = None if rc.from_scratch or init_member is None else f"{Path(parent).resolve()}:{init_member}"
+    init = (None if rc.from_scratch or init_member is None
+            else f"{Path(parent).resolve()}:{_member_list(init_member)}")
     return TrainConfig(members=rc.members, base_seed=rc.seed, max_epochs=rc.epochs,
                        swa_epochs=rc.swa_epochs, patience=rc.patience, lr=rc.lr,
                        batch_size=rc.batch_size, n_train=n - rc.n_val - rc.n_test, n_val=rc.n_val,
@@ -96,8 +98,14 @@ def retrain_config(dataset: Path, parent: Path, rc: RetrainConfig, init_member: 
                        init_from=init, synth=synth, unet=unet)
 
 
+def _member_list(members) -> str:
+    """``3`` or ``3,0,5,6`` (one starting member for all, or member k from the k-th listed)."""
+    return str(members) if isinstance(members, int) else ",".join(map(str, members)) + \
+        ("," if len(members) == 1 else "")
+
+
 def retrain(dataset: Path, parent: Path, run_dir: Path, out: Path, rc: RetrainConfig,
-            init_member: int | None, lineage: dict, command: str, force: bool = False,
+            init_member: int | list[int] | None, lineage: dict, command: str, force: bool = False,
             log=print, show_progress: bool = False) -> Path:
     """Train a new ensemble on ``dataset`` and export it to ``out`` with ``lineage``."""
     from trainer.model.export import write_artifact
@@ -158,8 +166,10 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
                 f"\n  {command} --select {','.join(map(str, hint.members))} --best {hint.best}")
             return rows
         select, best = None, None                      # an operator's choice applies once
+        start = ([sel.best] + [m for m in sel.members if m != sel.best] if cfg.retrain.diverse
+                 else sel.best)                        # --diverse: member k from the k-th of these
         if root is None:
-            root = (current, sel.best)                 # --anchor: every child starts from here
+            root = (current, start)                    # --anchor: every child starts from here
         rcfg = replace(cfg.relabel, n_classes=len(read_manifest(current)["classes"]))
         dataset = _relabel(an, sel, rcfg, current, it / "relabel", log, truth, world)
         info = json.loads((it / "relabel" / "relabel.json").read_text())
@@ -179,7 +189,7 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
                 break
         child = it.parent / f"iter_{i + 1}"
         out = child / artifact_name(run, i + 1)
-        init_art, init_member = root if cfg.retrain.anchor else (current, sel.best)
+        init_art, init_member = root if cfg.retrain.anchor else (current, start)
         if not (out / "manifest.json").is_file():
             lineage = parent_lineage(current, f"ELIT iteration {i + 1}: analyse with {current.name}, "
                                      f"relabel {len(info['frames'])} frames by members {sel.members} "
@@ -188,7 +198,7 @@ def run_iterations(artifact: Path, frames: np.ndarray, run: Path, cfg: LoopConfi
                                      members=sel.members, best_member=sel.best,
                                      selection=sel.chosen_by, filters=info["filters"],
                                      relabel=info["config"], init_from=None if cfg.retrain.from_scratch
-                                     else f"member {init_member} of {init_art.name}",
+                                     else f"member(s) {_member_list(init_member)} of {init_art.name}",
                                      steps=_steps(current, sel, rcfg, info, cfg.retrain,
                                                   (init_art, init_member)))
             retrain(dataset, init_art, child / "train", out, cfg.retrain,
@@ -210,7 +220,7 @@ def _steps(parent: Path, sel: Selection, rcfg: RelabelConfig, info: dict, rc: Re
              "classes": rcfg.n_classes, "atoms": f["atoms"], "kept": f["kept"],
              "background": f["dropped_as_background"]},
             {"step": "retrain", "members": rc.members, "epochs": rc.epochs,
-             "init_from": None if rc.from_scratch else f"{init[0].name}:{init[1]}"}]
+             "init_from": None if rc.from_scratch else f"{init[0].name}:{_member_list(init[1])}"}]
 
 
 def _analysis(artifact, frames, idx, pixel_size_pm, out: Path, log) -> Analysis:

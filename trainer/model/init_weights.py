@@ -14,9 +14,21 @@ import torch
 from trainer.model.unet import UNet, UNetConfig
 
 
+def per_member(spec: str | None) -> bool:
+    """Does ``spec`` give each member its own starting weights (``PATH:*`` or ``PATH:A,B,...``)?"""
+    return bool(spec) and (spec.endswith(":*") or "," in spec.rpartition(":")[2])
+
+
 def member_spec(spec: str, member_id: int) -> str:
-    """``PATH:*`` means "member K starts from member K of PATH" (keeps the parent's diversity)."""
-    return f"{spec[:-2]}:{member_id}" if spec.endswith(":*") else spec
+    """``PATH:*`` means "member K starts from member K of PATH" (keeps the parent's diversity);
+    ``PATH:A,B,...`` "member K starts from the K-th listed member of PATH" (cycling)."""
+    if spec.endswith(":*"):
+        return f"{spec[:-2]}:{member_id}"
+    path, _, listed = spec.rpartition(":")
+    if "," in listed:
+        ids = [m for m in listed.split(",") if m]
+        return f"{path}:{ids[member_id % len(ids)]}"
+    return spec
 
 
 def load_init_state(spec: str, unet_cfg: UNetConfig, log=print) -> dict:

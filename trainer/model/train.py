@@ -39,6 +39,7 @@ from trainer.data.synth import SynthConfig, load_dataset, make_dataset, save_dat
 from trainer.model.executor import ExecutorSpec, run_members
 from trainer.model.init_weights import (apply_init_state, load_init_state, member_spec,  # noqa: F401
                                         onnx_member_state)
+from trainer.model.init_weights import per_member as init_per_member
 from trainer.model.unet import UNet, UNetConfig
 
 
@@ -360,7 +361,7 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
         torch.set_num_threads(cfg.threads)
     splits = prepare_data(cfg, run_dir, log)
     train, val, test = (SplitData.from_dataset(splits[k]) for k in ("train", "val", "test"))
-    per_member = bool(cfg.init_from) and cfg.init_from.endswith(":*")
+    per_member = init_per_member(cfg.init_from)
     init_state = (load_init_state(cfg.init_from, cfg.unet, log)
                   if cfg.init_from and not per_member else None)
     results, todo = {}, []
@@ -372,7 +373,7 @@ def train_ensemble(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
             log(f"member {member_id}: already trained (test IoU {results[member_id].test_iou:.4f})")
         else:
             todo.append(member_id)
-    if per_member:      # DIR:* - member K starts from the artifact's member K (loaded here, once)
+    if per_member:      # DIR:* or DIR:A,B,.. - member K from its own member (loaded here, once)
         init_state = {k: load_init_state(member_spec(cfg.init_from, k), cfg.unet, log) for k in todo}
     executor = executor or ExecutorSpec()
     local = executor.kind == "local"
