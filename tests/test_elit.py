@@ -210,7 +210,7 @@ def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path)
     assert lineage["iteration"] == 1 and lineage["members"] == [0, 1] and lineage["best_member"] == 1
     assert lineage["frames"] == [0, 1, 2] and "gmm" in lineage["filters"]
     assert lineage["selection"] == "operator"
-    assert manifest["training"]["init_from"].endswith("parent:1")
+    assert manifest["training"]["init_from"].endswith("parent:1,0")    # best first, --diverse
     rows = json.loads((run / "progress.json").read_text())
     assert [r["iteration"] for r in rows] == [0, 1] and "f1" in rows[1]["all"]
     assert "verdict" in rows[1] and "keep_fraction" in rows[1]["label_free"]
@@ -220,8 +220,9 @@ def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path)
 
 
 def test_anchored_children_start_from_the_first_artifact(parent_artifact, tmp_path):
-    """--anchor: iteration 2's members start from the first artifact's best member, not from
-    iteration 1's (so errors learnt in one iteration are not the next one's starting point)."""
+    """--anchor --no-diverse: iteration 2's members start from the first artifact's best member,
+    not from iteration 1's (so errors learnt in one iteration are not the next one's starting
+    point)."""
     from trainer.cli import main
     from trainer.data.testmovie import MovieConfig, make_movie, save_movie
     from trainer.model.artifact import verify_artifact
@@ -232,7 +233,7 @@ def test_anchored_children_start_from_the_first_artifact(parent_artifact, tmp_pa
     assert main(["iterate", str(parent_artifact), str(movie), "--run-dir", str(run),
                  "--iterations", "2", "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
                  "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
-                 "--threads", "1", "--keep-going", "--anchor"]) == 0
+                 "--threads", "1", "--keep-going", "--anchor", "--no-diverse"]) == 0
     first = json.loads((run / "iter_0" / "selection.json").read_text())["best"]
     second = verify_artifact(run / "iter_2" / "run-iter2")
     source, member = second["training"]["init_from"].rsplit(":", 1)
@@ -241,8 +242,8 @@ def test_anchored_children_start_from_the_first_artifact(parent_artifact, tmp_pa
     assert second["lineage"]["parent"]["name"] == "run-iter1"      # the data still come from iter 1
 
 def test_diverse_children_start_each_member_from_another_selected_member(parent_artifact, tmp_path):
-    """--diverse: child member k starts from the k-th selected member of the first artifact,
-    best first (not every member from the best), and the lineage says which."""
+    """--diverse (the default): child member k starts from the k-th selected member of the first
+    artifact, best first (not every member from the best), and the lineage says which."""
     from trainer.cli import main
     from trainer.data.testmovie import MovieConfig, make_movie, save_movie
     from trainer.model.artifact import verify_artifact
@@ -253,7 +254,7 @@ def test_diverse_children_start_each_member_from_another_selected_member(parent_
     assert main(["iterate", str(parent_artifact), str(movie), "--run-dir", str(run),
                  "--iterations", "1", "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
                  "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
-                 "--threads", "1", "--diverse"]) == 0
+                 "--threads", "1"]) == 0                              # --diverse: default
     sel = json.loads((run / "iter_0" / "selection.json").read_text())
     order = [sel["best"]] + [m for m in sel["members"] if m != sel["best"]]
     assert len(order) >= 2
@@ -306,3 +307,5 @@ def test_children_are_anchored_by_default_and_no_anchor_turns_it_off():
     base = ["iterate", "models/default", "movie.npz", "--run-dir", "r"]
     assert retrain_config(build_parser().parse_args(base)).anchor is True
     assert retrain_config(build_parser().parse_args(base + ["--no-anchor"])).anchor is False
+    assert retrain_config(build_parser().parse_args(base)).diverse is True
+    assert retrain_config(build_parser().parse_args(base + ["--no-diverse"])).diverse is False

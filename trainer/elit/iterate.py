@@ -53,7 +53,7 @@ class RetrainConfig:
     seed: int = 2000
     from_scratch: bool = False       # False: every member starts from the parent's best member
     anchor: bool = True              # children start from the loop's first artifact's best member
-    diverse: bool = False            # ... member k from the k-th selected member (best first)
+    diverse: bool = True             # ... member k from the k-th selected member (best first)
     threads: int = 0
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)   # where members train
 
