@@ -26,9 +26,9 @@ recommends the run's best-F1 iteration in 11 of 16 runs and the old rule in 7; n
 recommends one worse than iteration 0. The old rule rejected most first children since children
 start from the parent's best member (agreement and uncertainty much better, jitter and keep
 fraction about the same), although that child was the run's best in every run since. After
-session 8 (21 runs, three movies, including the `--diverse` runs): 13 of 21, none worse than
+session 8 (21 runs, three movies, including the `--diverse` runs): 12 of 21, none worse than
 iteration 0; treating count-jitter changes below one atom per frame as noise was tried and is
-worse (10 of 21, 3 worse than iteration 0).
+worse (11 of 21, 3 worse than iteration 0).
 """
 from __future__ import annotations
 
