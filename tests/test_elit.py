@@ -182,17 +182,23 @@ def test_weights_read_back_from_onnx_match(parent_artifact):
     assert apply_init_state(one_class, state) == ["head.bias", "head.weight"]
 
 
+def tiny_iterate(parent_artifact, tmp_path, iterations: int) -> tuple[list[str], Path]:
+    """`elit-train iterate` arguments for a tiny loop on a 3-frame test movie, and its run folder."""
+    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
+
+    movie, run = tmp_path / "movie.npz", tmp_path / "run"
+    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
+    return ["iterate", str(parent_artifact), str(movie), "--run-dir", str(run), "--iterations",
+            str(iterations), "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
+            "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
+            "--threads", "1"], run
+
+
 def test_iterate_writes_a_child_artifact_with_lineage(parent_artifact, tmp_path):
     from trainer.model.artifact import sha256_file, verify_artifact
     from trainer.cli import main
-    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
 
-    movie = tmp_path / "movie.npz"
-    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
-    run = tmp_path / "run"
-    args = ["iterate", str(parent_artifact), str(movie), "--run-dir", str(run), "--iterations", "1",
-            "--tile", "32", "--tiles-per-frame", "6", "--members", "2", "--epochs", "1",
-            "--n-val", "3", "--n-test", "3", "--std-quantile", "1", "--threads", "1"]
+    args, run = tiny_iterate(parent_artifact, tmp_path, 1)
     assert main(args + ["--operator"]) == 0               # stops after the first report
     assert (run / "iter_0" / "report" / "grid.png").stat().st_size > 0
     assert not (run / "iter_1").exists()
@@ -224,16 +230,10 @@ def test_anchored_children_start_from_the_first_artifact(parent_artifact, tmp_pa
     not from iteration 1's (so errors learnt in one iteration are not the next one's starting
     point)."""
     from trainer.cli import main
-    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
     from trainer.model.artifact import verify_artifact
 
-    movie = tmp_path / "movie.npz"
-    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
-    run = tmp_path / "run"
-    assert main(["iterate", str(parent_artifact), str(movie), "--run-dir", str(run),
-                 "--iterations", "2", "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
-                 "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
-                 "--threads", "1", "--keep-going", "--anchor", "--no-diverse"]) == 0
+    args, run = tiny_iterate(parent_artifact, tmp_path, 2)
+    assert main(args + ["--keep-going", "--anchor", "--no-diverse"]) == 0
     first = json.loads((run / "iter_0" / "selection.json").read_text())["best"]
     second = verify_artifact(run / "iter_2" / "run-iter2")
     source, member = second["training"]["init_from"].rsplit(":", 1)
@@ -241,20 +241,15 @@ def test_anchored_children_start_from_the_first_artifact(parent_artifact, tmp_pa
     assert second["lineage"]["steps"][-1]["init_from"] == f"parent:{first}"
     assert second["lineage"]["parent"]["name"] == "run-iter1"      # the data still come from iter 1
 
+
 def test_diverse_children_start_each_member_from_another_selected_member(parent_artifact, tmp_path):
     """--diverse (the default): child member k starts from the k-th selected member of the first
     artifact, best first (not every member from the best), and the lineage says which."""
     from trainer.cli import main
-    from trainer.data.testmovie import MovieConfig, make_movie, save_movie
     from trainer.model.artifact import verify_artifact
 
-    movie = tmp_path / "movie.npz"
-    save_movie(make_movie(MovieConfig(frames=3, size_px=64, seed=3)), movie)
-    run = tmp_path / "run"
-    assert main(["iterate", str(parent_artifact), str(movie), "--run-dir", str(run),
-                 "--iterations", "1", "--tile", "32", "--tiles-per-frame", "6", "--members", "2",
-                 "--epochs", "1", "--n-val", "3", "--n-test", "3", "--std-quantile", "1",
-                 "--threads", "1"]) == 0                              # --diverse: default
+    args, run = tiny_iterate(parent_artifact, tmp_path, 1)
+    assert main(args) == 0                                          # --diverse: the default
     sel = json.loads((run / "iter_0" / "selection.json").read_text())
     order = [sel["best"]] + [m for m in sel["members"] if m != sel["best"]]
     assert len(order) >= 2

@@ -38,8 +38,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from trainer.data.synth import SynthConfig, load_dataset, make_dataset, save_dataset
 from trainer.model.executor import ExecutorSpec, run_members
 from trainer.model.init_weights import (apply_init_state, load_init_state, member_spec,  # noqa: F401
-                                        onnx_member_state)
-from trainer.model.init_weights import per_member as init_per_member
+                                        onnx_member_state, per_member as init_per_member)
 from trainer.model.unet import UNet, UNetConfig
 
 
