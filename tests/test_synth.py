@@ -340,6 +340,19 @@ def test_single_atoms_sit_on_a_support_that_is_not_labelled():
     assert all(np.all(s.atoms.z >= 26) and np.all(s.atoms.heavy) for s in scenes)
 
 
+def test_contamination_density_follows_its_range_and_adds_no_atoms():
+    """A graphene scene always under contamination: its unlabelled density scales with
+    `contamination_density_range` (same draws otherwise), its labelled atoms do not change."""
+    base = replace(_only("graphene"), contamination_prob=1.0, amorphous_prob=0.0)
+    thin, thick = (replace(base, contamination_density_range=(d, d)) for d in (20.0, 400.0))
+    xy = np.random.default_rng(0).uniform(-1000, 1000, (4000, 2))
+    a, b = (make_scene(np.random.default_rng(3), c, 1500.0) for c in (thin, thick))
+    assert np.array_equal(a.atoms.xy_pm, b.atoms.xy_pm)
+    assert a.support is not None and b.support(xy).sum() > 0
+    assert b.support(xy).sum() == pytest.approx(20.0 * a.support(xy).sum(), rel=1e-6)
+    assert SynthConfig.from_dict(thick.to_dict()).contamination_density_range == (400.0, 400.0)
+
+
 def test_support_texture_adds_signal_but_no_atoms():
     cfg = replace(_only("single_atoms", QUIET), contamination_prob=0.0)
     rng = np.random.default_rng(4)

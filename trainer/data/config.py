@@ -72,6 +72,7 @@ class SynthConfig:
     support_density_range: tuple[float, float] = (20.0, 1500.0)  # a-C atoms / nm^2, log-uniform
     amorphous_prob: float = 0.3      # lattice scenes: monolayer amorphous patches (atoms, labelled)
     contamination_prob: float = 0.3  # patchy hydrocarbon (unlabelled texture) over the sample
+    contamination_density_range: tuple[float, float] = (20.0, 400.0)  # its a-C atoms / nm^2
     read_noise_range: tuple[float, float] = (0.0, 3.0)     # detector read noise, counts rms
     gain_jump_prob: float = 0.2      # the gain changes at a random scan line ...
     gain_jump_range: tuple[float, float] = (0.6, 1.6)      # ... by this factor

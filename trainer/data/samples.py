@@ -47,7 +47,7 @@ def make_scene(rng: np.random.Generator, cfg: SynthConfig, radius_pm: float) -> 
     scene = _SCENES[name](rng, cfg, radius_pm)
     if name != "vacuum" and rng.random() < cfg.contamination_prob:
         scene = Scene(scene.name, scene.atoms, scene.ref_z, scene.ref_count,
-                      _plus(scene.support, _contamination(rng, radius_pm)))
+                      _plus(scene.support, _contamination(rng, cfg, radius_pm)))
     return scene
 
 
@@ -62,10 +62,10 @@ def _plus(a: Density | None, b: Density) -> Density:
     return b if a is None else (lambda xy: a(xy) + b(xy))
 
 
-def _contamination(rng: np.random.Generator, radius_pm: float) -> Density:
+def _contamination(rng: np.random.Generator, cfg: SynthConfig, radius_pm: float) -> Density:
     """Patchy hydrocarbon: amorphous carbon where a smooth field exceeds a threshold."""
     field = field_fn(rng, rng.uniform(0.15, 0.6) * max(radius_pm, 300.0))
-    threshold, density = rng.uniform(-0.5, 1.5), _log_u(rng, (20.0, 400.0))
+    threshold, density = rng.uniform(-0.5, 1.5), _log_u(rng, cfg.contamination_density_range)
     return lambda xy: density * np.clip(field(xy) - threshold, 0.0, 1.0)
 
 

@@ -1,0 +1,123 @@
+"""Where the drift movie's atoms are lost: detection by local contamination thickness, and whether
+a training world with more contamination helps.
+
+    python -m benchmarks.contamination split MODEL [--active 0] [--seeds 4242 777] [--every 2]
+    python -m benchmarks.contamination finetune OUT [--member 0] [--budget-s 420] \\
+        [--set contamination_prob=0.8 ...]
+
+`split`: drift movies of seeds the evaluation suite does not score (default 4242 and 777), every
+`--every`-th frame through the artifact as the service runs it (`--active`: only these members),
+the suite's matching (0.4 bond, interior); each truth atom and each detection binned by the
+contamination film's areal density within 200 pm of it (atoms/nm²; graphene itself has 38). Prints
+TP / FN / FP / F1 per segment and bin.
+
+`finetune`: one member continued from `models/default` member `--member` for `--budget-s` seconds
+of training (early stopping may end it sooner) on fresh tiles of the physical world with the
+`--set` changes (SynthConfig fields; none = the control), exported to OUT (one-member artifact).
+Compare `split OUT` with `split models/default --active MEMBER` and with a control run.
+Not a test (docs/evaluation.md, "Atoms under contamination (session 9)").
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+BINS = (0.0, 40.0, 80.0, 120.0, 160.0, np.inf)
+RADIUS_PM = 200.0
+
+
+def split(model: str, seeds: list[int], every: int, active: list[int] | None) -> dict:
+    from benchmarks.evaluation import movie as mv
+    from benchmarks.evaluation import scoring as sc
+    from benchmarks.evaluation.runner import ModelRunner
+
+    runner = ModelRunner(model, threads=1)
+    if active:
+        runner.active_set = runner.active_set.set_active(active)
+        runner.active = runner.active_set.indices
+    counts: dict = {}
+    for seed in seeds:
+        sheet = mv.build_sheet(seed)
+        film = cKDTree(sheet.contamination[0])
+        for f in mv.make_movie(seed, range(0, mv.N_FRAMES, every)):
+            det = runner.detect(f.image, f.pixel_size_pm)
+            centre = np.array(f.image.shape[::-1]) * f.pixel_size_pm / 2 + sheet.drift_pm[f.index]
+
+            def density(xy_px):
+                near = film.query_ball_point(xy_px * f.pixel_size_pm - centre, RADIUS_PM)
+                return np.array([len(n) for n in near]) / (np.pi * (RADIUS_PM / 1e3) ** 2)
+
+            ti, pi = sc.match(f.xy, det.xy, sc.MATCH_FRACTION * f.spacing_px)
+            t_in = sc.interior(f.xy, f.image.shape, f.spacing_px)
+            p_in = sc.interior(det.xy, f.image.shape, f.spacing_px)
+            found, paired = np.zeros(len(f.xy), bool), np.zeros(len(det.xy), bool)
+            found[ti], paired[pi] = True, True
+            bt, bp = np.digitize(density(f.xy), BINS) - 1, np.digitize(density(det.xy), BINS) - 1
+            for b in (*range(len(BINS) - 1), "all"):
+                tb = t_in & ((bt == b) if b != "all" else True)
+                pb = p_in & ((bp == b) if b != "all" else True)
+                c = counts.setdefault((f.segment, b), np.zeros(3, int))
+                c += [(tb & found).sum(), (tb & ~found).sum(), (pb & ~paired).sum()]
+    return counts
+
+
+def print_split(counts: dict) -> None:
+    print("| segment | film atoms/nm² | TP | FN | FP | F1 |\n|---|---|---:|---:|---:|---:|")
+    for (seg, b), (tp, fn, fp) in counts.items():
+        label = "all" if b == "all" else \
+            f"{BINS[b]:.0f}–{BINS[b + 1]:.0f}" if np.isfinite(BINS[b + 1]) else f"≥ {BINS[b]:.0f}"
+        f1 = 2 * tp / (2 * tp + fn + fp) if tp else 0.0
+        print(f"| {seg} | {label} | {tp} | {fn} | {fp} | {f1:.3f} |")
+
+
+def finetune(out: Path, member: int, budget_s: float, changes: dict) -> None:
+    from trainer.cli import main as elit_train
+    from trainer.data.synth import SynthConfig
+    from trainer.model.train import TrainConfig, train_ensemble
+    from trainer.model.unet import UNetConfig
+
+    synth = replace(SynthConfig.physical(n_classes=2), size_px=96, **changes)
+    cfg = TrainConfig(members=1, base_seed=3000, max_epochs=30, swa_epochs=3, patience=3,
+                      min_delta=0.005, member_budget_s=budget_s, n_train=2048, n_val=192,
+                      n_test=128, data_seed=21, threads=2, synth=synth,
+                      unet=UNetConfig(n_classes=2), init_from=f"models/default:{member}")
+    run = out.with_name(out.name + "-run")
+    train_ensemble(cfg, run, show_progress=False)
+    elit_train(["export", "--run-dir", str(run), "--out", str(out), "--force"])
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    parsed = ast.literal_eval(value)
+    return key, tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("split")
+    s.add_argument("model")
+    s.add_argument("--seeds", type=int, nargs="+", default=[4242, 777])
+    s.add_argument("--every", type=int, default=2)
+    s.add_argument("--active", type=int, nargs="+")
+    f = sub.add_parser("finetune")
+    f.add_argument("out", type=Path)
+    f.add_argument("--member", type=int, default=0)
+    f.add_argument("--budget-s", type=float, default=420.0)
+    f.add_argument("--set", type=_setting, action="append", default=[],
+                   help="SynthConfig field=value, e.g. contamination_prob=0.8")
+    args = ap.parse_args(argv)
+    if args.cmd == "split":
+        print_split(split(args.model, args.seeds, args.every, args.active))
+    else:
+        finetune(args.out, args.member, args.budget_s, dict(args.set))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
