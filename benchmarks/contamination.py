@@ -1,7 +1,8 @@
 """Where the drift movie's atoms are lost: detection by local contamination thickness, and whether
 a training world with more contamination helps.
 
-    python -m benchmarks.contamination split MODEL [--active 0] [--seeds 4242 777] [--every 2]
+    python -m benchmarks.contamination split MODEL [--active 0] [--seeds 4242 777] [--every 2] \
+        [--png docs/img/contamination-split.png]
     python -m benchmarks.contamination finetune OUT [--member 0] [--budget-s 420] \\
         [--set contamination_prob=0.8 ...]
 
@@ -75,6 +76,34 @@ def print_split(counts: dict) -> None:
         print(f"| {seg} | {label} | {tp} | {fn} | {fp} | {f1:.3f} |")
 
 
+def plot_split(counts: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    segments = list(dict.fromkeys(seg for seg, _ in counts))
+    n_bins = len(BINS) - 1
+    labels = [f"{BINS[b]:.0f}–{BINS[b + 1]:.0f}" if np.isfinite(BINS[b + 1]) else f"≥{BINS[b]:.0f}"
+              for b in range(n_bins)]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(segments)
+    for i, seg in enumerate(segments):
+        f1 = [2 * c[0] / max(2 * c[0] + c[1] + c[2], 1) for c in (counts[(seg, b)] for b in range(n_bins))]
+        ax.bar(np.arange(n_bins) + (i - (len(segments) - 1) / 2) * width, f1, width, label=seg)
+    ax.axhline(0.97, color="k", ls="--", lw=0.8)
+    ax.set(xticks=range(n_bins), xticklabels=labels, ylim=(0.5, 1.0), ylabel="detection F1",
+           xlabel="contamination film within 200 pm (atoms/nm²; graphene: 38)", title=title)
+    ax.legend(fontsize=8, loc="lower left")
+    lost = np.array([[counts[(seg, b)][1] + counts[(seg, b)][2] for b in range(n_bins)]
+                     for seg in segments]).sum(0)
+    ax2.bar(labels, lost, color="tab:red")
+    ax2.set(ylabel="misses + false atoms (all segments)", xlabel="film atoms/nm²",
+            title="where the errors are")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def finetune(out: Path, member: int, budget_s: float, changes: dict) -> None:
     from trainer.cli import main as elit_train
     from trainer.data.synth import SynthConfig
@@ -105,6 +134,7 @@ def main(argv=None) -> int:
     s.add_argument("--seeds", type=int, nargs="+", default=[4242, 777])
     s.add_argument("--every", type=int, default=2)
     s.add_argument("--active", type=int, nargs="+")
+    s.add_argument("--png", type=Path, help="also draw F1 per film density bin here")
     f = sub.add_parser("finetune")
     f.add_argument("out", type=Path)
     f.add_argument("--member", type=int, default=0)
@@ -113,7 +143,11 @@ def main(argv=None) -> int:
                    help="SynthConfig field=value, e.g. contamination_prob=0.8")
     args = ap.parse_args(argv)
     if args.cmd == "split":
-        print_split(split(args.model, args.seeds, args.every, args.active))
+        counts = split(args.model, args.seeds, args.every, args.active)
+        print_split(counts)
+        if args.png:
+            plot_split(counts, args.png, f"{args.model}, seeds {' '.join(map(str, args.seeds))}")
+            print(f"picture: {args.png}")
     else:
         finetune(args.out, args.member, args.budget_s, dict(args.set))
     return 0
