@@ -42,6 +42,7 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
         runner.active_set = runner.active_set.set_active(active)
         runner.active = runner.active_set.indices
     counts: dict = {}
+    unc: dict = {}               # bin -> (uncertainty of true detections, of false ones)
     for seed in seeds:
         sheet = mv.build_sheet(seed)
         film = cKDTree(sheet.contamination[0])
@@ -64,7 +65,24 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
                 pb = p_in & ((bp == b) if b != "all" else True)
                 c = counts.setdefault((f.segment, b), np.zeros(3, int))
                 c += [(tb & found).sum(), (tb & ~found).sum(), (pb & ~paired).sum()]
+                if b != "all":
+                    u = unc.setdefault(b, ([], []))
+                    u[0].append(det.uncertainty[pb & paired])
+                    u[1].append(det.uncertainty[pb & ~paired])
+    counts["uncertainty"] = {b: (np.concatenate(t), np.concatenate(f)) for b, (t, f) in unc.items()}
     return counts
+
+
+def print_uncertainty(unc: dict) -> None:
+    from benchmarks.evaluation.scoring import auroc
+
+    print("\n| film atoms/nm² | true detections | their median uncertainty | false | theirs "
+          "| AUROC (false vs true) |\n|---|---:|---:|---:|---:|---:|")
+    for b, (t, f) in sorted(unc.items()):
+        label = f"{BINS[b]:.0f}–{BINS[b + 1]:.0f}" if np.isfinite(BINS[b + 1]) else f"≥ {BINS[b]:.0f}"
+        a = auroc(t, f)
+        print(f"| {label} | {len(t)} | {np.median(t):.3f} | {len(f)} | "
+              f"{np.median(f) if len(f) else float('nan'):.3f} | {'n/a' if a is None else f'{a:.3f}'} |")
 
 
 def print_split(counts: dict) -> None:
@@ -144,7 +162,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "split":
         counts = split(args.model, args.seeds, args.every, args.active)
+        unc = counts.pop("uncertainty")
         print_split(counts)
+        print_uncertainty(unc)
         if args.png:
             plot_split(counts, args.png, f"{args.model}, seeds {' '.join(map(str, args.seeds))}")
             print(f"picture: {args.png}")
