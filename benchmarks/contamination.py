@@ -10,7 +10,8 @@ a training world with more contamination helps.
 `--every`-th frame through the artifact as the service runs it (`--active`: only these members),
 the suite's matching (0.4 bond, interior); each truth atom and each detection binned by the
 contamination film's areal density within 200 pm of it (atoms/nm²; graphene itself has 38). Prints
-TP / FN / FP / F1 per segment and bin.
+TP / FN / FP / F1 per segment and bin, the per-atom uncertainty of true and false detections per
+bin, and what lies near the misses under the film.
 
 `finetune`: one member continued from `models/default` member `--member` for `--budget-s` seconds
 of training (early stopping may end it sooner) on fresh tiles of the physical world with the
@@ -43,6 +44,7 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
         runner.active = runner.active_set.indices
     counts: dict = {}
     unc: dict = {}               # bin -> (uncertainty of true detections, of false ones)
+    misses = {"displaced": 0, "merged": 0, "nothing": 0}    # misses under the film (>= 40/nm²)
     for seed in seeds:
         sheet = mv.build_sheet(seed)
         film = cKDTree(sheet.contamination[0])
@@ -60,6 +62,12 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
             found, paired = np.zeros(len(f.xy), bool), np.zeros(len(det.xy), bool)
             found[ti], paired[pi] = True, True
             bt, bp = np.digitize(density(f.xy), BINS) - 1, np.digitize(density(det.xy), BINS) - 1
+            if len(det.xy):
+                dist, j = cKDTree(det.xy).query(f.xy[t_in & ~found & (bt >= 1)])
+                near = dist * f.pixel_size_pm < 100.0
+                misses["displaced"] += int((near & ~paired[j]).sum())
+                misses["merged"] += int((near & paired[j]).sum())
+                misses["nothing"] += int((~near).sum())
             for b in (*range(len(BINS) - 1), "all"):
                 tb = t_in & ((bt == b) if b != "all" else True)
                 pb = p_in & ((bp == b) if b != "all" else True)
@@ -69,6 +77,7 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
                     u = unc.setdefault(b, ([], []))
                     u[0].append(det.uncertainty[pb & paired])
                     u[1].append(det.uncertainty[pb & ~paired])
+    counts["misses"] = misses
     counts["uncertainty"] = {b: (np.concatenate(t), np.concatenate(f)) for b, (t, f) in unc.items()}
     return counts
 
@@ -162,9 +171,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "split":
         counts = split(args.model, args.seeds, args.every, args.active)
-        unc = counts.pop("uncertainty")
+        unc, misses = counts.pop("uncertainty"), counts.pop("misses")
         print_split(counts)
         print_uncertainty(unc)
+        print(f"\nmisses under the film (>= 40 atoms/nm²): {misses['displaced']} with an unpaired "
+              f"detection within 100 pm (displaced), {misses['merged']} next to a detection paired "
+              f"with another atom (merged), {misses['nothing']} with nothing within 100 pm")
         if args.png:
             plot_split(counts, args.png, f"{args.model}, seeds {' '.join(map(str, args.seeds))}")
             print(f"picture: {args.png}")
