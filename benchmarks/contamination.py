@@ -11,7 +11,7 @@ a training world with more contamination helps.
 the suite's matching (0.4 bond, interior); each truth atom and each detection binned by the
 contamination film's areal density within 200 pm of it (atoms/nm²; graphene itself has 38). Prints
 TP / FN / FP / F1 per segment and bin, the per-atom uncertainty of true and false detections per
-bin, and what lies near the misses under the film.
+bin, the heavy class (impurity) per bin, and what lies near the misses under the film.
 
 `finetune`: one member continued from `models/default` member `--member` for `--budget-s` seconds
 of training (early stopping may end it sooner) on fresh tiles of the physical world with the
@@ -45,6 +45,7 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
     counts: dict = {}
     unc: dict = {}               # bin -> (uncertainty of true detections, of false ones)
     misses = {"displaced": 0, "merged": 0, "nothing": 0}    # misses under the film (>= 40/nm²)
+    heavy: dict = {}             # bin -> [heavy truth found heavy, missed as heavy, false heavy calls]
     for seed in seeds:
         sheet = mv.build_sheet(seed)
         film = cKDTree(sheet.contamination[0])
@@ -62,6 +63,15 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
             found, paired = np.zeros(len(f.xy), bool), np.zeros(len(det.xy), bool)
             found[ti], paired[pi] = True, True
             bt, bp = np.digitize(density(f.xy), BINS) - 1, np.digitize(density(det.xy), BINS) - 1
+            truth_of = np.full(len(det.xy), -1)
+            truth_of[pi] = f.cls[ti]
+            called = np.zeros(len(f.xy), bool)
+            called[ti] = det.heavy[pi] == 1
+            for b in range(len(BINS) - 1):
+                h = heavy.setdefault(b, np.zeros(3, int))
+                si = t_in & (f.cls == 1) & (bt == b)
+                h += [(si & called).sum(), (si & ~called).sum(),
+                      (p_in & (bp == b) & (det.heavy == 1) & (truth_of != 1)).sum()]
             if len(det.xy):
                 dist, j = cKDTree(det.xy).query(f.xy[t_in & ~found & (bt >= 1)])
                 near = dist * f.pixel_size_pm < 100.0
@@ -78,8 +88,13 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
                     u[0].append(det.uncertainty[pb & paired])
                     u[1].append(det.uncertainty[pb & ~paired])
     counts["misses"] = misses
+    counts["heavy"] = heavy
     counts["uncertainty"] = {b: (np.concatenate(t), np.concatenate(f)) for b, (t, f) in unc.items()}
     return counts
+
+
+def _label(b: int) -> str:
+    return f"{BINS[b]:.0f}–{BINS[b + 1]:.0f}" if np.isfinite(BINS[b + 1]) else f"≥ {BINS[b]:.0f}"
 
 
 def print_uncertainty(unc: dict) -> None:
@@ -171,9 +186,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "split":
         counts = split(args.model, args.seeds, args.every, args.active)
-        unc, misses = counts.pop("uncertainty"), counts.pop("misses")
+        unc, misses, heavy = counts.pop("uncertainty"), counts.pop("misses"), counts.pop("heavy")
         print_split(counts)
         print_uncertainty(unc)
+        print("\n| film atoms/nm² | heavy atoms called heavy | not called heavy | false heavy calls |"
+              "\n|---|---:|---:|---:|")
+        for b, (hit, miss, false) in sorted(heavy.items()):
+            print(f"| {_label(b)} | {hit} | {miss} | {false} |")
         print(f"\nmisses under the film (>= 40 atoms/nm²): {misses['displaced']} with an unpaired "
               f"detection within 100 pm (displaced), {misses['merged']} next to a detection paired "
               f"with another atom (merged), {misses['nothing']} with nothing within 100 pm")
