@@ -52,17 +52,13 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
         for f in mv.make_movie(seed, range(0, mv.N_FRAMES, every)):
             det = runner.detect(f.image, f.pixel_size_pm)
             centre = np.array(f.image.shape[::-1]) * f.pixel_size_pm / 2 + sheet.drift_pm[f.index]
-
-            def density(xy_px):
-                near = film.query_ball_point(xy_px * f.pixel_size_pm - centre, RADIUS_PM)
-                return np.array([len(n) for n in near]) / (np.pi * (RADIUS_PM / 1e3) ** 2)
-
             ti, pi = sc.match(f.xy, det.xy, sc.MATCH_FRACTION * f.spacing_px)
             t_in = sc.interior(f.xy, f.image.shape, f.spacing_px)
             p_in = sc.interior(det.xy, f.image.shape, f.spacing_px)
             found, paired = np.zeros(len(f.xy), bool), np.zeros(len(det.xy), bool)
             found[ti], paired[pi] = True, True
-            bt, bp = np.digitize(density(f.xy), BINS) - 1, np.digitize(density(det.xy), BINS) - 1
+            bt, bp = (np.digitize(_density(film, xy * f.pixel_size_pm - centre), BINS) - 1
+                      for xy in (f.xy, det.xy))
             truth_of = np.full(len(det.xy), -1)
             truth_of[pi] = f.cls[ti]
             called = np.zeros(len(f.xy), bool)
@@ -103,17 +99,21 @@ def print_uncertainty(unc: dict) -> None:
     print("\n| film atoms/nm² | true detections | their median uncertainty | false | theirs "
           "| AUROC (false vs true) |\n|---|---:|---:|---:|---:|---:|")
     for b, (t, f) in sorted(unc.items()):
-        label = f"{BINS[b]:.0f}–{BINS[b + 1]:.0f}" if np.isfinite(BINS[b + 1]) else f"≥ {BINS[b]:.0f}"
         a = auroc(t, f)
-        print(f"| {label} | {len(t)} | {np.median(t):.3f} | {len(f)} | "
+        print(f"| {_label(b)} | {len(t)} | {np.median(t):.3f} | {len(f)} | "
               f"{np.median(f) if len(f) else float('nan'):.3f} | {'n/a' if a is None else f'{a:.3f}'} |")
+
+
+def _density(film: cKDTree, xy_pm: np.ndarray) -> np.ndarray:
+    """Film atoms per nm² within RADIUS_PM of each point (sheet coordinates, pm)."""
+    near = film.query_ball_point(xy_pm, RADIUS_PM)
+    return np.array([len(n) for n in near], float) / (np.pi * (RADIUS_PM / 1e3) ** 2)
 
 
 def print_split(counts: dict) -> None:
     print("| segment | film atoms/nm² | TP | FN | FP | F1 |\n|---|---|---:|---:|---:|---:|")
     for (seg, b), (tp, fn, fp) in counts.items():
-        label = "all" if b == "all" else \
-            f"{BINS[b]:.0f}–{BINS[b + 1]:.0f}" if np.isfinite(BINS[b + 1]) else f"≥ {BINS[b]:.0f}"
+        label = "all" if b == "all" else _label(b)
         f1 = 2 * tp / (2 * tp + fn + fp) if tp else 0.0
         print(f"| {seg} | {label} | {tp} | {fn} | {fp} | {f1:.3f} |")
 
@@ -125,8 +125,7 @@ def plot_split(counts: dict, path: Path, title: str) -> None:
 
     segments = list(dict.fromkeys(seg for seg, _ in counts))
     n_bins = len(BINS) - 1
-    labels = [f"{BINS[b]:.0f}–{BINS[b + 1]:.0f}" if np.isfinite(BINS[b + 1]) else f"≥{BINS[b]:.0f}"
-              for b in range(n_bins)]
+    labels = [_label(b) for b in range(n_bins)]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(segments)
     for i, seg in enumerate(segments):
