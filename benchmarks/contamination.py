@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,16 @@ BINS = (0.0, 40.0, 80.0, 120.0, 160.0, np.inf)
 RADIUS_PM = 200.0
 
 
-def split(model: str, seeds: list[int], every: int, active: list[int] | None) -> dict:
+@dataclass
+class Split:
+    counts: dict = field(default_factory=dict)        # (segment, bin or "all") -> [TP, FN, FP]
+    uncertainty: dict = field(default_factory=dict)   # bin -> ([true detections], [false ones])
+    heavy: dict = field(default_factory=dict)         # bin -> [Si called heavy, not, false heavy]
+    # misses under the film (>= 40/nm²) by what lies within 100 pm of them
+    misses: dict = field(default_factory=lambda: {"displaced": 0, "merged": 0, "nothing": 0})
+
+
+def split(model: str, seeds: list[int], every: int, active: list[int] | None) -> Split:
     from benchmarks.evaluation import movie as mv
     from benchmarks.evaluation import scoring as sc
     from benchmarks.evaluation.runner import ModelRunner
@@ -42,10 +51,8 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
     if active:
         runner.active_set = runner.active_set.set_active(active)
         runner.active = runner.active_set.indices
-    counts: dict = {}
-    unc: dict = {}               # bin -> (uncertainty of true detections, of false ones)
-    misses = {"displaced": 0, "merged": 0, "nothing": 0}    # misses under the film (>= 40/nm²)
-    heavy: dict = {}             # bin -> [heavy truth found heavy, missed as heavy, false heavy calls]
+    out = Split()
+    counts, unc, heavy, misses = out.counts, out.uncertainty, out.heavy, out.misses
     for seed in seeds:
         sheet = mv.build_sheet(seed)
         film = cKDTree(sheet.contamination[0])
@@ -83,10 +90,9 @@ def split(model: str, seeds: list[int], every: int, active: list[int] | None) ->
                     u = unc.setdefault(b, ([], []))
                     u[0].append(det.uncertainty[pb & paired])
                     u[1].append(det.uncertainty[pb & ~paired])
-    counts["misses"] = misses
-    counts["heavy"] = heavy
-    counts["uncertainty"] = {b: (np.concatenate(t), np.concatenate(f)) for b, (t, f) in unc.items()}
-    return counts
+    for b, (t, f) in unc.items():
+        unc[b] = (np.concatenate(t), np.concatenate(f))
+    return out
 
 
 def _label(b: int) -> str:
@@ -184,19 +190,19 @@ def main(argv=None) -> int:
                    help="SynthConfig field=value, e.g. contamination_prob=0.8")
     args = ap.parse_args(argv)
     if args.cmd == "split":
-        counts = split(args.model, args.seeds, args.every, args.active)
-        unc, misses, heavy = counts.pop("uncertainty"), counts.pop("misses"), counts.pop("heavy")
-        print_split(counts)
-        print_uncertainty(unc)
+        result = split(args.model, args.seeds, args.every, args.active)
+        misses = result.misses
+        print_split(result.counts)
+        print_uncertainty(result.uncertainty)
         print("\n| film atoms/nm² | heavy atoms called heavy | not called heavy | false heavy calls |"
               "\n|---|---:|---:|---:|")
-        for b, (hit, miss, false) in sorted(heavy.items()):
+        for b, (hit, miss, false) in sorted(result.heavy.items()):
             print(f"| {_label(b)} | {hit} | {miss} | {false} |")
         print(f"\nmisses under the film (>= 40 atoms/nm²): {misses['displaced']} with an unpaired "
               f"detection within 100 pm (displaced), {misses['merged']} next to a detection paired "
               f"with another atom (merged), {misses['nothing']} with nothing within 100 pm")
         if args.png:
-            plot_split(counts, args.png, f"{args.model}, seeds {' '.join(map(str, args.seeds))}")
+            plot_split(result.counts, args.png, f"{args.model}, seeds {' '.join(map(str, args.seeds))}")
             print(f"picture: {args.png}")
     else:
         finetune(args.out, args.member, args.budget_s, dict(args.set))
