@@ -1,29 +1,23 @@
-"""Where the drift movie's atoms are lost: detection by local contamination thickness, and whether
-a training world with more contamination helps.
+"""Where the drift movie's atoms are lost: detection by local contamination thickness.
 
-    python -m benchmarks.contamination split MODEL [--active 0] [--seeds 4242 777] [--every 2] \
+    python -m benchmarks.contamination MODEL [--active 0] [--seeds 4242 777] [--every 2] \
         [--png docs/img/contamination-split.png]
-    python -m benchmarks.contamination finetune OUT [--member 0] [--budget-s 420] \\
-        [--set contamination_prob=0.8 ...]
 
-`split`: drift movies of seeds the evaluation suite does not score (default 4242 and 777), every
+Drift movies of seeds the evaluation suite does not score (default 4242 and 777), every
 `--every`-th frame through the artifact as the service runs it (`--active`: only these members),
 the suite's matching (0.4 bond, interior); each truth atom and each detection binned by the
 contamination film's areal density within 200 pm of it (atoms/nm²; graphene itself has 38). Prints
 TP / FN / FP / F1 per segment and bin, the per-atom uncertainty of true and false detections per
 bin, the heavy class (impurity) per bin, and what lies near the misses under the film.
 
-`finetune`: one member continued from `models/default` member `--member` for `--budget-s` seconds
-of training (early stopping may end it sooner) on fresh tiles of the physical world with the
-`--set` changes (SynthConfig fields; none = the control), exported to OUT (one-member artifact).
-Compare `split OUT` with `split models/default --active MEMBER` and with a control run.
+A one-member artifact made by `elit-train train --members 1 --init-from models/default:K
+[--set FIELD=VALUE] --export OUT` compares with `python -m benchmarks.contamination models/default --active K`.
 Not a test (docs/evaluation.md, "Atoms under contamination (session 9)").
 """
 from __future__ import annotations
 
 import argparse
-import ast
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -151,61 +145,28 @@ def plot_split(counts: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def finetune(out: Path, member: int, budget_s: float, changes: dict) -> None:
-    from trainer.cli import main as elit_train
-    from trainer.data.synth import SynthConfig
-    from trainer.model.train import TrainConfig, train_ensemble
-    from trainer.model.unet import UNetConfig
-
-    synth = replace(SynthConfig.physical(n_classes=2), size_px=96, **changes)
-    cfg = TrainConfig(members=1, base_seed=3000, max_epochs=30, swa_epochs=3, patience=3,
-                      min_delta=0.005, member_budget_s=budget_s, n_train=2048, n_val=192,
-                      n_test=128, data_seed=21, threads=2, synth=synth,
-                      unet=UNetConfig(n_classes=2), init_from=f"models/default:{member}")
-    run = out.with_name(out.name + "-run")
-    train_ensemble(cfg, run, show_progress=False)
-    elit_train(["export", "--run-dir", str(run), "--out", str(out), "--force"])
-
-
-def _setting(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    parsed = ast.literal_eval(value)
-    return key, tuple(parsed) if isinstance(parsed, list) else parsed
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("split")
-    s.add_argument("model")
-    s.add_argument("--seeds", type=int, nargs="+", default=[4242, 777])
-    s.add_argument("--every", type=int, default=2)
-    s.add_argument("--active", type=int, nargs="+")
-    s.add_argument("--png", type=Path, help="also draw F1 per film density bin here")
-    f = sub.add_parser("finetune")
-    f.add_argument("out", type=Path)
-    f.add_argument("--member", type=int, default=0)
-    f.add_argument("--budget-s", type=float, default=420.0)
-    f.add_argument("--set", type=_setting, action="append", default=[],
-                   help="SynthConfig field=value, e.g. contamination_prob=0.8")
+    ap.add_argument("model")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[4242, 777])
+    ap.add_argument("--every", type=int, default=2)
+    ap.add_argument("--active", type=int, nargs="+")
+    ap.add_argument("--png", type=Path, help="also draw F1 per film density bin here")
     args = ap.parse_args(argv)
-    if args.cmd == "split":
-        result = split(args.model, args.seeds, args.every, args.active)
-        misses = result.misses
-        print_split(result.counts)
-        print_uncertainty(result.uncertainty)
-        print("\n| film atoms/nm² | heavy atoms called heavy | not called heavy | false heavy calls |"
-              "\n|---|---:|---:|---:|")
-        for b, (hit, miss, false) in sorted(result.heavy.items()):
-            print(f"| {_label(b)} | {hit} | {miss} | {false} |")
-        print(f"\nmisses under the film (>= 40 atoms/nm²): {misses['displaced']} with an unpaired "
-              f"detection within 100 pm (displaced), {misses['merged']} next to a detection paired "
-              f"with another atom (merged), {misses['nothing']} with nothing within 100 pm")
-        if args.png:
-            plot_split(result.counts, args.png, f"{args.model}, seeds {' '.join(map(str, args.seeds))}")
-            print(f"picture: {args.png}")
-    else:
-        finetune(args.out, args.member, args.budget_s, dict(args.set))
+    result = split(args.model, args.seeds, args.every, args.active)
+    misses = result.misses
+    print_split(result.counts)
+    print_uncertainty(result.uncertainty)
+    print("\n| film atoms/nm² | heavy atoms called heavy | not called heavy | false heavy calls |"
+          "\n|---|---:|---:|---:|")
+    for b, (hit, miss, false) in sorted(result.heavy.items()):
+        print(f"| {_label(b)} | {hit} | {miss} | {false} |")
+    print(f"\nmisses under the film (>= 40 atoms/nm²): {misses['displaced']} with an unpaired "
+          f"detection within 100 pm (displaced), {misses['merged']} next to a detection paired "
+          f"with another atom (merged), {misses['nothing']} with nothing within 100 pm")
+    if args.png:
+        plot_split(result.counts, args.png, f"{args.model}, seeds {' '.join(map(str, args.seeds))}")
+        print(f"picture: {args.png}")
     return 0
 
 

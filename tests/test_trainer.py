@@ -15,7 +15,7 @@ from trainer.model.export import (EnsembleGraph, ExportError, check_parity, expo
                             parity_frames, write_artifact)
 from trainer.data.synth import SynthConfig  # noqa: E402
 from trainer.model.train import (MemberResult, SplitData, TrainConfig, _stop_reason,  # noqa: E402
-                                 _swa_window, recompute_bn, swa_average)
+                                 _swa_window, dataset_config, recompute_bn, swa_average)
 from trainer.model.unet import UNet, UNetConfig  # noqa: E402
 
 pytestmark = pytest.mark.train
@@ -218,6 +218,25 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 1
     assert "no manifest.json" in capsys.readouterr().err
     assert main(["predict", str(tmp_path), str(tmp_path / "missing.npy"), "--out", "x.png"]) == 1
+
+
+def test_cli_set_changes_one_field_of_the_world_and_names_what_is_wrong(tmp_path, capsys):
+    from trainer.cli import main
+
+    out = tmp_path / "tiles.npz"
+    assert main(["generate", "--out", str(out), "--n", "2", "--world", "physical", "--size", "32",
+                 "--set", "contamination_prob=0.8", "--set", "dose_range=[5, 50]"]) == 0
+    synth = dataset_config(out)
+    assert synth.contamination_prob == 0.8 and synth.dose_range == (5, 50)
+    capsys.readouterr()
+    for setting, said in [("nosuch=1", "no such field of the synthetic world: nosuch"),
+                          ("contamination_prob=1.5", "contamination_prob must be in [0, 1]"),
+                          ("dose_range=5", "dose_range must be (low, high)")]:
+        assert main(["generate", "--out", str(out), "--n", "1", "--set", setting]) == 1
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):                       # argparse: not FIELD=VALUE
+        main(["generate", "--out", str(out), "--set", "contamination_prob=abc"])
+    assert "expected FIELD=VALUE" in capsys.readouterr().err
 
 
 def test_shipped_default_artifact_verifies():

@@ -18,8 +18,9 @@ ELIT on an experimental movie (docs/elit.md):
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from trainer.cli.common import command_line, executor_args, executor_spec
@@ -158,6 +159,23 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=int, default=None, help="training tile size in px (multiple of 8)")
     g.add_argument("--pixel-size-pm", type=float, default=None,
                    help="pixel size at zoom 1 in pm (zoom 1-2x makes it finer)")
+    g.add_argument("--set", dest="world_set", metavar="FIELD=VALUE", action="append", default=[],
+                   type=_world_setting,
+                   help="change one field of the synthetic world (SynthConfig, "
+                        "docs/training-world.md), e.g. contamination_prob=0.8 or "
+                        "dose_range=[5,50]; repeatable; recorded with the run")
+
+
+def _world_setting(text: str) -> tuple[str, object]:
+    name, eq, value = text.partition("=")
+    try:
+        parsed = ast.literal_eval(value) if eq and name else _world_setting
+    except (ValueError, SyntaxError):
+        parsed = _world_setting          # not a literal
+    if parsed is _world_setting:
+        raise argparse.ArgumentTypeError(
+            f"expected FIELD=VALUE with a Python literal value (0.8, [5, 50]), got {text!r}")
+    return name, tuple(parsed) if isinstance(parsed, list) else parsed
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -201,7 +219,12 @@ def synth_config(args):
         if not args.pixel_size_pm > 0:
             raise ValueError(f"--pixel-size-pm must be positive, got {args.pixel_size_pm}")
         cfg = replace(cfg, pixel_size_pm=args.pixel_size_pm)
-    return cfg
+    changes = dict(getattr(args, "world_set", []))
+    unknown = sorted(set(changes) - {f.name for f in fields(SynthConfig)})
+    if unknown:
+        raise ValueError(f"--set: no such field of the synthetic world: {', '.join(unknown)} "
+                         "(fields: trainer/data/config.py, SynthConfig)")
+    return replace(cfg, **changes)
 
 
 def train_config(args):

@@ -138,6 +138,7 @@ class SynthConfig:
 
 def _config_checks(c: SynthConfig) -> list[tuple[bool, str]]:
     ranges = [f.name for f in fields(c) if f.name.endswith("_range")]
+    probs = [f.name for f in fields(c) if f.name.endswith("_prob")]
     return [
         (c.lattice not in LATTICES, f"lattice {c.lattice!r} not one of {LATTICES}"),
         (c.imaging not in IMAGING, f"imaging {c.imaging!r} not one of {IMAGING}"),
@@ -153,6 +154,8 @@ def _config_checks(c: SynthConfig) -> list[tuple[bool, str]]:
         (c.zoom_range[0] <= 0, "zoom_range must be > 0"),
         (c.atom_radius_px < 1, "atom_radius_px must be >= 1"),
         (not c.dopant_z, "dopant_z must name at least one element"),
-        *[(len(getattr(c, r)) != 2 or getattr(c, r)[0] > getattr(c, r)[1],
+        *[(not isinstance(getattr(c, r), tuple) or len(getattr(c, r)) != 2
+           or getattr(c, r)[0] > getattr(c, r)[1],
            f"{r} must be (low, high) with low <= high") for r in ranges],
+        *[(not 0.0 <= getattr(c, p) <= 1.0, f"{p} must be in [0, 1]") for p in probs],
     ]
