@@ -174,7 +174,7 @@ def test_quick_run_end_to_end_on_the_default_model(tmp_path):
     assert evaluate.main(["--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     cases = {g["case"] for g in res["groups"]}
-    assert cases == {"drift_movie", "heavy_atoms", "nanoparticle", "perovskite", "ood"}
+    assert cases == {"drift_movie", "heavy_atoms", "nanoparticle", "perovskite", "compound", "ood"}
     segs = [g["segment"] for g in res["groups"] if g["case"] == "drift_movie"]
     assert segs == list(movie.SEGMENTS)
     lattice = [g for g in res["groups"] if g["case"] == "drift_movie"]

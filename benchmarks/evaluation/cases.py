@@ -9,6 +9,10 @@
 (d) perovskite: SrTiO3-like along [001] (a = 390.5 pm) with a thickness wedge (15-40 unit
     cells): Sr columns heavy (class 1), Ti-O columns light (class 0), O-only columns rendered but
     too faint to be truth, and 3-4 Sr columns partly substituted by Bi (heavier, class 1), 12 pm/px.
+(f) compound: a MoS2-like monolayer (Mo heavy, class 1; S2 columns light, class 0; a few S
+    vacancies), 60 kV, 15 pm/px, with scan jitter and detector lag along the fast scan; segment
+    "MoS2" as scanned, "MoS2 turned" the same kind of frame turned by 90 degrees after the scan
+    (the fast scan then runs down the columns), truth turned with it.
 (e) ood: frames a scientist would not want atoms from: noise only, vacuum, an amorphous film
     only, and a graphene lattice recorded at 3x the model's largest pixel size.
 """
@@ -106,6 +110,33 @@ def perovskite(seed: int, index: int, shape=(256, 256), pixel_pm: float = 12.0) 
     img, txy, tcls = _image_with_extra(rng, sample, o_scene, shape, pixel_pm, optic, scan, det)
     return fr.Frame("perovskite", "SrTiO3+Bi", index, img, pixel_pm, txy, tcls, a / np.sqrt(2),
                     True, fr.condition_dict(optic, scan, det))
+
+
+MOS2_A_PM = 316.0
+
+
+def compound(seed: int, index: int, turned: bool, shape=(192, 192),
+             pixel_pm: float = 15.0) -> fr.Frame:
+    rng = np.random.default_rng([seed, 5, index, int(turned)])
+    half = shape[0] * pixel_pm / 2 + 200
+    a = MOS2_A_PM
+    cell = np.array([[a, 0.0], [a / 2, a * np.sqrt(3) / 2]])
+    basis = np.array([[0.0, 0.0], [a / 2, a / (2 * np.sqrt(3))]])
+    xy, kind = sm.crystal(cell, basis, half, rng.uniform(0, np.pi / 3), rng.uniform(0, a, 2))
+    n = np.where(kind == 0, 1, np.where(rng.random(len(kind)) < 0.05, 1, 2))  # S vacancies
+    sample = fr.Sample(xy + rng.normal(0, 4.0, xy.shape), np.where(kind == 0, 42, 16),
+                       (kind == 0).astype(np.uint8), n_per_column=n)
+    optic = optics.Optics(kv=60.0, aperture_mrad=32.0, defocus_nm=rng.normal(0, 0.5),
+                          astig_nm=0.2, astig_deg=rng.uniform(0, 180), source_pm=22.0)
+    det = optics.Detector(dose=rng.uniform(0.5, 3.0), gain=20.0, offset=500.0,
+                          read_noise=rng.uniform(10.0, 40.0), lag=rng.uniform(0.1, 0.3))
+    scan = optics.Scan(jitter_px=rng.uniform(0.2, 0.6), shear=rng.uniform(-0.02, 0.02))
+    img, txy, tcls = fr.image_sample(rng, sample, shape, pixel_pm, optic, scan, det)
+    if turned:                         # np.rot90: pixel (row i, col j) -> (W - 1 - j, i)
+        img = np.ascontiguousarray(np.rot90(img))
+        txy = np.stack([txy[:, 1], shape[1] - 1 - txy[:, 0]], axis=1).astype(np.float32)
+    return fr.Frame("compound", "MoS2 turned" if turned else "MoS2", index, img, pixel_pm, txy,
+                    tcls, a / np.sqrt(3), True, fr.condition_dict(optic, scan, det))
 
 
 def _image_with_extra(rng, sample, extra, shape, pixel_pm, optic, scan, det):

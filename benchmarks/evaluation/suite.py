@@ -16,7 +16,7 @@ from benchmarks.evaluation.runner import ModelRunner
 
 DEFAULT_SEED = 20261202
 TUNE_OFFSET = 7919
-CASE_ORDER = ("drift_movie", "heavy_atoms", "nanoparticle", "perovskite", "ood")
+CASE_ORDER = ("drift_movie", "heavy_atoms", "nanoparticle", "perovskite", "compound", "ood")
 
 
 def make_frames(seed: int, quick: bool, max_pixel_pm: float) -> list:
@@ -29,6 +29,8 @@ def make_frames(seed: int, quick: bool, max_pixel_pm: float) -> list:
     frames += [cases.heavy_atoms(seed, p, i) for p in cases.HEAVY_PIXEL_PM for i in range(n_heavy)]
     frames += [cases.nanoparticle(seed, i) for i in range(n_other)]
     frames += [cases.perovskite(seed, i) for i in range(n_other)]
+    frames += [cases.compound(seed, i, turned) for turned in (False, True)
+               for i in range(n_other)]
     frames += [cases.ood(seed, k, i, max_pixel_pm) for k in cases.OOD_KINDS for i in range(n_ood)]
     return frames
 
@@ -42,6 +44,7 @@ def tuning_frames(seed: int, quick: bool, max_pixel_pm: float) -> dict:
         "heavy_atoms": [cases.heavy_atoms(tseed, p, 0) for p in cases.HEAVY_PIXEL_PM],
         "nanoparticle": [cases.nanoparticle(tseed, i) for i in range(1 if quick else 2)],
         "perovskite": [cases.perovskite(tseed, i) for i in range(1 if quick else 2)],
+        "compound": [cases.compound(tseed, 0, False), cases.compound(tseed, 1, True)],
         "ood": [cases.ood(tseed, "lattice_3x", 0, max_pixel_pm)],
     }
 
