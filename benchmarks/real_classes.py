@@ -78,6 +78,9 @@ def main(argv=None) -> int:
 ORIENTATIONS = {"as read": lambda a: a, "transposed": lambda a: a.T,
                 "quarter turn": np.rot90, "flipped top-bottom": lambda a: a[::-1],
                 "flipped left-right": lambda a: a[:, ::-1], "half turn": lambda a: a[::-1, ::-1]}
+# where the fast scan of the image as read (left to right along the rows) runs after each turn
+FAST_SCAN = {"as read": "x", "transposed": "y", "quarter turn": "-y", "flipped top-bottom": "x",
+             "flipped left-right": "-x", "half turn": "-x"}
 
 
 def orientations(run: ModelRunner, images, png: str, corner: int = 160) -> int:
@@ -85,8 +88,9 @@ def orientations(run: ModelRunner, images, png: str, corner: int = 160) -> int:
 
     from elit_stream.tools.readers import read_movie
 
-    print("| image | orientation | atoms | heavy (service) | heavy (networks' classes) |")
-    print("|---|---|---:|---:|---:|")
+    print("| image | orientation | atoms | heavy (service) | heavy (networks' classes) "
+          "| fast_scan | atoms, heavy with it declared |")
+    print("|---|---|---:|---:|---:|---|---|")
     fig, axes = plt.subplots(len(images), 2, figsize=(10, 5 * len(images)), squeeze=False)
     for row, (path, px) in enumerate(images):
         img = np.asarray(read_movie(path).frames[0], np.float32)
@@ -99,8 +103,11 @@ def orientations(run: ModelRunner, images, png: str, corner: int = 160) -> int:
                 heavy[label] = out.analysis.cls == run.heavy_index
                 if label == "service":
                     x, y, n = out.x, out.y, out.analysis.n_atoms
+            told = analyse_frame(run.engine, frame, px, run.active_set, run.params,
+                                 fast_scan=FAST_SCAN[name]).analysis
             print(f"| {path.name} | {name} | {n} | {int(heavy['service'].sum())} | "
-                  f"{int(heavy['net'].sum())} |")
+                  f"{int(heavy['net'].sum())} | {FAST_SCAN[name]} | {told.n_atoms}, "
+                  f"{int((told.cls == run.heavy_index).sum())} |")
             if name in ("as read", "transposed"):
                 ax = axes[row][0 if name == "as read" else 1]
                 ax.imshow(frame[:corner, :corner], cmap="gray")

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from elit_stream.core.engine import Engine, EngineError, Geometry, normalise, physical_cores
 from elit_stream.core.artifact import load_artifact
+from elit_stream.core.engine import Engine, EngineError, Geometry, normalise, physical_cores
 from elit_stream.core.postprocess import Params, analyse
 from tests.fixtures.tiny_artifact import PIXEL_SIZE_PM
 
@@ -237,6 +237,7 @@ def test_cuda_engine_matches_cpu(tiny_artifact, precision, atol):
     """On a CUDA machine (onnxruntime-gpu): IO binding on the device, the CPU's output within
     1e-4 (fp32) or the fp16 probe tolerance (the float16 graph)."""
     import onnxruntime as ort
+
     from elit_stream.core.engine import PROBE_TOLERANCE
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install the gpu extra)")
@@ -266,3 +267,47 @@ def test_shape_cache_builds_once_per_shape_and_drops_the_least_recently_used():
     cache.get((1, 8), build, "a")
     cache.get((2, 8), build, "b")
     assert built == [(1, 8), (2, 8), (3, 8), (2, 8)]
+
+
+TURNS = {"x": lambda a: a, "-x": lambda a: a[:, ::-1], "y": lambda a: a.T,
+         "-y": lambda a: a.T[:, ::-1]}        # the stored frame -> fast scan left to right
+
+
+@pytest.mark.parametrize("fast_scan", ["-x", "y", "-y"])
+@pytest.mark.parametrize("factor", [1.0, 1.37])
+def test_a_frame_whose_fast_scan_runs_another_way_is_turned_for_the_members(
+        engine, factor, fast_scan):
+    """fast_scan: the members see the frame turned so that the fast scan runs left to right
+    along the rows (as in training) and the atoms come back in the frame's own orientation; so
+    the stored frame A gives exactly the atoms of turn(A) sent as usual, mapped back."""
+    from elit_stream.core.ensemble import ActiveSet
+    from elit_stream.core.pipeline import analyse_frame
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:48, 0:72]
+    frame = 10 + rng.poisson(5, xx.shape).astype(np.float64)
+    for x0, y0 in rng.uniform((6, 6), (66, 42), (25, 2)):
+        frame += 400 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 2.0 ** 2))
+    frame = frame.astype(np.uint16)
+    active = ActiveSet.full(engine.artifact.member_ids)
+    params = Params(threshold=0.3, min_peak=0.0, heavy_contrast=0.0)
+    ps = PIXEL_SIZE_PM * factor
+    canonical = np.ascontiguousarray(TURNS[fast_scan](frame))
+    usual = analyse_frame(engine, canonical, ps, active, params, True)
+    turned = analyse_frame(engine, frame, ps, active, params, True, fast_scan=fast_scan)
+    assert usual.analysis.n_atoms > 0
+    # where each found atom lies in the canonical frame, by marking it in a stored-frame image
+    marks = np.zeros(frame.shape, np.int32)
+    iy, ix = np.rint(turned.y).astype(int), np.rint(turned.x).astype(int)
+    marks[iy, ix] = np.arange(1, turned.analysis.n_atoms + 1)
+    at = TURNS[fast_scan](marks)[np.rint(usual.y).astype(int), np.rint(usual.x).astype(int)]
+    assert (at > 0).all()                           # every atom lands on an atom of the other
+    order = at - 1
+    w = canonical.shape[1]
+    back = {"-x": (w - 1 - usual.x, usual.y), "y": (usual.y, usual.x),
+            "-y": (usual.y, w - 1 - usual.x)}[fast_scan]
+    np.testing.assert_allclose(turned.x[order], back[0], atol=1e-4)
+    np.testing.assert_allclose(turned.y[order], back[1], atol=1e-4)
+    np.testing.assert_array_equal(turned.analysis.cls[order], usual.analysis.cls)
+    for plane, want in zip(turned.analysis.mean_map, usual.analysis.mean_map):
+        np.testing.assert_array_equal(TURNS[fast_scan](plane), want)   # maps back too

@@ -130,6 +130,21 @@ def test_pixel_size_rescale_maps_back_to_input_frame_pixels(lossless):
     assert r["n_atoms"] >= 6 and np.median(d.min(axis=0)) < 1.0
 
 
+def test_a_frame_scanned_down_its_columns_gives_the_atoms_of_its_transpose(lossless):
+    """fast_scan "y": the service turns the frame for the members and the atoms back; the result
+    is that of the transposed frame sent as usual, with x and y swapped, and says fast_scan."""
+    img, true_xy = gaussian_blobs((64, 80), n=10, seed=4)
+    lossless.sender.send(np.ascontiguousarray(img.T), 0, "columns-usual")
+    lossless.sender.send(img, 0, "columns-y", fast_scan="y")
+    (usual, turned), _ = lossless.results(2)
+    assert (usual["fast_scan"], turned["fast_scan"]) == ("x", "y")
+    assert turned["frame_shape"] == [64, 80] and turned["n_atoms"] == usual["n_atoms"] > 0
+    np.testing.assert_array_equal(turned["atoms"]["x"], usual["atoms"]["y"])
+    np.testing.assert_array_equal(turned["atoms"]["y"], usual["atoms"]["x"])
+    pred = np.column_stack([turned["atoms"]["x"], turned["atoms"]["y"]])
+    assert np.median(np.linalg.norm(pred[:, None] - true_xy[None], axis=2).min(axis=0)) < 1.0
+
+
 def test_deselect_mid_stream_applies_from_one_frame_on(lossless):
     lossless.send(range(10), acquisition="desel")
     first, events = lossless.results(1)         # one frame surely ran with every member (was a
@@ -156,6 +171,7 @@ MALFORMED = {  # name: (parts builder, expected code, frame_id named in the even
     "wrong shape": (lambda: _frame_parts(6, shape=[8, 8, 8]), "bad_shape", 6),
     "wrong dtype": (lambda: _frame_parts(7, dtype="int16"), "bad_dtype", 7),
     "size mismatch": (lambda: [_frame_parts(8)[0], b"\0" * 10], "size_mismatch", 8),
+    "unknown fast scan": (lambda: _frame_parts(12, fast_scan="diagonal"), "bad_header", 12),
     "NaN": (lambda: wire.encode_frame(np.full((32, 32), np.nan, np.float32), 9, "bad"),
             "non_finite", 9),
     "oversized": (lambda: wire.encode_frame(np.zeros((300, 300), np.uint8), 10, "bad"),

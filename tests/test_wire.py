@@ -45,10 +45,12 @@ def code_of(parts, max_px=MAX_PX):
 def test_frame_round_trip_every_dtype(dtype):
     pixels = (np.arange(12).reshape(3, 4) * 3).astype(dtype)
     parts = wire.encode_frame(pixels, 5, "acq", pixel_size_pm=12.5, acquired_at=1.5,
-                              complete=False, meta={"detector": "HAADF"})
+                              complete=False, meta={"detector": "HAADF"}, fast_scan="y")
     frame = wire.decode_frame([parts[0], memoryview(parts[1]).tobytes()], MAX_PX)
     assert (frame.frame_id, frame.acquisition, frame.pixel_size_pm) == (5, "acq", 12.5)
-    assert frame.acquired_at == 1.5 and frame.complete is False
+    assert frame.acquired_at == 1.5 and frame.complete is False and frame.fast_scan == "y"
+    plain = wire.encode_frame(pixels, 5, "acq")
+    assert wire.decode_frame([plain[0], memoryview(plain[1]).tobytes()], MAX_PX).fast_scan == "x"
     np.testing.assert_array_equal(frame.pixels, pixels)
     assert frame.pixels.dtype == np.dtype(dtype)
 
@@ -105,6 +107,8 @@ def test_decode_over_real_zmq_frames_is_a_read_only_view():
     (parts_of(header(pixel_size_pm=0)), "bad_header"),
     (parts_of(header(pixel_size_pm=float("nan"))), "bad_header"),
     (parts_of(header(complete="yes")), "bad_header"),
+    (parts_of(header(fast_scan="z")), "bad_header"),
+    (parts_of(header(fast_scan=1)), "bad_header"),
 ])
 def test_malformed_frames_are_refused_with_their_code(parts, code):
     assert code_of(parts).code == code
@@ -147,6 +151,7 @@ field_values = {
     "acquired_at": st.floats() | st.none(),
     "complete": st.booleans() | msgpack_scalars,
     "meta": msgpack_values,
+    "fast_scan": st.sampled_from(["x", "y", "z", "", "X"]) | msgpack_scalars,
     "extra": msgpack_values,
 }
 VALID = {"protocol": 1, "frame_id": 3, "acquisition": "a", "shape": [2, 3], "dtype": "uint8"}

@@ -19,6 +19,9 @@ from elit_stream.core.ensemble import ActiveSet
 from elit_stream.core.ood import OodReference, OodScore
 from elit_stream.core.postprocess import FrameAnalysis, Params, analyse
 
+FAST_SCAN_TURNS = {"x": (False, False), "-x": (False, True),     # (transpose, then reverse
+                   "y": (True, False), "-y": (True, True)}       # the columns)
+
 
 class FrameRejected(Exception):
     """The model cannot take this frame (size, scale): the service's ``bad_frame``."""
@@ -36,13 +39,31 @@ class FrameOutput:
     net_input: np.ndarray                # [1, 1, H, W] what the members saw (engine's buffer)
     probs: np.ndarray                    # [M, C, H, W] every member's maps (engine's buffer)
     ood: OodScore | None = None          # against the artifact's ood_reference; None without one
+    transposed: bool = False             # fast_scan "y" / "-y": net_input and probs are of the
+    flipped: bool = False                # frame turned (transposed, then its columns reversed)
+    #                                      so that the fast scan runs left to right along rows;
+    #                                      x, y, the maps and the result are in the frame's own
+    #                                      orientation (`unturn`)
 
 
 def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | None,
                   active: ActiveSet, params: Params, want_maps: bool = False,
-                  ood_reference: OodReference | None = None) -> FrameOutput:
+                  ood_reference: OodReference | None = None,
+                  fast_scan: str = "x") -> FrameOutput:
     """Run one frame; FrameRejected when it cannot be prepared, other errors propagate.
-    With `ood_reference` (the artifact's, core/ood.py) the frame is scored against it."""
+    With `ood_reference` (the artifact's, core/ood.py) the frame is scored against it.
+    `fast_scan`: which way the scan's fast direction runs in the stored frame: "x" left to
+    right along the rows (the usual), "-x" right to left, "y" top to bottom down the columns,
+    "-y" bottom to top (a frame turned by 90 degrees counterclockwise after the scan). The
+    members see the frame turned so that it runs left to right along the rows, as scan noise,
+    jitter and detector lag do in their training world (detector lag trails the fast scan, so
+    its sign matters too); atoms and maps come back in the frame's own orientation. The turn
+    is a view: `prepare` copies into the network buffer either way."""
+    transposed, flipped = FAST_SCAN_TURNS[fast_scan]
+    if transposed:
+        pixels = pixels.T
+    if flipped:
+        pixels = pixels[:, ::-1]
     t0 = perf_counter()
     try:
         net_input, geom = engine.prepare(pixels, pixel_size_pm)
@@ -54,11 +75,25 @@ def analyse_frame(engine: Engine, pixels: np.ndarray, pixel_size_pm: float | Non
     fa = analyse(probs, active.indices, params, geom.valid_shape, want_maps,
                  image=net_input[0, 0], heavy_class=engine.artifact.heavy_class)
     x, y = geom.to_frame_xy(fa.x, fa.y)
+    if flipped:
+        x = np.float32(pixels.shape[1] - 1) - x
+    if transposed:
+        x, y = y, x
+    if want_maps and (transposed or flipped):
+        fa.mean_map, fa.std_map = (unturn(m, transposed, flipped) for m in (fa.mean_map,
+                                                                             fa.std_map))
     ood = (ood_reference.score(fa.figures, params.threshold, pixel_size_pm) if ood_reference
            else None)
     t3 = perf_counter()
     return FrameOutput(fa, x, y, geom, {"prepare": t1 - t0, "infer": t2 - t1, "analyse": t3 - t2},
-                       net_input, probs, ood)
+                       net_input, probs, ood, transposed, flipped)
+
+
+def unturn(maps: np.ndarray, transposed: bool, flipped: bool) -> np.ndarray:
+    """[..., H, W] maps of the turned frame (valid region) back in the frame's orientation."""
+    if flipped:
+        maps = maps[..., ::-1]
+    return maps.swapaxes(-1, -2) if transposed else maps
 
 
 def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
@@ -74,6 +109,7 @@ def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
         "seq": seq, "model": model_ref, "active": list(active.active),
         "active_version": active.version, "frame_shape": list(frame.pixels.shape),
         "pixel_size_pm": frame.pixel_size_pm, "acquired_at": frame.acquired_at,
+        "fast_scan": getattr(frame, "fast_scan", "x"),
         "n_atoms": fa.n_atoms, "unconfirmed": fa.unconfirmed, "classes": list(class_names),
         "count_per_member": fa.count_per_member.tolist(),
         "disagreement_per_member": fa.disagreement_per_member.tolist(),

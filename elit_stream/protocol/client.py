@@ -73,12 +73,14 @@ class FrameSender(_SocketClient):
 
     def send(self, frame: np.ndarray, frame_id: int, acquisition: str, *,
              pixel_size_pm: float | None = None, acquired_at: float | None = None,
-             complete: bool = True, meta: dict | None = None,
+             complete: bool = True, meta: dict | None = None, fast_scan: str | None = None,
              timeout_s: float | None = None, copy: bool = True) -> None:
         """Send one frame. `copy=False` sends large frames without a copy: then the array must
-        not be modified until ZeroMQ has sent it (do not reuse the buffer at once)."""
+        not be modified until ZeroMQ has sent it (do not reuse the buffer at once).
+        `fast_scan="y"`: the scan ran down the columns (docs/protocol.md)."""
         parts = wire.encode_frame(frame, frame_id, acquisition, pixel_size_pm=pixel_size_pm,
-                                  acquired_at=acquired_at, complete=complete, meta=meta)
+                                  acquired_at=acquired_at, complete=complete, meta=meta,
+                                  fast_scan=fast_scan)
         self.send_parts(parts, timeout_s, copy)
 
     def send_parts(self, parts: list, timeout_s: float | None = None, copy: bool = True) -> None:

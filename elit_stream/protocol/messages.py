@@ -82,6 +82,7 @@ class FrameHeader(Strict):
     acquired_at: Annotated[float, Field(allow_inf_nan=False)] | None = None  # UNIX seconds at the microscope
     complete: bool = True                # False for a partial scan
     meta: dict[str, Any] | None = None  # free-form, not interpreted, not echoed
+    fast_scan: Literal["x", "-x", "y", "-y"] | None = None  # the fast scan's direction
 
 
 # --------------------------------------------------------------------------- results
@@ -105,6 +106,7 @@ class ResultHeader(Strict):
     frame_shape: list[int]
     pixel_size_pm: float | None
     acquired_at: float | None
+    fast_scan: Literal["x", "-x", "y", "-y"] = "x"   # echoed from the frame
     n_atoms: int
     unconfirmed: int = 0                  # consensus atoms left out (peak below min_peak)
     columns: list[tuple[str, str]]        # (name, dtype) of each following part

@@ -33,7 +33,8 @@ MAX_FRAME_ID = 2**63 - 1           # frame ids are 0 .. 2^63 - 1 (fits int64; id
 MAX_ACQUISITION_CHARS = 256
 
 _REQUIRED = ("protocol", "frame_id", "acquisition", "shape", "dtype")
-_OPTIONAL = ("pixel_size_pm", "acquired_at", "complete", "meta")
+_OPTIONAL = ("pixel_size_pm", "acquired_at", "complete", "meta", "fast_scan")
+FAST_SCAN = ("x", "-x", "y", "-y")  # the fast scan's direction in the stored frame (x: the usual)
 _KNOWN = frozenset(_REQUIRED + _OPTIONAL)
 _DTYPES = {name: np.dtype(name).newbyteorder("<") for name in FRAME_DTYPES}
 
@@ -61,6 +62,7 @@ class Frame:
     pixel_size_pm: float | None
     acquired_at: float | None
     complete: bool
+    fast_scan: str = "x"          # the fast scan's direction in the frame (docs/protocol.md)
 
 
 def _is_int(v: Any) -> bool:
@@ -106,7 +108,8 @@ def unpack_map(part: Any, what: str = "header") -> dict:
 # --------------------------------------------------------------------------- ingest
 def encode_frame(pixels: np.ndarray, frame_id: int, acquisition: str, *,
                  pixel_size_pm: float | None = None, acquired_at: float | None = None,
-                 complete: bool = True, meta: dict | None = None) -> list:
+                 complete: bool = True, meta: dict | None = None,
+                 fast_scan: str | None = None) -> list:
     """Parts of an ingest message. The pixel part is the array itself (sent zero-copy)."""
     arr = np.asarray(pixels)
     if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
@@ -122,6 +125,8 @@ def encode_frame(pixels: np.ndarray, frame_id: int, acquisition: str, *,
         header["complete"] = False
     if meta:
         header["meta"] = meta
+    if fast_scan is not None:
+        header["fast_scan"] = fast_scan
     return [pack(header), arr]
 
 
@@ -171,6 +176,11 @@ def _check_optional(h: dict, acq: Any, fid: Any) -> None:
                             acq, fid)
     if not isinstance(h.get("meta", {}), (dict, type(None))):
         raise ProtocolError("bad_header", "meta must be a map", acq, fid)
+    fast = h.get("fast_scan")
+    if fast is not None and (not isinstance(fast, str) or fast not in FAST_SCAN):
+        raise ProtocolError("bad_header", "fast_scan must be one of \"x\" (left to right along "
+                            "the rows, the usual), \"-x\", \"y\" (top to bottom down the columns), "
+                            f"\"-y\"; got {h['fast_scan']!r}", acq, fid)
 
 
 def decode_frame(parts: Sequence[Any], max_frame_px: int, check_finite: bool = True) -> Frame:
@@ -197,7 +207,7 @@ def decode_frame(parts: Sequence[Any], max_frame_px: int, check_finite: bool = T
     pixels = np.frombuffer(buf, dtype=dtype).reshape(rows, cols)
     pixels.flags.writeable = False  # a view of the message: never modify in place
     frame = Frame(fid, acq, pixels, h.get("pixel_size_pm"), h.get("acquired_at"),
-                  h.get("complete", True))
+                  h.get("complete", True), h.get("fast_scan") or "x")
     if check_finite:
         ensure_finite(frame)
     return frame

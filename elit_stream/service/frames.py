@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 
 from elit_stream.core.engine import EngineError
-from elit_stream.core.pipeline import FrameRejected, analyse_frame, result_document
+from elit_stream.core.pipeline import FrameRejected, analyse_frame, result_document, unturn
 from elit_stream.protocol import wire
 from elit_stream.service import control
 from elit_stream.service.admission import Admission, AnsweredFrames, RateLimitedLog
@@ -168,7 +168,7 @@ class FrameLoop:
         pixel_size_pm = self.admission.check(frame, engine)   # ProtocolError before any work
         admit_s = perf_counter() - t0
         out = analyse_frame(engine, frame.pixels, pixel_size_pm, active, params, want_maps,
-                            policy.ood.reference)
+                            policy.ood.reference, frame.fast_scan)
         fa, t3 = out.analysis, perf_counter()
         timings = {"decode": decode_s + admit_s, **out.timings_s}
         self._publish_result(frame, out, engine.artifact, active, timings, t3 - t_recv)
@@ -220,6 +220,8 @@ class FrameLoop:
         ki, km = (max(k, -(-max(vh, vw) // n)) for n in (MEMBER_IMAGE_MAX_PX, MEMBER_MAP_MAX_PX))
         image = out.net_input[0, 0, :vh:ki, :vw:ki]
         atom = out.probs[:, :, :vh:km, :vw:km].sum(axis=1, dtype=np.float32)
+        if out.transposed or out.flipped:        # back to the frame's own orientation
+            image, atom = (unturn(a, out.transposed, out.flipped) for a in (image, atom))
         header = {"protocol": 1, "kind": "member_maps", "frame_id": frame.frame_id,
                   "acquisition": frame.acquisition, "active": list(active.active),
                   "active_version": active.version, "shape": list(atom.shape),

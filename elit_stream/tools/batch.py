@@ -50,6 +50,7 @@ class BatchConfig:
     threads: int | None = None              # engine threads per worker; None: local all, Ray 1
     chunk_frames: int = 32
     pixel_size_pm: float | None = None      # overrides the file's
+    fast_scan: str = "x"                    # "y": the frames' fast scan runs down the columns
     dataset: str | None = None              # HDF5 dataset key
     device: str = "auto"
     precision: str = "fp32"
@@ -117,17 +118,18 @@ class ChunkAnalyser:
                                              art.manifest["pixel_size_range_pm"])
 
     def run(self, acquisition: str, first_id: int, frames: np.ndarray,
-            pixel_size_pm: float | None) -> list[dict]:
+            pixel_size_pm: float | None, fast_scan: str = "x") -> list[dict]:
         """-> one document per frame: a result (as decoded from the wire) or frame_rejected."""
         return [self._frame(wire.Frame(first_id + i, acquisition, pixels, pixel_size_pm, None,
-                                       True)) for i, pixels in enumerate(frames)]
+                                       True, fast_scan)) for i, pixels in enumerate(frames)]
 
     def _frame(self, frame: wire.Frame) -> dict:
         t0 = time.perf_counter()
         try:
             wire.ensure_finite(frame)
             out = analyse_frame(self.engine, frame.pixels, frame.pixel_size_pm, self.active,
-                                self.params, ood_reference=self.ood_reference)
+                                self.params, ood_reference=self.ood_reference,
+                                fast_scan=frame.fast_scan)
         except wire.ProtocolError as exc:
             return _rejected(frame, exc.code, exc.message)
         except FrameRejected as exc:
@@ -187,17 +189,17 @@ def _open_movies(movies: list[Path], cfg: BatchConfig, log) -> list[MovieJob]:
     return jobs
 
 
-def _chunks(jobs: list[MovieJob], chunk_frames: int):
+def _chunks(jobs: list[MovieJob], chunk_frames: int, fast_scan: str = "x"):
     for job in jobs:
         for start in job.chunk_starts(chunk_frames):
             frames = np.asarray(job.frames[start:start + chunk_frames])
-            yield job.acquisition, start, frames, job.pixel_size_pm
+            yield job.acquisition, start, frames, job.pixel_size_pm, fast_scan
 
 
 def _run_local(jobs, cfg: BatchConfig, log):
     analyser = ChunkAnalyser(cfg.model, cfg.device, cfg.threads, cfg.precision)
-    for acquisition, start, frames, ps in _chunks(jobs, cfg.chunk_frames):
-        yield acquisition, start, analyser.run(acquisition, start, frames, ps)
+    for acquisition, start, frames, ps, fast_scan in _chunks(jobs, cfg.chunk_frames, cfg.fast_scan):
+        yield acquisition, start, analyser.run(acquisition, start, frames, ps, fast_scan)
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -231,7 +233,7 @@ def _ray_chunks(ray, jobs, cfg: BatchConfig, log):
     log(f"ray: {workers} worker(s) x {threads} CPU + {gpus} GPU, model "
         f"{sum(map(len, files['files'].values())) / 1e6:.1f} MB sent once, chunks of "
         f"{cfg.chunk_frames} frames")
-    chunks, in_flight, idle = _chunks(jobs, cfg.chunk_frames), {}, pool * 2
+    chunks, in_flight, idle = _chunks(jobs, cfg.chunk_frames, cfg.fast_scan), {}, pool * 2
     while True:
         while idle and (item := next(chunks, None)) is not None:
             worker = idle.pop()
@@ -239,7 +241,7 @@ def _ray_chunks(ray, jobs, cfg: BatchConfig, log):
         if not in_flight:
             return
         done, _ = ray.wait(list(in_flight), num_returns=1)
-        worker, (acquisition, start, frames, _ps) = in_flight.pop(done[0])
+        worker, (acquisition, start, frames, *_) = in_flight.pop(done[0])
         idle.append(worker)
         try:
             docs = ray.get(done[0])

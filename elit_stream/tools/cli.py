@@ -138,6 +138,13 @@ def _replay_parser(sub) -> None:
                         "(default: the file's, else the service assumes the model's, with a "
                         "warning)")
     r.add_argument("--acquisition", metavar="ID", help="acquisition id (default: replay-<time>)")
+    r.add_argument("--fast-scan", choices=("x", "-x", "y", "-y"), default=None,
+                   help="direction of the fast scan in the stored frames: x = left to right "
+                        "along the rows (the usual, default), -x = right to left, y = top to "
+                        "bottom down the columns, -y = bottom to top (a frame turned by 90 "
+                        "degrees counterclockwise); the service turns such frames for the "
+                        "networks, trained with scan noise and detector lag along the rows, and "
+                        "the atoms back")
     r.add_argument("--record", metavar="FILE", help="write every result/event as one JSON line "
                    "(default: none)")
     r.add_argument("--wait", type=float, default=60.0, metavar="S",
@@ -294,7 +301,7 @@ def cmd_replay(args) -> int:
         rep = replay(frames, settings.endpoints, acquisition=args.acquisition,
                      rate_fps=args.rate, pixel_size_pm=pixel_size_pm, wait_s=args.wait,
                      record=Path(args.record) if args.record else None, on_message=show,
-                     curve=curve)
+                     curve=curve, fast_scan=args.fast_scan)
     except TimeoutError:
         raise no_answer(settings.endpoints["control"], settings.timeout_s, curve) from None
     print(f"sent {rep.sent}: {len(rep.results)} results, {len(rep.dropped)} dropped, "

@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
     b.add_argument("--chunk", type=int, default=32, metavar="FRAMES",
                    help="frames per task (default 32)")
     b.add_argument("--pixel-size-pm", type=float, metavar="PM", help="overrides the files'")
+    b.add_argument("--fast-scan", choices=("x", "-x", "y", "-y"), default="x",
+                   help="direction of the fast scan in the frames: x = left to right along "
+                        "the rows (default), -x, y = top to bottom down the columns, -y; the "
+                        "frames are turned for the networks, the atoms come back unturned")
     b.add_argument("--dataset", metavar="KEY", help="HDF5 dataset (default: the first 2-D/3-D one)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -49,6 +53,7 @@ def cmd_batch(args) -> int:
     cfg = BatchConfig(model=model, out=Path(args.out), executor=args.executor,
                       address=args.address, workers=args.workers, threads=args.threads,
                       chunk_frames=args.chunk, pixel_size_pm=args.pixel_size_pm,
+                      fast_scan=args.fast_scan,
                       dataset=args.dataset, device=args.device, precision=args.precision)
     try:
         rows = run_batch(args.movies, cfg, show_progress=not args.quiet)

@@ -100,7 +100,7 @@ def replay(frames: Iterable[np.ndarray], endpoints: dict, *, acquisition: str | 
            rate_fps: float | None = None, pixel_size_pm: float | None = None,
            record: Path | None = None, on_message: Callable[[dict, ReplayReport], None] | None = None,
            wait_s: float = 60.0, first_id: int = 0, curve=None,
-           silence_s: float = 3.0) -> ReplayReport:
+           silence_s: float = 3.0, fast_scan: str | None = None) -> ReplayReport:
     """Send `frames`, collect answers; `on_message(msg, report)` sees every message live.
     Lossless across restarts: every frame is kept until answered and sent again when the
     service restarts (client.LosslessSender). `curve`: an auth.ClientCurve for CURVE."""
@@ -126,7 +126,7 @@ def replay(frames: Iterable[np.ndarray], endpoints: dict, *, acquisition: str | 
             fid = first_id + i
             rep.sent_at[fid] = time.perf_counter()
             ls.send(np.asarray(frame), fid, acq, pixel_size_pm=pixel_size_pm,
-                    acquired_at=time.time())
+                    acquired_at=time.time(), fast_scan=fast_scan)
             rep.sent += 1
             while (msg := ls.poll(0)) is not None:
                 seen(msg)
