@@ -311,3 +311,60 @@ def test_places_the_filter_leaves_open_are_taught_not_heavy_except_near_a_possib
     m = label_mask(np.zeros((0, 2)), np.zeros(0, np.uint8), np.array([[10.0, 10], [30, 30]]),
                    2.0, 4.0, 40, open_xy=np.array([[30.0, 30]]))
     assert m[10, 10] == NOT_HEAVY and m[30, 30] == IGNORE and m[20, 20] == 0
+
+
+def test_a_compound_parent_keeps_its_heavier_sublattice_in_the_children():
+    """MoS2-like honeycomb, sublattice A 2.5x as bright as B. The local contrast reads ~1 for both
+    (each is surrounded mostly by its own kind), so before the sublattice split every A atom the
+    parent called heavy was taught lattice. Now: A heavy, B lattice, both kept; also when the
+    parent calls a random half of A and some B heavy (its calls on real compounds depend on the
+    frame's orientation), in which case the atoms it gets wrong are settled or ignored, never
+    taught the wrong class."""
+    from trainer.elit.intensity import local_contrast
+
+    size, bond = 160, 10.0
+    xy = honeycomb_pm(size, bond, 0.2) + size / 2
+    xy = xy[np.all((xy > 6) & (xy < size - 6), axis=1)]
+    a_site = _sublattice_any(xy, bond)
+    rng = np.random.default_rng(5)
+    image = 0.1 + gaussians(xy, np.where(a_site, 2.5, 1.0), size) + rng.normal(0, 0.05, (size, size))
+    assert np.median(local_contrast(image, xy, RADIUS_PX)[a_site]) < 1.6   # the contrast is blind
+    an_maps = disc_maps(xy, size)
+
+    def relabel(called):
+        heavy_map = disc_maps(xy[called], size)
+        probs = np.stack([np.clip(an_maps - heavy_map, 0, 1), heavy_map])[None, None]
+        an = Analysis(image[None].astype(np.float32), np.arange(1),
+                      probs.repeat(2, axis=1).astype(np.float16),
+                      member_figures(probs.repeat(2, axis=1).sum(2), RADIUS_PX), 11.0,
+                      RADIUS_PX, [0, 1], "fake")
+        atoms, info = select_atoms(an, [0, 1], RelabelConfig(n_classes=2, std_quantile=None), 11.0)
+        from trainer.elit.scoring import match_atoms
+        ok, partner = match_atoms(atoms[0].xy, xy, 3.0)
+        cls, reason = np.zeros(len(xy), int), np.full(len(xy), -1)
+        cls[partner[ok]], reason[partner[ok]] = atoms[0].cls[ok], atoms[0].reason[ok]
+        return cls, reason, info
+
+    cls, reason, info = relabel(a_site)
+    assert info["classes"]["sublattice_frames"] == 1
+    kept = reason == 0
+    assert kept.mean() > 0.9
+    assert (cls[a_site & kept] == 2).all() and (cls[~a_site & kept] == 1).all()
+    mixed = (a_site & (rng.random(len(xy)) < 0.5)) | (~a_site & (rng.random(len(xy)) < 0.2))
+    cls, reason, info = relabel(mixed)
+    assert info["classes"]["sublattice_frames"] == 1
+    taught = reason == 0
+    assert (cls[a_site & taught] == 2).all() and (cls[~a_site & taught] == 1).all()
+    assert (a_site & taught).sum() > 0.3 * a_site.sum()          # the agreed A atoms stay heavy
+    assert (reason[a_site & ~mixed] == 2).all()                  # parent said light: ignored
+
+
+def _sublattice_any(xy, bond):
+    """The A sites of a rotated honeycomb: those whose three nearest neighbours point the same
+    way as the first site's (the two sublattices' bonds point in opposite directions)."""
+    from scipy.spatial import cKDTree
+
+    _, nb = cKDTree(xy).query(xy, k=4)
+    d = xy[nb[:, 1:]] - xy[:, None]                       # [N, 3, 2]
+    ref = np.exp(3j * np.arctan2(d[..., 1], d[..., 0])).sum(axis=1)   # 3 bonds: 3x the angle
+    return (ref * np.conj(ref[np.argmax(np.abs(ref))])).real > 0

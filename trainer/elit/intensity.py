@@ -21,6 +21,10 @@ import numpy as np
 from scipy import ndimage
 
 HEAVY_CONTRAST = 2.2         # heavy above this local Z-contrast (see split_by_contrast)
+SUBLATTICE_MIN_ATOMS = 50    # two sublattices (sublattice_split): at least 50 atoms, the
+SUBLATTICE_FRACTION = (0.25, 0.75)  # brighter group a quarter to three quarters of them,
+SUBLATTICE_MIN_RATIO = 1.25  # 1.25x as high, and alternating: at most 35 % of the atoms
+SUBLATTICE_MAX_SAME = 0.35   # with their nearest neighbour (in the group split) in their own part
 FRAME_RATIO = 4.0            # band-pass peak above 4x the frame's light atoms': maybe heavy
 BAND_PASS_SIGMA = 0.2        # band pass: -Laplacian of Gaussian of 0.2 x the bond length
 
@@ -42,10 +46,8 @@ def local_background(frame: np.ndarray, window_px: int, radius_px: float) -> np.
     return ndimage.uniform_filter(low, size=window_px, mode="reflect")
 
 
-def local_contrast(frame: np.ndarray, xy: np.ndarray, radius_px: float, k: int = 8) -> np.ndarray:
-    """Each atom's height above the local background over its k neighbours' median height."""
-    from scipy.spatial import cKDTree
-
+def local_heights(frame: np.ndarray, xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """Each atom's height above the local background (steps 1-3 of the module docstring)."""
     if len(xy) == 0:
         return np.zeros(0)
     bond = bond_length_px(xy, 4 * radius_px)
@@ -53,8 +55,17 @@ def local_contrast(frame: np.ndarray, xy: np.ndarray, radius_px: float, k: int =
     smooth = ndimage.gaussian_filter(frame.astype(np.float64), max(radius_px / 2, 0.5))
     bg = local_background(frame, window, radius_px)
     coords = [xy[:, 1], xy[:, 0]]
-    height = (ndimage.map_coordinates(smooth, coords, order=1, mode="nearest")
-              - ndimage.map_coordinates(bg, coords, order=1, mode="nearest"))
+    return (ndimage.map_coordinates(smooth, coords, order=1, mode="nearest")
+            - ndimage.map_coordinates(bg, coords, order=1, mode="nearest"))
+
+
+def local_contrast(frame: np.ndarray, xy: np.ndarray, radius_px: float, k: int = 8) -> np.ndarray:
+    """Each atom's height above the local background over its k neighbours' median height."""
+    from scipy.spatial import cKDTree
+
+    if len(xy) == 0:
+        return np.zeros(0)
+    height = local_heights(frame, xy, radius_px)
     if len(xy) < 3:
         return np.ones(len(xy))
     kk = min(k + 1, len(xy))
@@ -62,6 +73,57 @@ def local_contrast(frame: np.ndarray, xy: np.ndarray, radius_px: float, k: int =
     ref = np.median(height[idx[:, 1:]], axis=1)
     floor = max(float(np.median(np.abs(height))) * 0.05, 1e-9)
     return height / np.maximum(ref, floor)
+
+
+def sublattice_split(height: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
+    """The heaviest of two or three alternating sublattices of one frame ([n] bool), or None.
+
+    A compound lattice (Mo among S2 in MoS2, Sr among Ti-O in SrTiO3) has two groups of atoms
+    of different heights, each atom's nearest neighbours mostly in the other group; the local
+    contrast above cannot see it (each sublattice's neighbours are mostly its own kind: both
+    read ~1), so ``split_by_contrast`` alone calls every column light and the ELIT children
+    would lose the heavier sublattice. Rule (the service's ``postprocess._sublattices`` has the
+    same; trainer and service share no code): the log heights split in two by Otsu, accepted
+    when there are at least SUBLATTICE_MIN_ATOMS atoms, the brighter part is SUBLATTICE_FRACTION
+    of them and SUBLATTICE_MIN_RATIO times as high, and at most SUBLATTICE_MAX_SAME of the atoms
+    have their nearest neighbour in their own part (a random split ~0.5, a bright region or a
+    thickness gradient ~0.8-1); if the brighter part splits again so (faint O columns found
+    too), its brighter part is the heaviest sublattice."""
+    from scipy.spatial import cKDTree
+
+    if len(xy) < SUBLATTICE_MIN_ATOMS:
+        return None
+    floor = max(float(np.median(np.abs(height))) * 0.05, 1e-9)
+    log_h = np.log(np.maximum(height, floor))
+    _, nb = cKDTree(xy).query(xy, k=min(9, len(xy)))
+    first = _split(log_h, np.ones(len(xy), bool), nb[:, 1:])
+    if first is None:
+        return None
+    second = _split(log_h, first, nb[:, 1:])
+    return first if second is None else second
+
+
+def _split(log_h: np.ndarray, group: np.ndarray, nb: np.ndarray) -> np.ndarray | None:
+    """The brighter part of `group` by Otsu on log heights if it is an alternating sublattice
+    (``sublattice_split``); the nearest neighbour in the group among the 8 nearest."""
+    in_group = group[nb]                                           # [n, 8]
+    has = group & in_group.any(axis=1)
+    if has.sum() < SUBLATTICE_MIN_ATOMS:
+        return None
+    nearest = nb[np.arange(len(nb)), in_group.argmax(axis=1)]
+    values = log_h[group]
+    hist, edges = np.histogram(values, 64)
+    mass = hist * 0.5 * (edges[1:] + edges[:-1])
+    w_lo, s_lo = np.cumsum(hist)[:-1], np.cumsum(mass)[:-1]
+    w_hi, s_hi = hist.sum() - w_lo, mass.sum() - s_lo
+    cut = edges[1 + int(np.argmax(w_lo * w_hi * (s_lo / w_lo.clip(1) - s_hi / w_hi.clip(1)) ** 2))]
+    upper = group & (log_h >= cut)
+    lo, hi = values[values < cut], values[values >= cut]
+    if not (SUBLATTICE_FRACTION[0] <= hi.size / values.size <= SUBLATTICE_FRACTION[1]
+            and hi.mean() - lo.mean() >= np.log(SUBLATTICE_MIN_RATIO)
+            and np.mean(upper[has] == upper[nearest[has]]) <= SUBLATTICE_MAX_SAME):
+        return None
+    return upper
 
 
 def bright_in_frame(frame: np.ndarray, xy: np.ndarray, light: np.ndarray,

@@ -40,8 +40,10 @@ and faint blobs of the source map (peak in ``[weak_threshold, 0.5)``) are ignore
 4 faint blob → ignore.
 
 Classes: with ``n_classes`` 2 (a 2-class parent) every atom gets class 1 (lattice) or 2 (heavy)
-from its local Z-contrast (``trainer.elit.intensity``), so a 2-class parent has 2-class children.
-Where the contrast and the selected members' consensus class disagree (``class_vote``) the atom is
+from its local Z-contrast (``trainer.elit.intensity``), so a 2-class parent has 2-class children;
+in a frame where the parent calls at least a fifth of the atoms heavy and the atoms' heights form
+two alternating sublattices (``intensity.sublattice_split``: Mo among S2, Sr among Ti-O, which
+the local contrast reads as ~1 both) the heavier sublattice is class 2 instead. Where the contrast and the selected members' consensus class disagree (``class_vote``) the atom is
 ignored, except (``teach_light``, default) a heavy call of the parent that the local contrast
 does not confirm is settled by the frame's band pass (``intensity.bright_in_frame``: > 4x the
 frame's light atoms, which a Si under contamination still is, as in the service's class check):
@@ -68,6 +70,8 @@ from trainer.model.artifact import normalise_minmax
 
 IGNORE = 255
 NOT_HEAVY = 254            # = trainer.model.train.NOT_HEAVY: not the heavier class, atom or not
+SUBLATTICE_PARENT_FRACTION = 0.2   # the parent calls this many of a frame's atoms heavy: it sees a
+#                                    heavier sublattice there (the service's dopant/compound line)
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,9 @@ def select_atoms(an: Analysis, members: list[int], cfg: RelabelConfig,
     lattice, info = _gmm_over_frames(patches, cfg)
     contrast = _contrasts(an, per_frame)
     cls, info["classes"] = _classes(contrast, cfg)
-    disputed = _class_disputes(an, per_frame, positions, cols, cls, cfg)
+    parent_heavy = _parent_heavy(an, per_frame, positions, cols) if cfg.n_classes == 2 else None
+    info["classes"]["sublattice_frames"] = _sublattice_classes(an, per_frame, parent_heavy, cls)
+    disputed = _class_disputes(parent_heavy, cls, cfg)
     bright = _bright(an, per_frame, cls) if cfg.n_classes == 2 else np.zeros(len(cls), bool)
     maybe_heavy = (cls == 2) | bright
     if cfg.teach_light and disputed.any():           # the parent's heavy call, light by contrast
@@ -288,22 +294,57 @@ def _classes(contrast: np.ndarray, cfg: RelabelConfig) -> tuple[np.ndarray, dict
     return split_by_contrast(contrast, cfg.heavy_threshold)
 
 
-def _class_disputes(an: Analysis, atoms: list[FrameAtoms], positions: list[int], cols: list[int],
-                    cls: np.ndarray, cfg: RelabelConfig) -> np.ndarray:
-    """Atoms whose local Z-contrast class disagrees with the selected members' consensus class
-    (argmax of their mean class maps at the atom): with ``cfg.class_vote`` and a 2-class parent,
-    these are taught as neither class (ignored), so neither a contrast artefact (contamination
-    edge, defocus) nor a parent's mistake becomes a label. All False otherwise."""
+def _parent_heavy(an: Analysis, atoms: list[FrameAtoms], positions: list[int],
+                  cols: list[int]) -> np.ndarray | None:
+    """Per atom: the selected members' consensus calls it heavy (their mean class maps at the
+    atom); None for a 1-class parent."""
     from trainer.elit.experiment import value_at
 
-    if cfg.n_classes != 2 or not cfg.class_vote or an.probs.shape[2] < 2:
-        return np.zeros(len(cls), bool)
+    if an.probs.shape[2] < 2:
+        return None
     votes = []
     for fa, pos in zip(atoms, positions):
         mean = an.probs[pos][cols].astype(np.float32).mean(0)               # [C, H, W]
         votes.append(value_at(mean[1], fa.xy) > value_at(mean[0], fa.xy) if len(fa.xy)
                      else np.zeros(0, bool))
-    parent_heavy = np.concatenate(votes) if votes else np.zeros(0, bool)
+    return np.concatenate(votes) if votes else np.zeros(0, bool)
+
+
+def _sublattice_classes(an: Analysis, atoms: list[FrameAtoms], parent_heavy: np.ndarray | None,
+                        cls: np.ndarray) -> int:
+    """In each frame where the parent calls at least SUBLATTICE_PARENT_FRACTION of the atoms heavy
+    (it sees a heavier sublattice, as in MoS2 or SrTiO3) and the atoms' heights split into
+    alternating sublattices (``intensity.sublattice_split``), the heaviest sublattice is class 2
+    and the rest class 1, in place of the local-contrast split, which calls both sublattices
+    light (each is mostly surrounded by its own kind). Without it an ELIT child of a MoS2
+    experiment is taught every Mo as lattice. Returns how many frames were split so."""
+    from trainer.elit.intensity import local_heights, sublattice_split
+
+    if parent_heavy is None:
+        return 0
+    where = {int(f): i for i, f in enumerate(an.frame_index)}
+    frames, start = 0, 0
+    for fa in atoms:
+        sl = slice(start, start + len(fa.xy))
+        start += len(fa.xy)
+        if len(fa.xy) == 0 or parent_heavy[sl].mean() < SUBLATTICE_PARENT_FRACTION:
+            continue
+        frame = an.frames[where[fa.frame]]
+        heavy = sublattice_split(local_heights(frame, fa.xy, an.atom_radius_px), fa.xy)
+        if heavy is not None:
+            cls[sl] = np.where(heavy | (cls[sl] == 2), 2, 1)
+            frames += 1
+    return frames
+
+
+def _class_disputes(parent_heavy: np.ndarray | None, cls: np.ndarray,
+                    cfg: RelabelConfig) -> np.ndarray:
+    """Atoms whose class from the image (local Z-contrast, or the sublattice split) disagrees
+    with the selected members' consensus class: with ``cfg.class_vote`` and a 2-class parent,
+    these are taught as neither class (ignored), so neither a contrast artefact (contamination
+    edge, defocus) nor a parent's mistake becomes a label. All False otherwise."""
+    if cfg.n_classes != 2 or not cfg.class_vote or parent_heavy is None:
+        return np.zeros(len(cls), bool)
     return parent_heavy != (cls == 2)
 
 
