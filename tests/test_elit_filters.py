@@ -240,6 +240,24 @@ def test_the_loop_recommends_the_last_accepted_iteration():
     assert rec["iteration"] == 1 and rec["artifact"] == "a1" and "iteration 2" in rec["why"]
 
 
+def test_a_child_that_lost_the_heavier_class_is_not_accepted():
+    """The four label-free figures do not look at classes: a child of a compound movie that
+    calls nothing heavy any more agreed better and was accepted. heavy_share guards it; a child
+    that calls fewer atoms heavy (contamination no longer heavy) or a dopant movie is not judged."""
+    from trainer.elit.judge import compare
+
+    parent = {"agreement": 0.90, "uncertainty": 0.027, "count_jitter": 0.006,
+              "keep_fraction": 0.90, "heavy_share": 0.48}
+    lost = dict(parent, agreement=0.95, uncertainty=0.010, heavy_share=0.01)
+    v = compare(lost, parent)
+    assert not v["accepted"] and "heavier class" in v["why"]
+    assert any("class lost" in f for f in v["figures"])
+    assert compare(dict(lost, heavy_share=0.30), parent)["accepted"]        # fewer, not gone
+    dopants = dict(parent, heavy_share=0.012)
+    assert compare(dict(lost, heavy_share=0.0), dopants)["accepted"]        # 1 %: not judged
+    assert compare(dict(lost, heavy_share=None), dict(parent, heavy_share=None))["accepted"]
+
+
 def test_test_movie_truth_counts_amorphous_atoms():
     from trainer.data.testmovie import MovieConfig, make_movie
 

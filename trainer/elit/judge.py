@@ -12,6 +12,13 @@ No truth is used: only the movie itself and the ensembles' outputs on it. Per an
 - ``keep_fraction``: the share of the ensemble's atoms the relabelling filter keeps (GMM +
   geometry + uncertainty): more of the movie looks like clean lattice to it.
 
+Besides these, ``heavy_share`` (a 2-class ensemble: the share of the consensus atom pixels
+whose heavier class is the more probable) guards the classes: a child is not accepted when the
+parent's share is at least CLASS_GUARD_MIN and the child's less than CLASS_GUARD_RATIO of it (it
+lost the heavier class: before session 10 a child of a MoS2-like movie was taught every Mo as
+lattice, called nothing heavy, and the four figures above accepted it). A share that falls less
+(a child that stops calling contamination heavy) is not judged.
+
 ``compare(child, parent)`` turns each figure into a relative improvement ``d`` (positive = better:
 agreement and keep fraction as the relative reduction of what is missing to 1, uncertainty and
 jitter as the relative reduction). A figure is *worse* when ``d < -worse`` (0.10) and *better* when
@@ -36,6 +43,7 @@ import numpy as np
 
 FIGURES = ("agreement", "uncertainty", "count_jitter", "keep_fraction")
 WORSE, BETTER = 0.10, 0.02          # a figure is worse below -WORSE, better above +BETTER
+CLASS_GUARD_MIN, CLASS_GUARD_RATIO = 0.05, 0.2   # parent's heavy share >= 5 %, child's < 1/5 of it
 HIGHER_IS_BETTER = {"agreement": True, "uncertainty": False, "count_jitter": False,
                     "keep_fraction": True}
 
@@ -55,7 +63,20 @@ def movie_figures(an, keep_fraction: float | None) -> dict:
     return {"agreement": float(np.mean(an.figures["agreement"])),
             "uncertainty": float(maps.std(1).mean()),
             "count_jitter": jitter, "keep_fraction": keep_fraction,
-            "atoms_per_frame": float(counts.mean()) if len(counts) else 0.0}
+            "atoms_per_frame": float(counts.mean()) if len(counts) else 0.0,
+            "heavy_share": heavy_share(an, mean)}
+
+
+def heavy_share(an, mean_atom: np.ndarray) -> float | None:
+    """Share of the consensus atom pixels (mean atom map > 0.5) where the last (heavier) class
+    is more probable than the others together; None for a 1-class ensemble."""
+    if an.probs.shape[2] < 2:
+        return None
+    on = mean_atom > 0.5
+    if not on.any():
+        return 0.0
+    heavy = an.probs[:, :, -1].astype(np.float32).mean(1)             # [T, H, W]
+    return float((heavy[on] > 0.5 * mean_atom[on]).mean())
 
 
 def improvement(name: str, child: float, parent: float) -> float:
@@ -93,8 +114,14 @@ def compare(child: dict, parent: dict, worse: float = WORSE, better: float = BET
              for name, v in verdicts.items()]
     worse_names = [n for n, v in verdicts.items() if v and v[0] == "worse"]
     n_better = sum(1 for v in verdicts.values() if v and v[0] == "better")
-    accepted = not worse_names and n_better > 0
+    c_share, p_share = child.get("heavy_share"), parent.get("heavy_share")
+    lost = (c_share is not None and p_share is not None and p_share >= CLASS_GUARD_MIN
+            and c_share < CLASS_GUARD_RATIO * p_share)
+    if c_share is not None and p_share is not None:
+        lines.append(f"heavy_share: {p_share:.4f} → {c_share:.4f}" + (" (class lost)" if lost else ""))
+    accepted = not worse_names and n_better > 0 and not lost
     why = (f"no figure worse; {n_better} better" if accepted else
+           f"it lost the heavier class (heavy share {p_share:.3f} → {c_share:.3f})" if lost else
            f"worse: {', '.join(worse_names)}" if worse_names else
            "no figure better: it stopped improving")
     return {"accepted": accepted, "why": why, "figures": lines}
