@@ -134,3 +134,20 @@ def test_clear_errors_without_tracebacks(service, tmp_path):
 def service_model(service):
     return json.loads(run_cli("ctl", "status", "--control",
                               service.endpoints["control"]).stdout)["model"]["path"]
+
+
+def test_fast_scan_takes_words_or_the_header_codes_and_names_a_bad_one():
+    """`--fast-scan -y` would be read as an option by argparse: the words work without '='."""
+    import argparse
+
+    from elit_stream.tools.cli import build_parser
+
+    parser = build_parser()
+    for given, want in (("up", "-y"), ("down", "y"), ("left", "-x"), ("right", "x"), ("Y", "y")):
+        args = parser.parse_args(["replay", "m.npz", "--fast-scan", given])
+        assert args.fast_scan == want
+    assert parser.parse_args(["replay", "m.npz", "--fast-scan=-x"]).fast_scan == "-x"
+    assert parser.parse_args(["replay", "m.npz"]).fast_scan is None     # the header stays out
+    from elit_stream.tools.cli_common import fast_scan_arg
+    with pytest.raises(argparse.ArgumentTypeError, match="right, left, down or up"):
+        fast_scan_arg("sideways")

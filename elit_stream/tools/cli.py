@@ -13,12 +13,14 @@ from pathlib import Path
 
 from elit_stream.tools import cli_batch, cli_serve, cli_view
 from elit_stream.tools.cli_common import (
+    FAST_SCAN_HELP,
     CliError,
     client_curve,
     client_settings_for,
     config_arg,
     curve_client_args,
     endpoint_args,
+    fast_scan_arg,
     no_answer,
     pixel_size_arg,
 )
@@ -138,13 +140,8 @@ def _replay_parser(sub) -> None:
                         "(default: the file's, else the service assumes the model's, with a "
                         "warning)")
     r.add_argument("--acquisition", metavar="ID", help="acquisition id (default: replay-<time>)")
-    r.add_argument("--fast-scan", choices=("x", "-x", "y", "-y"), default=None,
-                   help="direction of the fast scan in the stored frames: x = left to right "
-                        "along the rows (the usual, default), -x = right to left, y = top to "
-                        "bottom down the columns, -y = bottom to top (a frame turned by 90 "
-                        "degrees counterclockwise); the service turns such frames for the "
-                        "networks, trained with scan noise and detector lag along the rows, and "
-                        "the atoms back")
+    r.add_argument("--fast-scan", type=fast_scan_arg, default=None, metavar="DIRECTION",
+                   help=FAST_SCAN_HELP)
     r.add_argument("--record", metavar="FILE", help="write every result/event as one JSON line "
                    "(default: none)")
     r.add_argument("--wait", type=float, default=60.0, metavar="S",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elit_stream.tools.cli_common import CliError
+from elit_stream.tools.cli_common import FAST_SCAN_HELP, CliError, fast_scan_arg
 
 
 def add_parser(sub) -> None:
@@ -29,10 +29,8 @@ def add_parser(sub) -> None:
     b.add_argument("--chunk", type=int, default=32, metavar="FRAMES",
                    help="frames per task (default 32)")
     b.add_argument("--pixel-size-pm", type=float, metavar="PM", help="overrides the files'")
-    b.add_argument("--fast-scan", choices=("x", "-x", "y", "-y"), default="x",
-                   help="direction of the fast scan in the frames: x = left to right along "
-                        "the rows (default), -x, y = top to bottom down the columns, -y; the "
-                        "frames are turned for the networks, the atoms come back unturned")
+    b.add_argument("--fast-scan", type=fast_scan_arg, default="x", metavar="DIRECTION",
+                   help=FAST_SCAN_HELP)
     b.add_argument("--dataset", metavar="KEY", help="HDF5 dataset (default: the first 2-D/3-D one)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")

@@ -65,6 +65,24 @@ def endpoint_args(p: argparse.ArgumentParser, which=("ingest", "results", "contr
                        f"tcp://127.0.0.1:{port[name]})")
 
 
+FAST_SCAN_WORDS = {"right": "x", "left": "-x", "down": "y", "up": "-y",
+                   "x": "x", "-x": "-x", "y": "y", "-y": "-y"}
+FAST_SCAN_HELP = ("which way the fast scan runs in the stored frames: right (along the rows, "
+                  "the usual, default), left, down (the columns, top to bottom), up (bottom to "
+                  "top: a frame turned by 90 degrees counterclockwise); the frame header's "
+                  "x, -x, y, -y (write --fast-scan=-y). Such frames are turned for the networks, "
+                  "trained with scan noise and detector lag along the rows, and the atoms back")
+
+
+def fast_scan_arg(text: str) -> str:
+    try:
+        return FAST_SCAN_WORDS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a scan direction: right, left, down or up "
+            "(or x, -x, y, -y)") from None
+
+
 def pixel_size_arg(text: str) -> float:
     try:
         value = float(text)
