@@ -101,7 +101,7 @@ def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
                     ) -> tuple[dict, dict[str, np.ndarray]]:
     """-> (result header, atom columns) as published (docs/protocol.md, "result").
     ``frame``: anything with ``wire.Frame``'s fields (frame_id, acquisition, pixels,
-    pixel_size_pm, acquired_at, complete); ``seq``: the publisher's result counter."""
+    pixel_size_pm, acquired_at, complete, fast_scan); ``seq``: the publisher's result counter."""
     fa = out.analysis
     header = {
         "protocol": 1, "kind": "result", "frame_id": frame.frame_id,
@@ -109,7 +109,7 @@ def result_document(frame, out: FrameOutput, active: ActiveSet, model_ref: dict,
         "seq": seq, "model": model_ref, "active": list(active.active),
         "active_version": active.version, "frame_shape": list(frame.pixels.shape),
         "pixel_size_pm": frame.pixel_size_pm, "acquired_at": frame.acquired_at,
-        "fast_scan": getattr(frame, "fast_scan", "x"),
+        "fast_scan": frame.fast_scan,
         "n_atoms": fa.n_atoms, "unconfirmed": fa.unconfirmed, "classes": list(class_names),
         "count_per_member": fa.count_per_member.tolist(),
         "disagreement_per_member": fa.disagreement_per_member.tolist(),

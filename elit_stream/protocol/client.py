@@ -77,7 +77,9 @@ class FrameSender(_SocketClient):
              timeout_s: float | None = None, copy: bool = True) -> None:
         """Send one frame. `copy=False` sends large frames without a copy: then the array must
         not be modified until ZeroMQ has sent it (do not reuse the buffer at once).
-        `fast_scan="y"`: the scan ran down the columns (docs/protocol.md)."""
+        `fast_scan`: which way the fast scan runs in the stored frame, "x" (left to right
+        along the rows, the usual; None sends no field), "-x", "y" (down the columns), "-y"
+        (docs/protocol.md)."""
         parts = wire.encode_frame(frame, frame_id, acquisition, pixel_size_pm=pixel_size_pm,
                                   acquired_at=acquired_at, complete=complete, meta=meta,
                                   fast_scan=fast_scan)

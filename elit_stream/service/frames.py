@@ -220,8 +220,8 @@ class FrameLoop:
         ki, km = (max(k, -(-max(vh, vw) // n)) for n in (MEMBER_IMAGE_MAX_PX, MEMBER_MAP_MAX_PX))
         image = out.net_input[0, 0, :vh:ki, :vw:ki]
         atom = out.probs[:, :, :vh:km, :vw:km].sum(axis=1, dtype=np.float32)
-        if out.transposed or out.flipped:        # back to the frame's own orientation
-            image, atom = (unturn(a, out.transposed, out.flipped) for a in (image, atom))
+        image, atom = (unturn(a, out.transposed, out.flipped)     # the frame's orientation
+                       for a in (image, atom))
         header = {"protocol": 1, "kind": "member_maps", "frame_id": frame.frame_id,
                   "acquisition": frame.acquisition, "active": list(active.active),
                   "active_version": active.version, "shape": list(atom.shape),

@@ -50,7 +50,7 @@ class BatchConfig:
     threads: int | None = None              # engine threads per worker; None: local all, Ray 1
     chunk_frames: int = 32
     pixel_size_pm: float | None = None      # overrides the file's
-    fast_scan: str = "x"                    # "y": the frames' fast scan runs down the columns
+    fast_scan: str = "x"                    # the fast scan's direction: x, -x, y, -y
     dataset: str | None = None              # HDF5 dataset key
     device: str = "auto"
     precision: str = "fp32"
